@@ -1,0 +1,38 @@
+"""vmarc: read, verify, convert and create VM backup archives and disk images.
+
+    import vmarc
+    with vmarc.open("backup.xva.gz") as archive:
+        print(archive.vm, [d.id for d in archive.disks])
+        for disk, offset, data in archive.stream():
+            ...  # data is a memoryview valid until the next item
+
+Everything an archive holds is an Archive of Disks (see vmarc.model).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import (CorruptError, FormatError, IntegrityError, SourceError, TruncatedError,
+                     UnknownFormatError, UnsupportedError, UsageError, VmarcError)
+from .formats import detect, reader_for
+from .model import Archive, Checks, Disk
+from .source import open_source
+
+__all__ = ["open", "Archive", "Disk", "Checks", "VmarcError", "UsageError", "SourceError",
+           "UnknownFormatError", "UnsupportedError", "CorruptError", "FormatError",
+           "TruncatedError", "IntegrityError"]
+__version__ = "0.1.0"
+
+
+def open(src, fmt: str | None = None, *, name: str | None = None) -> Archive:  # noqa: A001
+    """Open a path, "-" (stdin) or a binary stream; the format is found by content
+    (raw only by fmt="raw" or a .raw/.img name), compression by magic."""
+    source = open_source(src, name=name)
+    try:
+        if fmt is None:
+            fmt = detect(source, path_hint=src if isinstance(src, (str, os.PathLike)) else None)
+        return reader_for(fmt)(source)
+    except BaseException:
+        source.close()
+        raise

@@ -1,0 +1,22 @@
+"""Pieces every subcommand shares."""
+
+from __future__ import annotations
+
+
+def add_source_args(p) -> None:
+    p.add_argument("source", help="archive or image path, or - for stdin")
+    p.add_argument("-f", "--format", dest="fmt", help="input format (found by content if "
+                   "omitted; raw only with -f raw or a .raw/.img name)")
+
+
+def add_progress_arg(p) -> None:
+    p.add_argument("-p", "--progress", action="store_true",
+                   help="show progress (bytes, rate, ETA) on a terminal")
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,41 @@
+"""vmarc info: what an archive holds (VM settings, disks, configs)."""
+
+from __future__ import annotations
+
+import json
+
+from .. import open as open_archive
+from .common import add_source_args, human_size
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="show what an archive or image holds")
+    add_source_args(p)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    with open_archive(args.source, args.fmt) as archive:
+        data = archive.info()
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    comp = f" ({data['compression']}-compressed)" if data["compression"] else ""
+    print(f"source: {data['source']}")
+    print(f"format: {data['format']}{comp}")
+    vm = data["vm"]
+    if vm:
+        print(f"vm: {vm.get('name', '')}")
+        if vm.get("memory"):
+            print(f"  memory: {human_size(vm['memory'])}")
+        if vm.get("vcpus"):
+            print(f"  vcpus: {vm['vcpus']}")
+    print(f"disks: {len(data['disks'])}")
+    for d in data["disks"]:
+        dev = f" {d['device']}" if d.get("device") else ""
+        print(f"  [{d['index']}] {d['id']}{dev}  {human_size(d['size'])} ({d['size']} bytes)"
+              f"  {d['name']}")
+    if data["configs"]:
+        print("configs: " + ", ".join(f"{k} ({len(v)} bytes)" for k, v in data["configs"].items()))
+    return 0

@@ -1,0 +1,53 @@
+"""vmarc command line. Exit codes: 0 done, 1 could not run, 2 damaged input."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import VmarcError
+from . import convert, extract, info, verify
+
+COMMANDS = [info, verify, convert, extract]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 1: exit 2 always means damaged input
+        self.print_usage(sys.stderr)
+        self.exit(1, f"vmarc: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    parser = _Parser(prog="vmarc", description="Read, verify, convert and create VM backup "
+                     "archives (XVA, VMA) and disk images.")
+    parser.add_argument("--version", action="version", version=f"vmarc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for mod in COMMANDS:
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except VmarcError as e:
+        print(f"vmarc: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vmarc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away; say so once, without a traceback.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        print("vmarc: output pipe closed", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""vmarc verify: exit 0 intact, 2 damaged (each problem named), 1 could not run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .. import open as open_archive
+from ..errors import CorruptError
+from ..ops.verify import verify
+from .common import add_progress_arg, add_source_args
+
+
+def add_parser(sub):
+    p = sub.add_parser("verify", help="check every checksum and structure rule")
+    add_source_args(p)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    add_progress_arg(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    try:
+        archive = open_archive(args.source, args.fmt)
+    except CorruptError as e:  # damaged before the disks could even be listed
+        return report(args, None, [str(e)], stopped=True)
+    with archive:
+        checks = verify(archive, progress=args.progress)
+    return report(args, archive, [str(p) for p in checks.problems], checks.stopped,
+                  checks.warnings)
+
+
+def report(args, archive, problems, stopped, warnings=()) -> int:
+    ok = not problems
+    if args.output == "json":
+        out = {"ok": ok, "problems": problems, "stopped_early": stopped,
+               "warnings": list(warnings)}
+        if archive is not None:
+            out.update({"format": archive.format, "compression": archive.compression,
+                        "disks": [d.as_dict() for d in archive.disks]})
+        print(json.dumps(out, indent=2))
+    else:
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for p in problems:
+            print(p)
+        if ok:
+            comp = f" ({archive.compression})" if archive.compression else ""
+            print(f"ok: {archive.format}{comp} archive, {len(archive.disks)} disk(s), "
+                  "every checksum and structure rule checked")
+        else:
+            print(f"damaged: {len(problems)} problem(s)"
+                  + ("; the pass stopped at the last one" if stopped else ""), file=sys.stderr)
+    return 0 if ok else 2

@@ -1,0 +1,40 @@
+"""One module per format. This one finds which reader an input needs."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UnknownFormatError, UsageError
+
+RAW_SUFFIXES = (".raw", ".img")
+
+
+def _readers():
+    from . import xva
+    return {"xva": xva.XvaArchive}
+
+
+def reader_for(fmt: str):
+    readers = _readers()
+    if fmt not in readers:
+        raise UsageError(f"unknown input format {fmt!r} (known: {', '.join(sorted(readers))})")
+    return readers[fmt]
+
+
+def detect(source, path_hint=None) -> str:
+    """The format of a source from its first bytes (never guesses raw from content)."""
+    from . import xva
+    head = source.peek(4096)
+    if xva.probe(head):
+        return "xva"
+    if path_hint is not None and os.fspath(path_hint).lower().endswith(RAW_SUFFIXES) \
+            and source.compression is None and "raw" in _readers():
+        return "raw"
+    if not head:
+        raise UnknownFormatError(f"{source.name}: empty input"
+                                 + (f" after {source.compression} decompression"
+                                    if source.compression else ""))
+    shown = head[:16].hex(" ")
+    comp = f" ({source.compression}-compressed)" if source.compression else ""
+    raise UnknownFormatError(f"{source.name}{comp}: not an archive or disk image vmarc knows "
+                             f"(first bytes: {shown}); raw disks need -f raw")

@@ -1,0 +1,1 @@
+"""Format-agnostic operations over Archives: convert, extract, verify."""

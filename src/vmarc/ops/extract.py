@@ -1,0 +1,63 @@
+"""extract: every disk (or the chosen ones) plus the VM's config files into a new
+directory, in one pass. The directory appears only when everything is written."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..formats.raw import RawWriter
+from ..model import Archive, Checks, Disk
+from ..output import OutputDir, OutputFile
+from ..progress import Progress
+
+
+def disk_filename(disk: Disk) -> str:
+    """A file name for a disk: its device (xvda), else its id made safe for a path."""
+    stem = disk.device or disk.id
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or f"disk{disk.index}"
+    return f"{stem}.raw"
+
+
+def extract(archive: Archive, directory: str, disks: list[str] | None = None,
+            verify: bool = True, progress: bool = False) -> dict[str, str]:
+    """Returns {what: file name} for everything written."""
+    chosen = [archive.select(s) for s in disks] if disks else list(archive.disks)
+    chosen = list({d.id: d for d in chosen}.values())
+    target = OutputDir(directory)
+    bar = Progress(archive.source, progress)
+    written: dict[str, str] = {}
+    outputs: list[OutputFile] = []
+    try:
+        writers = {}
+        names = set()
+        for d in chosen:
+            fname = disk_filename(d)
+            while fname in names:
+                fname = f"{fname[:-4]}-{d.index}.raw"
+            names.add(fname)
+            out = OutputFile(target.join(fname))
+            outputs.append(out)
+            writers[d.id] = RawWriter(out, d.size)
+            written[d.id] = fname
+        for disk, offset, data in archive.stream(chosen, Checks(), verify=verify):
+            writers[disk.id].write(offset, data)
+            bar.update()
+        for name, blob in archive.configs.items():
+            safe = os.path.basename(name)
+            with open(target.join(safe), "wb") as f:
+                f.write(blob)
+            written[name] = safe
+        for d in chosen:
+            writers[d.id].finish()
+        for out in outputs:
+            out.commit()
+        target.commit()
+    except BaseException:
+        for out in outputs:
+            out.abort()
+        target.abort()
+        raise
+    finally:
+        bar.close()
+    return written

@@ -1,0 +1,397 @@
+"""Opening inputs: paths or stdin, compression detected by magic, one sequential pass.
+
+A Source hands out the *decompressed* bytes of an input in order and keeps the offset
+reached, so every refusal can say where it happened. Compressed inputs are decompressed
+on a background thread (isal's threaded gzip, or our read-ahead for zstd) so that
+decompression overlaps the checksum and write work of the main thread.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import stat
+import sys
+import threading
+
+from .errors import SourceError, TruncatedError, UnsupportedError, CorruptError
+
+MAGIC_GZIP = b"\x1f\x8b"
+MAGIC_ZSTD = b"\x28\xb5\x2f\xfd"
+MAGIC_LZOP = b"\x89LZO\x00\r\n\x1a\n"
+
+BLOCK = 1 << 20  # read size for decompressors and read-ahead
+
+
+def describe(path) -> str:
+    return "stdin" if path in ("-", None) else os.fspath(path)
+
+
+class Source:
+    """Sequential reader over an input's decompressed bytes."""
+
+    def __init__(self, stream, *, name: str, compression: str | None, path=None,
+                 file_size: int | None = None, raw_file=None):
+        self._stream = stream            # has readinto(memoryview) -> int
+        self._pending = b""              # bytes peeked but not consumed yet
+        self._raw_file = raw_file        # the underlying file object (for close / seek)
+        self.name = name
+        self.compression = compression   # None, "gzip", "zstd", "lzop"
+        self.path = path                 # a filesystem path, or None for stdin / streams
+        self.file_size = file_size       # size of the file on disk, when it is a regular file
+        self.offset = 0                  # decompressed bytes consumed so far
+        self._scratch = None
+        # Plain regular files can skip data by seeking instead of reading it.
+        self.seekable = compression is None and file_size is not None
+
+    # -- reading ---------------------------------------------------------------------
+    def _readinto(self, view: memoryview) -> int:
+        if self._pending:
+            n = min(len(view), len(self._pending))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            return n
+        return self._stream_read(view)
+
+    def _stream_read(self, view: memoryview) -> int:
+        """One read from the (decompressing) stream, its errors turned into ours."""
+        try:
+            return self._stream.readinto(view) or 0
+        except CorruptError:
+            raise
+        except EOFError as e:  # isal/gzip: stream ended before its end marker
+            raise TruncatedError(f"{self.name}: {self.compression} stream truncated near "
+                                 f"decompressed offset {self.offset}: {e}") from None
+        except OSError as e:
+            if self.compression and not isinstance(e, (PermissionError, FileNotFoundError)):
+                raise CorruptError(f"{self.name}: {self.compression} data corrupt near "
+                                   f"decompressed offset {self.offset}: {e}") from None
+            raise SourceError(f"{self.name}: read error at offset {self.offset}: "
+                              f"{e.strerror or e}") from None
+        except Exception as e:  # decompressor errors (zstd.ZstdError, zlib.error...)
+            raise CorruptError(f"{self.name}: {self.compression or 'data'} corrupt near "
+                               f"decompressed offset {self.offset}: {e}") from None
+
+    def readinto_upto(self, view: memoryview) -> int:
+        """Fill as much of view as the input still has; returns the count (short at EOF)."""
+        got = 0
+        total = len(view)
+        while got < total:
+            n = self._readinto(view[got:])
+            if n == 0:
+                break
+            got += n
+        self.offset += got
+        return got
+
+    def readinto_exact(self, view: memoryview, what: str) -> None:
+        start = self.offset
+        got = self.readinto_upto(view)
+        if got < len(view):
+            raise TruncatedError(f"{self.name}: truncated in {what} at offset {start}: "
+                                 f"input ends after {got} of {len(view)} bytes")
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        self.readinto_exact(memoryview(buf), what)
+        return bytes(buf)
+
+    def read_upto(self, n: int) -> bytes:
+        buf = bytearray(n)
+        got = self.readinto_upto(memoryview(buf))
+        return bytes(buf[:got])
+
+    def peek(self, n: int) -> bytes:
+        """Up to n bytes from the current position, without consuming them."""
+        while len(self._pending) < n:
+            buf = bytearray(n - len(self._pending))
+            got = self._stream_read(memoryview(buf))
+            if got == 0:
+                break
+            self._pending += bytes(buf[:got])
+        return self._pending[:n]
+
+    def skip(self, n: int, what: str) -> None:
+        """Consume n bytes; seeks over them on a plain file, reads them otherwise."""
+        if n <= 0:
+            return
+        if self.seekable and not self._pending and n > 65536:
+            if self.offset + n > self.file_size:
+                raise TruncatedError(f"{self.name}: truncated in {what} at offset {self.offset}: "
+                                     f"{n} bytes needed, file has {self.file_size - self.offset}")
+            self._raw_file.seek(n, io.SEEK_CUR)
+            self.offset += n
+            return
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(BLOCK))
+        left = n
+        while left:
+            step = min(left, BLOCK)
+            self.readinto_exact(self._scratch[:step], what)
+            left -= step
+
+    def drain(self) -> int:
+        """Read to the end (lets a decompressor check its trailer); returns bytes read."""
+        total = 0
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(BLOCK))
+        while True:
+            n = self.readinto_upto(self._scratch)
+            if not n:
+                return total
+            total += n
+
+    def close(self) -> None:
+        for obj in (self._stream, self._raw_file):
+            close = getattr(obj, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that first replays bytes already read from it (sniffing a pipe)."""
+
+    def __init__(self, prefix: bytes, raw):
+        self._prefix = prefix
+        self._raw = raw
+
+    def readable(self):
+        return True
+
+    def readinto(self, view):
+        if self._prefix:
+            n = min(len(view), len(self._prefix))
+            view[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._raw.readinto(view)
+
+
+class _ZstdFrameCheck(io.RawIOBase):
+    """Passes compressed bytes through while walking zstd frame and block headers.
+
+    python-zstandard's stream reader returns a short stream, without error, when the
+    input stops in the middle of a frame. Walking the headers as the bytes go by tells
+    a complete stream from a cut one at the cost of one small parse per 128 KiB block.
+    """
+
+    def __init__(self, raw, name):
+        self._raw = raw
+        self._name = name
+        self._need = 4          # bytes still needed by the current parse state
+        self._state = "magic"
+        self._hdr = b""         # partial header bytes being collected
+        self._skip = 0          # payload bytes to pass through without parsing
+        self._checksum = False
+        self.consumed = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, view):
+        n = self._raw.readinto(view)
+        if not n:
+            if self._state != "magic" or self._hdr or self._skip:
+                raise TruncatedError(f"{self._name}: zstd stream truncated at compressed "
+                                     f"offset {self.consumed} (inside a frame)")
+            return 0
+        self._walk(bytes(view[:n]))
+        self.consumed += n
+        return n
+
+    def _walk(self, data: bytes):
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            take = min(self._need - len(self._hdr), end - pos)
+            self._hdr += data[pos:pos + take]
+            pos += take
+            if len(self._hdr) < self._need:
+                return
+            hdr, self._hdr = self._hdr, b""
+            self._advance(hdr)
+
+    def _advance(self, hdr: bytes):
+        st = self._state
+        if st == "magic":
+            magic = int.from_bytes(hdr, "little")
+            if magic == 0xFD2FB528:
+                self._state, self._need = "fhd", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._state, self._need = "skipsize", 4
+            else:
+                raise CorruptError(f"{self._name}: zstd stream corrupt: no frame magic at "
+                                   f"compressed offset {self.consumed}")
+        elif st == "skipsize":
+            self._skip = int.from_bytes(hdr, "little")
+            self._state, self._need = "magic", 4
+        elif st == "fhd":
+            fhd = hdr[0]
+            fcs_flag, single, did_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+            self._checksum = bool(fhd & 4)
+            fcs = (1 if single else 0, 2, 4, 8)[fcs_flag]
+            rest = (0 if single else 1) + (0, 1, 2, 4)[did_flag] + fcs
+            self._state = "block"
+            self._need = 3
+            self._skip = rest
+        elif st == "block":
+            bh = int.from_bytes(hdr, "little")
+            last, btype, bsize = bh & 1, (bh >> 1) & 3, bh >> 3
+            self._skip = 1 if btype == 1 else bsize
+            if last:
+                if self._checksum:
+                    self._skip += 4
+                self._state, self._need = "magic", 4
+            else:
+                self._need = 3
+
+
+class _ReadAhead(io.RawIOBase):
+    """Runs a blocking reader on a thread, a few blocks ahead of the consumer."""
+
+    def __init__(self, read_block, depth: int = 4):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._cur = memoryview(b"")
+        self._done = False
+        self._stop = False
+
+        def pump():
+            try:
+                while not self._stop:
+                    block = read_block(BLOCK)
+                    self._q.put(block)
+                    if not block:
+                        return
+            except BaseException as e:  # handed to the consumer, raised there
+                self._q.put(e)
+
+        self._thread = threading.Thread(target=pump, name="vmarc-readahead", daemon=True)
+        self._thread.start()
+
+    def readable(self):
+        return True
+
+    def readinto(self, view):
+        if not self._cur:
+            if self._done:
+                return 0
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return 0
+            self._cur = memoryview(item)
+        n = min(len(view), len(self._cur))
+        view[:n] = self._cur[:n]
+        self._cur = self._cur[n:]
+        return n
+
+    def close(self):
+        self._stop = True
+        try:  # unblock the pump if it waits on a full queue
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        super().close()
+
+
+def _open_gzip(raw, name):
+    try:
+        from isal import igzip_threaded
+        return igzip_threaded.open(raw, "rb", threads=1)
+    except ImportError:  # stdlib fallback: same format, slower
+        import gzip
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+
+
+def _open_zstd(raw, name):
+    try:
+        import zstandard
+    except ImportError:
+        raise UnsupportedError(f"{name}: zstd-compressed input needs the zstandard package "
+                               "(pip install 'vmarc[zstd]')") from None
+    checked = _ZstdFrameCheck(raw, name)
+    # max_window_size admits archives made with `zstd --long=31`.
+    reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+        checked, read_size=BLOCK, read_across_frames=True)
+    return _ReadAhead(reader.read)
+
+
+def _open_lzop(raw, name):
+    from .formats.lzop import LzopReader
+    return _ReadAhead(LzopReader(raw, name).read)
+
+
+DECOMPRESSORS = {"gzip": _open_gzip, "zstd": _open_zstd, "lzop": _open_lzop}
+
+
+def sniff_compression(head: bytes) -> str | None:
+    if head.startswith(MAGIC_GZIP):
+        return "gzip"
+    if head.startswith(MAGIC_ZSTD):
+        return "zstd"
+    if head.startswith(MAGIC_LZOP):
+        return "lzop"
+    return None
+
+
+def open_source(src, *, name: str | None = None) -> Source:
+    """Open a path, "-" (stdin) or a binary file object, decompressing by magic."""
+    file_size = None
+    path = None
+    if src == "-" or src is None:
+        raw = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
+        name = name or "stdin"
+    elif isinstance(src, (str, bytes, os.PathLike)):
+        path = os.fspath(src)
+        name = name or describe(path)
+        try:
+            raw = io.FileIO(path, "rb")
+        except OSError as e:
+            raise SourceError(f"{name}: cannot open: {e.strerror}") from None
+        st = os.fstat(raw.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raw.close()
+            raise SourceError(f"{name}: is a directory")
+        if stat.S_ISREG(st.st_mode):
+            file_size = st.st_size
+    else:
+        raw = src
+        name = name or getattr(src, "name", None) or "stream"
+        name = str(name)
+
+    # Sniff the first bytes; a pipe cannot be rewound, so replay them.
+    head = bytearray()
+    while len(head) < len(MAGIC_LZOP):
+        chunk = raw.read(len(MAGIC_LZOP) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    head = bytes(head)
+    if file_size is not None:
+        raw.seek(0)
+        stream = raw
+    else:
+        stream = _Prefixed(head, raw)
+    compression = sniff_compression(head)
+    if compression:
+        stream = DECOMPRESSORS[compression](stream, name)
+    return Source(stream, name=name, compression=compression, path=path,
+                  file_size=file_size, raw_file=raw)

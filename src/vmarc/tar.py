@@ -1,0 +1,163 @@
+"""A streaming tar reader for archive formats built on tar (XVA).
+
+Written for one sequential pass over a Source: no seeking back, no member kept in
+memory, every header checked (checksum, size field, type, name) before its data is
+touched. XAPI writes old V7 headers (no magic), Xen Orchestra and Python write ustar;
+both are read. pax 'x' and GNU 'L' long-name records are honoured for the next member.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import FormatError, TruncatedError
+from .source import Source
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+MAX_META = 1 << 16  # largest pax / GNU long-name record we accept
+
+
+@dataclass
+class Member:
+    name: str
+    size: int
+    offset: int        # offset of the member's header in the tar stream
+    data_offset: int   # offset of its first data byte
+    typeflag: bytes
+
+
+def _octal(field: bytes, what: str, where: int) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        if field[0] & 0x40:
+            raise FormatError(f"tar header at offset {where}: negative {what}")
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise FormatError(f"tar header at offset {where}: {what} field is not octal: "
+                          f"{field!r}") from None
+
+
+def parse_header(block: bytes, where: int) -> tuple[str, int, bytes]:
+    """Validate one 512-byte header; returns (name, size, typeflag)."""
+    stored = _octal(block[148:156], "checksum", where)
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored != unsigned:
+        signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
+        if stored != signed:
+            raise FormatError(f"tar header at offset {where}: header checksum mismatch "
+                              f"(stored {stored}, computed {unsigned})")
+    name = block[0:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    size = _octal(block[124:136], "size", where)
+    return _decode_name(name, where), size, block[156:157]
+
+
+def _decode_name(raw: bytes, where: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"tar header at offset {where}: member name is not UTF-8: "
+                          f"{raw[:60]!r}") from None
+
+
+def _pax_records(data: bytes, where: int) -> dict[str, str]:
+    out = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise FormatError(f"tar pax header at offset {where}: bad record length") from None
+        if sp < 0 or length <= 0 or pos + length > len(data):
+            raise FormatError(f"tar pax header at offset {where}: bad record length")
+        key, _, value = data[sp + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+class TarReader:
+    """Yields members one at a time; the caller reads or skips each member's data."""
+
+    def __init__(self, src: Source):
+        self.src = src
+        self._left = 0      # data bytes of the current member not consumed yet
+        self._pad = 0       # padding after the current member's data
+        self.ended = False
+
+    def _finish_member(self):
+        self.src.skip(self._left + self._pad, "tar member data")
+        self._left = self._pad = 0
+
+    def next(self) -> Member | None:
+        """The next regular-file member, or None at the end-of-archive blocks."""
+        self._finish_member()
+        long_name = None
+        pax: dict[str, str] = {}
+        while True:
+            where = self.src.offset
+            block = self.src.read_upto(BLOCK)
+            if len(block) < BLOCK:
+                raise TruncatedError(f"{self.src.name}: tar archive truncated at offset {where}"
+                                     + (" (no end-of-archive blocks)" if not block else
+                                        f" (partial header of {len(block)} bytes)"))
+            if block == ZERO_BLOCK:
+                second = self.src.read_upto(BLOCK)
+                if second != ZERO_BLOCK:
+                    raise TruncatedError(f"{self.src.name}: tar archive truncated at offset "
+                                         f"{where + BLOCK}: second end-of-archive block missing")
+                self.ended = True
+                return None
+            name, size, typeflag = parse_header(block, where)
+            if typeflag in (b"x", b"L"):
+                if size > MAX_META:
+                    raise FormatError(f"tar header at offset {where}: {size}-byte extended "
+                                      f"header record is implausibly large")
+                data = self.src.read_exact(size, "tar extended header")
+                self.src.skip(-size % BLOCK, "tar padding")
+                if typeflag == b"L":
+                    long_name = _decode_name(data.split(b"\0", 1)[0], where)
+                else:
+                    pax.update(_pax_records(data, where))
+                continue
+            if typeflag == b"g":  # global pax header: nothing we use
+                self.src.skip(size + (-size % BLOCK), "tar global header")
+                continue
+            if typeflag == b"5":  # directory entries carry no data
+                continue
+            if typeflag not in (b"0", b"\0", b"7"):
+                raise FormatError(f"tar member {name!r} at offset {where}: unsupported type "
+                                  f"{typeflag!r} (only regular files belong in this archive)")
+            if "path" in pax:
+                name = pax["path"]
+            elif long_name:
+                name = long_name
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise FormatError(f"tar pax header at offset {where}: bad size") from None
+            self._left = size
+            self._pad = -size % BLOCK
+            return Member(name, size, where, self.src.offset, typeflag)
+
+    def readinto(self, view: memoryview, member: Member) -> None:
+        """Read exactly len(view) bytes of the current member's data."""
+        if len(view) > self._left:
+            raise ValueError("read past the member's data")
+        self.src.readinto_exact(view, f"tar member {member.name}")
+        self._left -= len(view)
+
+    def read(self, member: Member) -> bytes:
+        buf = bytearray(self._left)
+        self.readinto(memoryview(buf), member)
+        return bytes(buf)
