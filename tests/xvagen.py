@@ -20,10 +20,21 @@ MiB = 1 << 20
 @dataclass
 class XDisk:
     ref: str                 # "Ref:5"
-    data: bytes              # the whole disk content (tests keep disks small)
+    data: bytes | None       # the whole disk content (small disks), or None with size+sparse
     label: str = "disk"
     userdevice: str = "0"
     device: str = ""
+    size: int = 0            # for sparse disks: the virtual size
+    sparse: dict = field(default_factory=dict)  # chunk number -> 1 MiB (or last) of data
+
+    def __post_init__(self):
+        if self.data is not None:
+            self.size = len(self.data)
+
+    def read(self, offset: int, n: int) -> bytes:
+        if self.data is not None:
+            return self.data[offset:offset + n]
+        return self.sparse.get(offset // MiB, bytes(n))[:n].ljust(n, b"\0")
 
 
 @dataclass
@@ -84,7 +95,7 @@ def checksum_member(name: str, data: bytes, kind: str, style: str) -> bytes:
 def chunk_members(disk: XDisk, spec: XvaSpec) -> list[tuple[str, bytes]]:
     """(name, data) of each chunk member, in order, as the chosen exporter writes them."""
     out = []
-    size = len(disk.data)
+    size = disk.size
     keep = spec.keepalives.get(disk.ref, set())
     num, offset = 0, 0
     written_last = False
@@ -97,7 +108,12 @@ def chunk_members(disk: XDisk, spec: XvaSpec) -> list[tuple[str, bytes]]:
             out.append((name, b""))          # keepalive: takes the number, not the space
             num += 1
             continue
-        data = disk.data[offset:offset + this]
+        if (disk.data is None and num not in disk.sparse and not first_or_last
+                and not spec.write_zero_chunks):
+            num += 1                          # a hole of a sparse test disk: skipped
+            offset += MiB
+            continue
+        data = disk.read(offset, this)
         zero = data.count(0) == len(data)
         if spec.xo_style:
             if num == 0 or not zero:
@@ -137,7 +153,7 @@ def ova_xml(spec: XvaSpec) -> bytes:
             "empty": False, "other_config": {}}})
         objs.append({"class": "VDI", "id": d.ref, "snapshot": {
             "uuid": f"vdi-{i}", "name_label": d.label, "SR": "Ref:900",
-            "virtual_size": str(len(d.data)), "type": "user", "sharable": False,
+            "virtual_size": str(d.size), "type": "user", "sharable": False,
             "read_only": False, "other_config": {}}})
     if spec.with_cd:
         objs.append({"class": "VBD", "id": "Ref:1999", "snapshot": {

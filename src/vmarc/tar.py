@@ -27,10 +27,10 @@ class Member:
     typeflag: bytes
 
 
-def _octal(field: bytes, what: str, where: int) -> int:
+def _octal(field: bytes, what: str, where: str) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
         if field[0] & 0x40:
-            raise FormatError(f"tar header at offset {where}: negative {what}")
+            raise FormatError(f"{where}: negative {what}")
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
@@ -38,18 +38,19 @@ def _octal(field: bytes, what: str, where: int) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise FormatError(f"tar header at offset {where}: {what} field is not octal: "
+        raise FormatError(f"{where}: {what} field is not octal: "
                           f"{field!r}") from None
 
 
-def parse_header(block: bytes, where: int) -> tuple[str, int, bytes]:
-    """Validate one 512-byte header; returns (name, size, typeflag)."""
+def parse_header(block: bytes, where: str) -> tuple[str, int, bytes]:
+    """Validate one 512-byte header; returns (name, size, typeflag). `where` names the
+    header in messages ("backup.xva: tar header at offset 1536")."""
     stored = _octal(block[148:156], "checksum", where)
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
     if stored != unsigned:
         signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
         if stored != signed:
-            raise FormatError(f"tar header at offset {where}: header checksum mismatch "
+            raise FormatError(f"{where}: header checksum mismatch "
                               f"(stored {stored}, computed {unsigned})")
     name = block[0:100].split(b"\0", 1)[0]
     if block[257:262] == b"ustar":
@@ -60,15 +61,15 @@ def parse_header(block: bytes, where: int) -> tuple[str, int, bytes]:
     return _decode_name(name, where), size, block[156:157]
 
 
-def _decode_name(raw: bytes, where: int) -> str:
+def _decode_name(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise FormatError(f"tar header at offset {where}: member name is not UTF-8: "
+        raise FormatError(f"{where}: member name is not UTF-8: "
                           f"{raw[:60]!r}") from None
 
 
-def _pax_records(data: bytes, where: int) -> dict[str, str]:
+def _pax_records(data: bytes, where: str) -> dict[str, str]:
     out = {}
     pos = 0
     while pos < len(data):
@@ -76,9 +77,9 @@ def _pax_records(data: bytes, where: int) -> dict[str, str]:
         try:
             length = int(data[pos:sp])
         except ValueError:
-            raise FormatError(f"tar pax header at offset {where}: bad record length") from None
+            raise FormatError(f"{where}: pax record: bad record length") from None
         if sp < 0 or length <= 0 or pos + length > len(data):
-            raise FormatError(f"tar pax header at offset {where}: bad record length")
+            raise FormatError(f"{where}: pax record: bad record length")
         key, _, value = data[sp + 1:pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
@@ -117,17 +118,17 @@ class TarReader:
                                          f"{where + BLOCK}: second end-of-archive block missing")
                 self.ended = True
                 return None
-            name, size, typeflag = parse_header(block, where)
+            name, size, typeflag = parse_header(block, f"{self.src.name}: tar header at offset {where}")
             if typeflag in (b"x", b"L"):
                 if size > MAX_META:
-                    raise FormatError(f"tar header at offset {where}: {size}-byte extended "
+                    raise FormatError(f"{self.src.name}: tar header at offset {where}: {size}-byte extended "
                                       f"header record is implausibly large")
                 data = self.src.read_exact(size, "tar extended header")
                 self.src.skip(-size % BLOCK, "tar padding")
                 if typeflag == b"L":
-                    long_name = _decode_name(data.split(b"\0", 1)[0], where)
+                    long_name = _decode_name(data.split(b"\0", 1)[0], f"{self.src.name}: offset {where}")
                 else:
-                    pax.update(_pax_records(data, where))
+                    pax.update(_pax_records(data, f"{self.src.name}: offset {where}"))
                 continue
             if typeflag == b"g":  # global pax header: nothing we use
                 self.src.skip(size + (-size % BLOCK), "tar global header")
@@ -135,7 +136,7 @@ class TarReader:
             if typeflag == b"5":  # directory entries carry no data
                 continue
             if typeflag not in (b"0", b"\0", b"7"):
-                raise FormatError(f"tar member {name!r} at offset {where}: unsupported type "
+                raise FormatError(f"{self.src.name}: tar member {name!r} at offset {where}: unsupported type "
                                   f"{typeflag!r} (only regular files belong in this archive)")
             if "path" in pax:
                 name = pax["path"]
@@ -145,7 +146,7 @@ class TarReader:
                 try:
                     size = int(pax["size"])
                 except ValueError:
-                    raise FormatError(f"tar pax header at offset {where}: bad size") from None
+                    raise FormatError(f"{self.src.name}: tar pax header at offset {where}: bad size") from None
             self._left = size
             self._pad = -size % BLOCK
             return Member(name, size, where, self.src.offset, typeflag)

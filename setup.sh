@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up everything vmarc and its tests need on a fresh Debian machine (as root):
+# the system tools the tests compare against, then a virtualenv in .venv with every extra.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PKGS="qemu-utils libnbd-bin nbdkit fuse3 zstd lzop gzip libvhdi-utils"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing system packages:$missing" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends $missing >&2
+  else
+    echo "setup: missing system packages:$missing (run as root, or install them)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv >&2
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[all,test]' >&2
