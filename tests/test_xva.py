@@ -206,3 +206,32 @@ def test_python_api_stream(tmp_path):
             rebuilt[disk.id][offset:offset + len(data)] = data
     assert bytes(rebuilt["Ref:10"]) == spec.disks[0].data
     assert bytes(rebuilt["Ref:9"]) == spec.disks[1].data
+
+
+@pytest.mark.parametrize("tool", [True, False])
+def test_zstd_with_and_without_the_zstd_tool(tool, tmp_path, monkeypatch):
+    """The zstd tool (a separate process) and python-zstandard (fallback) read alike,
+    and both refuse a stream cut in the middle of a frame."""
+    import shutil
+    import vmarc.source
+    if not tool:
+        real = shutil.which
+        monkeypatch.setattr(vmarc.source.shutil, "which",
+                            lambda name: None if name == "zstd" else real(name))
+    spec = two_disk_spec(compress="zstd")
+    data = g.build(spec)
+    (tmp_path / "vm.xva").write_bytes(data)
+    from vmarc.ops.convert import convert
+    with vmarc.open(tmp_path / "vm.xva") as a:
+        convert(a, str(tmp_path / "o.raw"), disk="xvdb")
+    assert (tmp_path / "o.raw").read_bytes() == spec.disks[1].data
+    (tmp_path / "cut.xva").write_bytes(data[:len(data) // 2])
+    with pytest.raises(vmarc.TruncatedError):
+        with vmarc.open(tmp_path / "cut.xva") as a:
+            convert(a, str(tmp_path / "o2.raw"), disk="xvdb")
+    assert not (tmp_path / "o2.raw").exists()
+    # from a pipe (the tool gets the sniffed bytes replayed)
+    with open(tmp_path / "vm.xva", "rb") as f:
+        res = run("convert", "-", tmp_path / "o3.raw", "--disk", "xvda", stdin=f)
+    assert res.code == 0, res
+    assert (tmp_path / "o3.raw").read_bytes() == spec.disks[0].data

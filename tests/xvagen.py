@@ -176,16 +176,21 @@ def ova_xml(spec: XvaSpec) -> bytes:
     return _v(top).encode()
 
 
+def write_to(f, spec: XvaSpec) -> None:
+    """Write the uncompressed archive to a binary file object, member by member."""
+    f.write(tar_member("ova.xml", spec.ova_xml if spec.ova_xml is not None else ova_xml(spec),
+                       spec.header))
+    for disk in sorted(spec.disks, key=lambda d: d.ref):  # XAPI: string order of the refs
+        for name, data in chunk_members(disk, spec):
+            f.write(tar_member(name, data, spec.header))
+            f.write(checksum_member(name, data, spec.checksum, spec.header))
+    f.write(bytes(1024))
+
+
 def build(spec: XvaSpec) -> bytes:
     """The whole archive (uncompressed, or compressed as spec.compress says)."""
     out = io.BytesIO()
-    out.write(tar_member("ova.xml", spec.ova_xml if spec.ova_xml is not None else ova_xml(spec),
-                         spec.header))
-    for disk in sorted(spec.disks, key=lambda d: d.ref):  # XAPI: string order of the refs
-        for name, data in chunk_members(disk, spec):
-            out.write(tar_member(name, data, spec.header))
-            out.write(checksum_member(name, data, spec.checksum, spec.header))
-    out.write(bytes(1024))
+    write_to(out, spec)
     return compress(out.getvalue(), spec.compress)
 
 

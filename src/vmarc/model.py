@@ -8,7 +8,6 @@ every command that only needs one pass works from a pipe and a compressed stream
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import CorruptError, UsageError
@@ -29,14 +28,18 @@ def is_zero(view: memoryview) -> bool:
     return not data.strip(b"\0")
 
 
-@dataclass
 class Disk:
-    id: str                 # the format's own id: "Ref:5" (XVA), "drive-scsi0" (VMA)
-    name: str               # human label (VDI name_label, drive name)
-    size: int               # virtual size in bytes
-    device: str | None = None   # slot: xvda, scsi0...
-    index: int = 0          # position in the archive's disk list
-    meta: dict = field(default_factory=dict)  # format-specific extras shown by info
+    def __init__(self, id: str, name: str, size: int, device: str | None = None,
+                 index: int = 0, meta: dict | None = None):
+        self.id = id              # the format's own id: "Ref:5" (XVA), "drive-scsi0" (VMA)
+        self.name = name          # human label (VDI name_label, drive name)
+        self.size = size          # virtual size in bytes
+        self.device = device      # slot: xvda, scsi0...
+        self.index = index        # position in the archive's disk list
+        self.meta = meta or {}    # format-specific extras shown by info
+
+    def __repr__(self):
+        return f"Disk({self.id!r}, size={self.size}, device={self.device!r})"
 
     def selectors(self) -> set[str]:
         sel = {self.id, self.name, str(self.index)}

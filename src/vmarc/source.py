@@ -8,10 +8,13 @@ decompression overlaps the checksum and write work of the main thread.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import queue
+import shutil
 import stat
+import subprocess
 import sys
 import threading
 
@@ -312,31 +315,108 @@ class _ReadAhead(io.RawIOBase):
         super().close()
 
 
-def _open_gzip(raw, name):
+class _ProcessReader(io.RawIOBase):
+    """Decompression by the format's own command-line tool in a separate process.
+
+    A separate process decompresses with no share in our GIL: measured with bench/, a
+    zstd XVA converts about a third faster this way than with python-zstandard on a
+    thread. The tool's exit status is checked at the end of its output, so a truncated
+    or corrupt stream is an error, never a short disk.
+    """
+
+    def __init__(self, argv, raw, name, compression, regular_file: bool):
+        self._name = name
+        self._compression = compression
+        self._pump = None
+        try:
+            self._proc = subprocess.Popen(argv, stdin=raw.fileno() if regular_file else subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          bufsize=0)
+        except OSError as e:
+            raise SourceError(f"{name}: cannot start {argv[0]}: {e.strerror}") from None
+        try:
+            fcntl.fcntl(self._proc.stdout.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ: fewer reads
+        except OSError:
+            pass
+        if not regular_file:  # a pipe we already read the magic from: replay it
+            self._pump = threading.Thread(target=self._feed, args=(raw,), daemon=True)
+            self._pump.start()
+
+    def _feed(self, raw):
+        dst = self._proc.stdin
+        try:
+            while True:
+                block = raw.read(BLOCK)
+                if not block:
+                    break
+                dst.write(block)
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+        finally:
+            try:
+                dst.close()
+            except OSError:
+                pass
+
+    def readable(self):
+        return True
+
+    def readinto(self, view):
+        n = self._proc.stdout.readinto(view)
+        if n:
+            return n
+        rc = self._proc.wait()
+        if rc != 0:
+            text = self._proc.stderr.read().decode(errors="replace").strip()
+            last = text.splitlines()[-1] if text else f"exit status {rc}"
+            last = last.replace("/*stdin*\\", "").strip(": ")
+            kind = TruncatedError if ("end of file" in last or "truncated" in last.lower()
+                                      or "premature" in last.lower()) else CorruptError
+            raise kind(f"{self._name}: {self._compression} stream "
+                       f"{'truncated' if kind is TruncatedError else 'corrupt'}: {last}")
+        return 0
+
+    def close(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for f in (self._proc.stdout, self._proc.stderr):
+            f.close()
+        super().close()
+
+
+def _open_gzip(raw, name, regular_file):
     try:
-        from isal import igzip_threaded
-        return igzip_threaded.open(raw, "rb", threads=1)
+        from isal import igzip  # ISA-L: at par with `igzip -dc` (bench/)
+        return _ReadAhead(igzip.IGzipFile(fileobj=raw, mode="rb").read)
     except ImportError:  # stdlib fallback: same format, slower
         import gzip
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _ReadAhead(gzip.GzipFile(fileobj=raw, mode="rb").read)
 
 
-def _open_zstd(raw, name):
+def _open_zstd(raw, name, regular_file):
+    tool = shutil.which("zstd")
+    if tool:
+        # --long=31 windows need the memory limit raised to be read at all.
+        return _ProcessReader([tool, "-dcq", "--no-progress", "--memory=2048MB"], raw, name,
+                              "zstd", regular_file)
     try:
         import zstandard
     except ImportError:
-        raise UnsupportedError(f"{name}: zstd-compressed input needs the zstandard package "
-                               "(pip install 'vmarc[zstd]')") from None
+        raise UnsupportedError(f"{name}: zstd-compressed input needs the zstd tool or the "
+                               "zstandard package (pip install 'vmarc[zstd]')") from None
     checked = _ZstdFrameCheck(raw, name)
-    # max_window_size admits archives made with `zstd --long=31`.
     reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
         checked, read_size=BLOCK, read_across_frames=True)
     return _ReadAhead(reader.read)
 
 
-def _open_lzop(raw, name):
-    from .formats.lzop import LzopReader
-    return _ReadAhead(LzopReader(raw, name).read)
+def _open_lzop(raw, name, regular_file):
+    tool = shutil.which("lzop")
+    if not tool:
+        raise UnsupportedError(f"{name}: lzop-compressed input needs the lzop tool "
+                               "(apt-get install lzop)")
+    return _ProcessReader([tool, "-dc", "-q"], raw, name, "lzop", regular_file)
 
 
 DECOMPRESSORS = {"gzip": _open_gzip, "zstd": _open_zstd, "lzop": _open_lzop}
@@ -392,6 +472,6 @@ def open_source(src, *, name: str | None = None) -> Source:
         stream = _Prefixed(head, raw)
     compression = sniff_compression(head)
     if compression:
-        stream = DECOMPRESSORS[compression](stream, name)
+        stream = DECOMPRESSORS[compression](stream, name, file_size is not None)
     return Source(stream, name=name, compression=compression, path=path,
                   file_size=file_size, raw_file=raw)

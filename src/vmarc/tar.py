@@ -8,8 +8,6 @@ both are read. pax 'x' and GNU 'L' long-name records are honoured for the next m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .errors import FormatError, TruncatedError
 from .source import Source
 
@@ -18,13 +16,15 @@ ZERO_BLOCK = bytes(BLOCK)
 MAX_META = 1 << 16  # largest pax / GNU long-name record we accept
 
 
-@dataclass
 class Member:
-    name: str
-    size: int
-    offset: int        # offset of the member's header in the tar stream
-    data_offset: int   # offset of its first data byte
-    typeflag: bytes
+    __slots__ = ("name", "size", "offset", "data_offset", "typeflag")
+
+    def __init__(self, name: str, size: int, offset: int, data_offset: int, typeflag: bytes):
+        self.name = name
+        self.size = size
+        self.offset = offset            # offset of the member's header in the tar stream
+        self.data_offset = data_offset  # offset of its first data byte
+        self.typeflag = typeflag
 
 
 def _octal(field: bytes, what: str, where: str) -> int:

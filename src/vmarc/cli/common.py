@@ -20,3 +20,9 @@ def human_size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def add_sync_arg(p) -> None:
+    p.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not fsync output before renaming it into place (faster; the "
+                   "output may be lost in a crash, never half-written)")

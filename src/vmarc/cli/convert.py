@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import open as open_archive
 from ..ops.convert import OUTPUT_FORMATS, convert
-from .common import add_progress_arg, add_source_args
+from .common import add_progress_arg, add_source_args, add_sync_arg
 
 
 def add_parser(sub):
@@ -17,11 +17,12 @@ def add_parser(sub):
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not check chunk checksums on the way")
     add_progress_arg(p)
+    add_sync_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     with open_archive(args.source, args.fmt) as archive:
         convert(archive, args.output, args.out_format, args.disk, verify=args.verify,
-                progress=args.progress)
+                progress=args.progress, sync=args.sync)
     return 0

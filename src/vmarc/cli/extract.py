@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import open as open_archive
 from ..ops.extract import extract
-from .common import add_progress_arg, add_source_args
+from .common import add_progress_arg, add_source_args, add_sync_arg
 
 
 def add_parser(sub):
@@ -16,13 +16,14 @@ def add_parser(sub):
                    help="only this disk (id, name, device or index); may be repeated")
     p.add_argument("--no-verify", dest="verify", action="store_false")
     add_progress_arg(p)
+    add_sync_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     with open_archive(args.source, args.fmt) as archive:
         written = extract(archive, args.directory, args.disks, verify=args.verify,
-                          progress=args.progress)
+                          progress=args.progress, sync=args.sync)
     for what, fname in written.items():
         print(f"{fname}\t{what}")
     return 0

@@ -12,7 +12,6 @@ its virtual size (the last chunk is always written), and data past that size is 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from ..errors import FormatError, TruncatedError
 from ..hashing import HashRing, sha1_text, xxh64_text
@@ -35,11 +34,13 @@ def probe(head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
-@dataclass
 class _DiskState:
-    pos: int = 0                # importer's write position
-    last_suffix: str = "-1"     # importer starts from "-1"
-    chunks: int = 0             # chunk members seen (keepalives included)
+    __slots__ = ("pos", "last_suffix", "chunks")
+
+    def __init__(self):
+        self.pos = 0               # importer's write position
+        self.last_suffix = "-1"    # the importer starts from "-1"
+        self.chunks = 0            # chunk members seen (keepalives included)
 
 
 class XvaArchive(Archive):

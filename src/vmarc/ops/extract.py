@@ -20,7 +20,7 @@ def disk_filename(disk: Disk) -> str:
 
 
 def extract(archive: Archive, directory: str, disks: list[str] | None = None,
-            verify: bool = True, progress: bool = False) -> dict[str, str]:
+            verify: bool = True, progress: bool = False, sync: bool = True) -> dict[str, str]:
     """Returns {what: file name} for everything written."""
     chosen = [archive.select(s) for s in disks] if disks else list(archive.disks)
     chosen = list({d.id: d for d in chosen}.values())
@@ -51,7 +51,7 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
         for d in chosen:
             writers[d.id].finish()
         for out in outputs:
-            out.commit()
+            out.commit(sync=sync)
         target.commit()
     except BaseException:
         for out in outputs:
