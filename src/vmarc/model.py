@@ -16,16 +16,11 @@ ZERO_CHUNK = bytes(1 << 20)
 
 
 def is_zero(view: memoryview) -> bool:
-    """True when every byte is zero. Compares whole buffers (memcmp speed): comparing a
-    memoryview to bytes goes element by element and is fifty times slower."""
-    obj = view.obj
-    n = len(view)
-    if n == 0:
-        return True
-    if isinstance(obj, (bytes, bytearray)) and len(obj) == n and n <= len(ZERO_CHUNK):
-        return obj == ZERO_CHUNK[:n] if n != len(ZERO_CHUNK) else obj == ZERO_CHUNK
-    data = view.tobytes()
-    return not data.strip(b"\0")
+    """True when every byte is zero, at memcmp speed (comparing a memoryview to bytes
+    with == goes element by element and is fifty times slower)."""
+    # bytes.startswith takes any buffer and compares with memcmp, without a copy.
+    step = len(ZERO_CHUNK)
+    return all(ZERO_CHUNK.startswith(view[i:i + step]) for i in range(0, len(view), step))
 
 
 class Disk:

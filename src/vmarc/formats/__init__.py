@@ -10,8 +10,8 @@ RAW_SUFFIXES = (".raw", ".img")
 
 
 def _readers():
-    from . import xva
-    return {"xva": xva.XvaArchive}
+    from . import vma, xva
+    return {"xva": xva.XvaArchive, "vma": vma.VmaArchive}
 
 
 def reader_for(fmt: str):
@@ -23,10 +23,12 @@ def reader_for(fmt: str):
 
 def detect(source, path_hint=None) -> str:
     """The format of a source from its first bytes (never guesses raw from content)."""
-    from . import xva
+    from . import vma, xva
     head = source.peek(4096)
     if xva.probe(head):
         return "xva"
+    if vma.probe(head):
+        return "vma"
     if path_hint is not None and os.fspath(path_hint).lower().endswith(RAW_SUFFIXES) \
             and source.compression is None and "raw" in _readers():
         return "raw"
