@@ -118,6 +118,16 @@ class Archive:
         raise UsageError(f"{self.source.name}: {selector!r} matches several disks; "
                          "use the id or the index")
 
+    def disk_filename(self, disk: Disk) -> str:
+        """File name for a disk in `extract`: its device (xvda), else its id made safe."""
+        import re
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", disk.device or disk.id).strip(".-")
+        return f"{stem or f'disk{disk.index}'}.raw"
+
+    def extra_streams(self) -> list[tuple[Disk, str]]:
+        """Byte streams extract writes besides the disks (VMA: the VM memory state)."""
+        return []
+
     def extra_selectors(self, disk: Disk) -> set[str]:
         """Other names a user may use for a disk (VMA: scsi0 for drive-scsi0)."""
         return set()

@@ -121,6 +121,12 @@ class VmaArchive(Archive):
         self.vm = pveconf.vm_summary(conf)
         self._streamed = False
 
+    def disk_filename(self, disk: Disk) -> str:
+        return f"disk-{disk.id}.raw"  # what `vma extract` writes
+
+    def extra_streams(self):
+        return [(self.vmstate, "vmstate.bin")] if self.vmstate else []
+
     def extra_selectors(self, disk: Disk) -> set[str]:
         return {disk.id[6:]} if disk.id.startswith("drive-") else set()
 

@@ -4,19 +4,11 @@ directory, in one pass. The directory appears only when everything is written.""
 from __future__ import annotations
 
 import os
-import re
 
 from ..formats.raw import RawWriter
-from ..model import Archive, Checks, Disk
+from ..model import Archive, Checks
 from ..output import OutputDir, OutputFile
 from ..progress import Progress
-
-
-def disk_filename(disk: Disk) -> str:
-    """A file name for a disk: its device (xvda), else its id made safe for a path."""
-    stem = disk.device or disk.id
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or f"disk{disk.index}"
-    return f"{stem}.raw"
 
 
 def extract(archive: Archive, directory: str, disks: list[str] | None = None,
@@ -24,18 +16,23 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
     """Returns {what: file name} for everything written."""
     chosen = [archive.select(s) for s in disks] if disks else list(archive.disks)
     chosen = list({d.id: d for d in chosen}.values())
+    names = {d.id: archive.disk_filename(d) for d in chosen}
+    if not disks:  # everything: the memory state too, as `vma extract` does
+        for stream, fname in archive.extra_streams():
+            chosen.append(stream)
+            names[stream.id] = fname
     target = OutputDir(directory)
     bar = Progress(archive.source, progress)
     written: dict[str, str] = {}
     outputs: list[OutputFile] = []
     try:
         writers = {}
-        names = set()
+        used = set()
         for d in chosen:
-            fname = disk_filename(d)
-            while fname in names:
+            fname = names[d.id]
+            while fname in used:
                 fname = f"{fname[:-4]}-{d.index}.raw"
-            names.add(fname)
+            used.add(fname)
             out = OutputFile(target.join(fname))
             outputs.append(out)
             writers[d.id] = RawWriter(out, d.size)

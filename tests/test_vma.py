@@ -1,0 +1,168 @@
+"""VMA reading and strict verification, on the real Proxmox sample and generated archives."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import vmagen as v
+import xvagen
+from conftest import SHARED_FIXTURES, assert_clean_failure, vmarc as run
+
+SAMPLE = os.path.join(SHARED_FIXTURES, "proxmox-test.vma.gz")
+MiB = 1 << 20
+
+
+def test_real_sample_info():
+    info = json.loads(run("info", SAMPLE, "--output", "json").out)
+    assert info["format"] == "vma" and info["compression"] == "gzip"
+    assert [(d["id"], d["size"]) for d in info["disks"]] == [("drive-scsi0", 10 << 30)]
+    conf = info["configs"]["qemu-server.conf"]
+    assert "scsi0: local-lvm:vm-100-disk-0,size=10G" in conf
+    assert info["vm"]["name"] == "Test" and info["vm"]["memory"] == 2048 * MiB
+
+
+def test_real_sample_is_reported_incomplete(tmp_path):
+    res = run("verify", SAMPLE)
+    assert res.code == 2
+    assert "116 of 163840 clusters present" in res.text, res
+    res = run("convert", SAMPLE, tmp_path / "d.raw", "--disk", "scsi0")
+    assert_clean_failure(res, 2, "incomplete")
+    assert os.listdir(tmp_path) == []
+
+
+def two_disks():
+    return [("drive-scsi0", v.disk_bytes(3 * MiB + 12345, seed=1)),
+            ("drive-virtio1", v.disk_bytes(2 * MiB, seed=2, zero_every=2))]
+
+
+@pytest.mark.parametrize("order", ["shuffle", "seq"])
+@pytest.mark.parametrize("per_extent", [58, 59, 7])
+def test_generated_archives_convert_exactly(order, per_extent, tmp_path):
+    disks = two_disks()
+    (tmp_path / "a.vma").write_bytes(v.build(disks, order=order, per_extent=per_extent))
+    assert run("verify", tmp_path / "a.vma").code == 0
+    for name, data in disks:
+        out = tmp_path / f"{name}.raw"
+        res = run("convert", tmp_path / "a.vma", out, "--disk", name)
+        assert res.code == 0, res
+        assert out.read_bytes() == data
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd", "lzop"])
+@pytest.mark.parametrize("pipe", [False, True])
+def test_compressed_and_piped(how, pipe, tmp_path):
+    disks = two_disks()
+    raw = tmp_path / "a.vma"
+    raw.write_bytes(v.build(disks))
+    comp = tmp_path / "a.vma.x"
+    if how == "lzop":
+        subprocess.run(["lzop", "-q", "-c", str(raw)], stdout=open(comp, "wb"), check=True)
+    else:
+        comp.write_bytes(xvagen.compress(raw.read_bytes(), how))
+    out = tmp_path / "o.raw"
+    if pipe:
+        with open(comp, "rb") as f:
+            res = run("convert", "-", out, "--disk", "virtio1", stdin=f)
+    else:
+        res = run("convert", comp, out, "--disk", "drive-virtio1")
+    assert res.code == 0, res
+    assert out.read_bytes() == disks[1][1]
+
+
+def test_extract_writes_disks_configs_and_vmstate(tmp_path):
+    disks = two_disks()
+    state = os.urandom(200000)
+    (tmp_path / "a.vma").write_bytes(v.build(disks, vmstate=state))
+    res = run("extract", tmp_path / "a.vma", tmp_path / "out")
+    assert res.code == 0, res
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["disk-drive-scsi0.raw", "disk-drive-virtio1.raw", "qemu-server.conf",
+                     "vmstate.bin"]
+    assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == disks[0][1]
+    assert (tmp_path / "out" / "vmstate.bin").read_bytes() == state
+
+
+def test_missing_and_duplicate_clusters(tmp_path):
+    disks = two_disks()
+    (tmp_path / "m.vma").write_bytes(v.build(disks, drop=[(2, 5)]))
+    res = run("verify", tmp_path / "m.vma")
+    assert res.code == 2 and "drive-virtio1 is incomplete" in res.text and "cluster 5" in res.text
+    assert_clean_failure(run("convert", tmp_path / "m.vma", tmp_path / "o.raw", "--disk",
+                             "virtio1"), 2, "incomplete")
+    (tmp_path / "d.vma").write_bytes(v.build(disks, duplicate=[(1, 3)]))
+    res = run("verify", tmp_path / "d.vma")
+    assert res.code == 2 and "cluster 3" in res.text and "second time" in res.text, res
+    assert not (tmp_path / "o.raw").exists()
+
+
+def test_cut_at_an_extent_boundary_is_incomplete(tmp_path):
+    """Proxmox's `vma verify` passes this; vmarc must not."""
+    data = v.build(two_disks(), per_extent=10)
+    hdr_size = int.from_bytes(data[56:60], "big")
+    first = 512 + int.from_bytes(data[hdr_size + 6:hdr_size + 8], "big") * 4096
+    (tmp_path / "c.vma").write_bytes(data[:hdr_size + first])
+    res = run("verify", tmp_path / "c.vma")
+    assert res.code == 2 and "incomplete" in res.text, res
+
+
+def test_truncated_mid_extent(tmp_path):
+    data = v.build(two_disks())
+    for cut in (100, 12288 + 100, len(data) // 2, len(data) - 700):
+        (tmp_path / "t.vma").write_bytes(data[:cut])
+        res = run("convert", tmp_path / "t.vma", tmp_path / "o.raw", "--disk", "scsi0")
+        assert_clean_failure(res, 2)
+        assert run("verify", tmp_path / "t.vma").code == 2
+    assert sorted(os.listdir(tmp_path)) == ["t.vma"]
+
+
+def test_header_and_extent_md5(tmp_path):
+    data = bytearray(v.build(two_disks()))
+    bad = bytearray(data)
+    bad[5000] ^= 1  # reserved area of the header: only the md5 notices
+    (tmp_path / "h.vma").write_bytes(bad)
+    assert_clean_failure(run("info", tmp_path / "h.vma"), 2, "header md5")
+    hdr_size = int.from_bytes(data[56:60], "big")
+    bad = bytearray(data)
+    bad[hdr_size + 45] ^= 1  # a blockinfo of the first extent
+    (tmp_path / "e.vma").write_bytes(bad)
+    res = run("verify", tmp_path / "e.vma")
+    assert res.code == 2 and "extent header md5 mismatch" in res.text, res
+
+
+def rehash_header(h: bytearray) -> bytes:
+    import hashlib
+    h[32:48] = bytes(16)
+    h[32:48] = hashlib.md5(h).digest()
+    return bytes(h)
+
+
+def test_hostile_headers(tmp_path):
+    data = v.build(two_disks())
+    hdr_size = int.from_bytes(data[56:60], "big")
+    cases = {
+        "blob pointer": lambda h: h.__setitem__(slice(2044, 2048), (60000).to_bytes(4, "big")),
+        "header_size": lambda h: h.__setitem__(slice(56, 60), (1 << 31).to_bytes(4, "big")),
+        "claims": lambda h: h.__setitem__(slice(4096 + 32 + 8, 4096 + 32 + 16),
+                                          (1 << 62).to_bytes(8, "big")),
+        "version": lambda h: h.__setitem__(slice(4, 8), (2).to_bytes(4, "big")),
+    }
+    for needle, change in cases.items():
+        h = bytearray(data[:hdr_size])
+        change(h)
+        (tmp_path / "x.vma").write_bytes(rehash_header(h) + data[hdr_size:])
+        assert_clean_failure(run("info", tmp_path / "x.vma"), 2, needle)
+
+
+def test_python_api_and_disk_selection(tmp_path):
+    import vmarc
+    disks = two_disks()
+    (tmp_path / "a.vma").write_bytes(v.build(disks))
+    with vmarc.open(tmp_path / "a.vma") as a:
+        assert a.select("scsi0").id == "drive-scsi0"
+        assert a.select("drive-virtio1").device == "virtio1"
+        got = {d.id: bytearray(d.size) for d in a.disks}
+        for disk, off, data in a.stream():
+            got[disk.id][off:off + len(data)] = data
+    assert {k: bytes(b) for k, b in got.items()} == dict(disks)
