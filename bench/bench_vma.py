@@ -17,7 +17,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
-from bench_xva import VMARC, interleaved  # noqa: E402  (same harness)
+from bench_xva import VMARC, interleaved, report  # noqa: E402  (same harness)
 
 
 def build(work: str, size_mib: int) -> tuple[str, str]:
@@ -71,14 +71,9 @@ def main() -> int:
           f"in {os.path.dirname(out)}")
     res = interleaved(jobs, args.runs, rm)
     rm()
-    for name, (med, low, rss) in res.items():
-        print(f"{name:34} {med:7.2f}s {low:6.2f}s {rss / 1024:6.0f} MiB")
-    print("\nratios (median / median; acceptance: <= 1.3)")
-    for vm, base in [("vma: vmarc convert --no-sync", "cat > file"),
-                     ("vma.zst: vmarc convert --no-sync", "zstd -dc > /dev/null"),
-                     ("vma.zst: vmarc convert --no-sync", "zstd -dc > file")]:
-        print(f"  {vm:34} / {base:22} {res[vm][0] / res[base][0]:5.2f}")
-    print(f"peak RSS of vmarc: {max(r[2] for k, r in res.items() if 'vmarc' in k) / 1024:.0f} MiB")
+    report(res, [("vma: vmarc convert --no-sync", "cat > file"),
+                 ("vma.zst: vmarc convert --no-sync", "zstd -dc > /dev/null"),
+                 ("vma.zst: vmarc convert --no-sync", "zstd -dc > file")])
     return 0
 
 

@@ -95,6 +95,17 @@ def interleaved(jobs: dict, runs: int, cleanup) -> dict:
     return {k: (statistics.median(v), min(v), rss[k]) for k, v in times.items()}
 
 
+def report(res: dict, pairs) -> None:
+    """Print every job's median, min and peak RSS, then vmarc/baseline ratios."""
+    print(f"{'command':34} {'median':>8} {'min':>7} {'peak RSS':>9}")
+    for name, (med, low, rss) in res.items():
+        print(f"{name:34} {med:7.2f}s {low:6.2f}s {rss / 1024:6.0f} MiB")
+    print("\nratios (median / median; acceptance: <= 1.3)")
+    for vm, base in pairs:
+        print(f"  {vm:34} / {base:30} {res[vm][0] / res[base][0]:5.2f}")
+    print(f"peak RSS of vmarc: {max(r[2] for k, r in res.items() if 'vmarc' in k) / 1024:.0f} MiB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1536, help="disk size (the archive "
@@ -140,19 +151,13 @@ def main() -> int:
     }
     res = interleaved(jobs, args.runs, rm)
     rm()
-    print(f"{'command':34} {'median':>8} {'min':>7} {'peak RSS':>9}")
-    for name, (med, low, rss) in res.items():
-        print(f"{name:34} {med:7.2f}s {low:6.2f}s {rss / 1024:6.0f} MiB")
-    print("\nratios (median / median; acceptance: <= 1.3)")
-    for vm, base in [("plain: vmarc convert --no-sync", "cat > file"),
-                     ("plain: vmarc convert", "cat > file && sync"),
-                     ("gzip: vmarc convert --no-sync", "gzip -dc > /dev/null"),
-                     ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > /dev/null"),
-                     ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > file"),
-                     ("zstd: vmarc convert --no-sync", "zstd -dc > /dev/null"),
-                     ("zstd: vmarc convert --no-sync", "zstd -dc > file")]:
-        print(f"  {vm:34} / {base:30} {res[vm][0] / res[base][0]:5.2f}")
-    print(f"peak RSS of vmarc: {max(r[2] for k, r in res.items() if 'vmarc' in k) / 1024:.0f} MiB")
+    report(res, [("plain: vmarc convert --no-sync", "cat > file"),
+                 ("plain: vmarc convert", "cat > file && sync"),
+                 ("gzip: vmarc convert --no-sync", "gzip -dc > /dev/null"),
+                 ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > /dev/null"),
+                 ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > file"),
+                 ("zstd: vmarc convert --no-sync", "zstd -dc > /dev/null"),
+                 ("zstd: vmarc convert --no-sync", "zstd -dc > file")])
     return 0
 
 

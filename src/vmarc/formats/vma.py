@@ -153,7 +153,6 @@ class VmaArchive(Archive):
         hview = memoryview(hdr)
         data = bytearray(BLOCKINFOS * BLOCKS_PER_CLUSTER * BLOCK)
         dview = memoryview(data)
-        extents = 0
         while True:
             where = src.offset
             got = src.readinto_upto(hview)
@@ -162,7 +161,6 @@ class VmaArchive(Archive):
             if got < EXTENT_HEADER:
                 raise TruncatedError(f"{name}: truncated in the extent header at offset {where} "
                                      f"({got} of 512 bytes)")
-            extents += 1
             if hdr[:4] != EXTENT_MAGIC:
                 raise FormatError(f"{name}: no extent magic at offset {where}")
             reserved, block_count = struct.unpack_from(">HH", hdr, 4)
@@ -228,7 +226,6 @@ class VmaArchive(Archive):
                     pos += 1
             if run:
                 yield run[0], run[1], dview[run[2]:run[2] + run[3]]
-        self.extents = extents
         for dev_id, disk in self.devices.items():
             marks = seen[dev_id]
             missing = len(marks) - marks.count(1)
