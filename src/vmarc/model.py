@@ -8,6 +8,7 @@ every command that only needs one pass works from a pipe and a compressed stream
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 from .errors import CorruptError, UsageError
@@ -120,7 +121,6 @@ class Archive:
 
     def disk_filename(self, disk: Disk) -> str:
         """File name for a disk in `extract`: its device (xvda), else its id made safe."""
-        import re
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", disk.device or disk.id).strip(".-")
         return f"{stem or f'disk{disk.index}'}.raw"
 

@@ -176,7 +176,7 @@ class XvaArchive(Archive):
                 data = buf[:m.size]
                 if keep or verify:
                     tar.readinto(data, m)
-                func, expected, csum_member = self._read_checksum(m, disk)
+                func, expected = self._read_checksum(m, disk)
                 if verify:
                     ring.check(i, m.size, func, expected,
                                f"{name}: {disk.describe()}, chunk {m.name} (disk offset "
@@ -216,7 +216,7 @@ class XvaArchive(Archive):
             raise FormatError(f"{self.source.name}: {disk.describe()}, checksum member {m.name} "
                               f"at offset {m.offset} holds {text!r}, not a {ext[1:]} digest in "
                               "XAPI's form")
-        return func, text, m
+        return func, text
 
 
 def _device_of(userdevice) -> str | None:
