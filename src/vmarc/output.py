@@ -6,12 +6,14 @@ into place, and any error or Ctrl-C before that removes it. Nothing half-written
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
-from .errors import SourceError, UsageError
+from .errors import SourceError, UnsupportedError, UsageError
 
 
 def _tmp_name(target: str) -> str:
@@ -90,3 +92,95 @@ class OutputDir:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+
+COMPRESSION_SUFFIXES = {".zst": "zstd", ".gz": "gzip", ".lzo": "lzop"}
+
+
+def compression_for(path: str) -> str | None:
+    """The compression an output name asks for (vzdump's names: .vma.zst, .vma.gz...)."""
+    for suffix, kind in COMPRESSION_SUFFIXES.items():
+        if path.lower().endswith(suffix):
+            return kind
+    return None
+
+
+class StreamOutput:
+    """A byte stream written front to back into an OutputFile, optionally through a
+    compressor: the zstd and lzop tools in their own processes (zstd on every core,
+    the way vzdump runs it), gzip with ISA-L on threads."""
+
+    def __init__(self, path: str, compression: str | None = None):
+        self.file = OutputFile(path)
+        self.compression = compression
+        self.path = path
+        self._proc = None
+        self._writer = None    # a file object for in-process compressors
+        self._fd = self.file.fd
+        try:
+            if compression in ("zstd", "lzop"):
+                self._start_tool(compression)
+            elif compression == "gzip":
+                raw = io.FileIO(self.file.fd, "wb", closefd=False)
+                try:
+                    from isal import igzip_threaded
+                    self._writer = igzip_threaded.open(raw, "wb", threads=-1)
+                except ImportError:
+                    import gzip
+                    self._writer = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)
+            elif compression is not None:
+                raise UsageError(f"unknown output compression {compression!r}")
+        except BaseException:
+            self.file.abort()
+            raise
+
+    def _start_tool(self, kind: str) -> None:
+        argv = {"zstd": ["zstd", "-q", "-c", "-T0"], "lzop": ["lzop", "-q", "-c"]}[kind]
+        tool = shutil.which(argv[0])
+        if tool is None:
+            raise UnsupportedError(f"{self.path}: {kind} output needs the {argv[0]} tool "
+                                   f"(apt-get install {argv[0]})")
+        self._proc = subprocess.Popen([tool, *argv[1:]], stdin=subprocess.PIPE,
+                                      stdout=self.file.fd, stderr=subprocess.PIPE, bufsize=0)
+        self._fd = self._proc.stdin.fileno()
+
+    def write(self, data) -> None:
+        if self._writer is not None:
+            self._writer.write(data)
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except BrokenPipeError:
+            if self._proc is None:
+                raise
+            self._tool_failed()
+        except OSError as e:
+            raise SourceError(f"{self.path}: write failed: {e.strerror}") from None
+
+    def _tool_failed(self):
+        rc = self._proc.wait()
+        text = self._proc.stderr.read().decode(errors="replace").strip()
+        raise SourceError(f"{self.path}: {self.compression} failed: "
+                          f"{text.splitlines()[-1] if text else f'exit status {rc}'}")
+
+    def commit(self, sync: bool = True) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if self._proc is not None:
+                self._proc.stdin.close()
+                if self._proc.wait() != 0:
+                    self._tool_failed()
+                self._proc.stderr.close()
+        except BaseException:
+            self.abort()
+            raise
+        self.file.commit(sync=sync)
+
+    def abort(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.file.abort()

@@ -8,6 +8,7 @@ decompression overlaps the checksum and write work of the main thread.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import os
@@ -133,6 +134,24 @@ class Source:
             step = min(left, BLOCK)
             self.readinto_exact(self._scratch[:step], what)
             left -= step
+
+    def data_extent(self, pos: int) -> tuple[int | None, float]:
+        """(start, end) of the next stretch at or after pos that may hold data; start is
+        None when only a hole follows. Plain files answer with SEEK_DATA / SEEK_HOLE (the
+        file position is put back); anything else is all data."""
+        if not self.seekable or self._pending or pos != self.offset:
+            return pos, float("inf") if not self._pending else pos + len(self._pending)
+        fd = self._raw_file.fileno()
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole up to the end
+                return None, pos
+            return pos, float("inf")    # no SEEK_DATA here: read everything
+        finally:
+            os.lseek(fd, pos, os.SEEK_SET)
+        return start, end
 
     def drain(self) -> int:
         """Read to the end (lets a decompressor check its trailer); returns bytes read."""
@@ -452,6 +471,9 @@ def open_source(src, *, name: str | None = None) -> Source:
             raise SourceError(f"{name}: is a directory")
         if stat.S_ISREG(st.st_mode):
             file_size = st.st_size
+        elif stat.S_ISBLK(st.st_mode):  # a disk device: seekable, its size from the end
+            file_size = os.lseek(raw.fileno(), 0, os.SEEK_END)
+            os.lseek(raw.fileno(), 0, os.SEEK_SET)
     else:
         raw = src
         name = name or getattr(src, "name", None) or "stream"

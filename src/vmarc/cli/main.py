@@ -7,9 +7,9 @@ import os
 import sys
 
 from ..errors import VmarcError
-from . import convert, extract, info, verify
+from . import convert, create, extract, info, verify
 
-COMMANDS = [info, verify, convert, extract]
+COMMANDS = [info, verify, convert, extract, create]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -10,8 +10,8 @@ RAW_SUFFIXES = (".raw", ".img")
 
 
 def _readers():
-    from . import vma, xva
-    return {"xva": xva.XvaArchive, "vma": vma.VmaArchive}
+    from . import raw, vma, xva
+    return {"xva": xva.XvaArchive, "vma": vma.VmaArchive, "raw": raw.RawArchive}
 
 
 def reader_for(fmt: str):
@@ -30,7 +30,7 @@ def detect(source, path_hint=None) -> str:
     if vma.probe(head):
         return "vma"
     if path_hint is not None and os.fspath(path_hint).lower().endswith(RAW_SUFFIXES) \
-            and source.compression is None and "raw" in _readers():
+            and source.compression is None:
         return "raw"
     if not head:
         raise UnknownFormatError(f"{source.name}: empty input"

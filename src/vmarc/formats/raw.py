@@ -1,11 +1,15 @@
-"""Raw disk images: the bytes of the disk, nothing else. Written sparse."""
+"""Raw disk images: the bytes of the disk, nothing else. Read skipping holes, written
+sparse."""
 
 from __future__ import annotations
 
 import os
 
-from ..model import ZERO_CHUNK, is_zero
+from ..errors import UsageError
+from ..model import ZERO_CHUNK, Archive, Disk, is_zero
 from ..output import OutputFile
+
+READ_SIZE = 4 << 20
 
 
 class RawWriter:
@@ -53,3 +57,43 @@ class RawWriter:
             self._zeros(self.size - self.pos)
         else:
             os.ftruncate(self.fd, self.size)
+
+
+class RawArchive(Archive):
+    """A raw image as an archive of one disk. The size must be known up front (a file or
+    a block device; not a pipe), because every writer puts it in its header. Holes of a
+    sparse file are skipped with SEEK_DATA instead of being read."""
+
+    format = "raw"
+
+    def __init__(self, source):
+        super().__init__(source)
+        if source.compression:
+            raise UsageError(f"{source.name}: a {source.compression}-compressed raw image has "
+                             "no size known in advance; decompress it first")
+        size = source.file_size
+        if size is None:
+            raise UsageError(f"{source.name}: a raw image from a pipe has no known size; "
+                             "give a file or a block device")
+        stem = os.path.basename(source.path or "disk")
+        self.disks.append(Disk(id="disk", name=stem, size=size))
+
+    def stream(self, disks=None, checks=None, verify=True):
+        disk = self.disks[0]
+        if disks is not None and disk not in disks:
+            return
+        src = self.source
+        buf = memoryview(bytearray(READ_SIZE))
+        pos = 0
+        while pos < disk.size:
+            data_at, hole_at = src.data_extent(pos)
+            if data_at is None or data_at >= disk.size:
+                return
+            if data_at > pos:
+                src.skip(data_at - pos, "raw image")
+                pos = data_at
+            while pos < min(hole_at, disk.size):
+                n = min(READ_SIZE, hole_at - pos, disk.size - pos)
+                src.readinto_exact(buf[:n], f"raw image at offset {pos}")
+                yield disk, pos, buf[:n]
+                pos += n

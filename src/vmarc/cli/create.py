@@ -1,0 +1,47 @@
+"""vmarc create: a new VMA archive from disk images and config files."""
+
+from __future__ import annotations
+
+import sys
+
+from ..ops.create import CREATE_FORMATS, create
+from .common import add_progress_arg, add_sync_arg
+
+
+def name_path(text: str) -> tuple[str | None, str]:
+    """NAME=PATH, or just PATH (the name is then chosen by position)."""
+    name, sep, path = text.partition("=")
+    return (name, path) if sep and name and "/" not in name else (None, text)
+
+
+def add_parser(sub):
+    p = sub.add_parser("create", help="write a new archive (VMA) from disk images")
+    p.add_argument("output", help="archive to write (.vma, .vma.zst, .vma.gz, .vma.lzo) "
+                   "or - for stdout")
+    p.add_argument("-O", dest="out_format", required=True, choices=CREATE_FORMATS,
+                   help="archive format")
+    p.add_argument("--disk", dest="disks", action="append", type=name_path, required=True,
+                   metavar="NAME=PATH", help="a disk: its slot (scsi0, virtio1, drive-sata0...) "
+                   "and an image in any format vmarc reads; repeat for more disks")
+    p.add_argument("--config", dest="configs", action="append", type=name_path, default=[],
+                   metavar="NAME=FILE", help="a config blob (qemu-server.conf, "
+                   "qemu-server.fw); repeat for more")
+    p.add_argument("-f", "--format", dest="fmt", help="input format of the disks "
+                   "(found by content if omitted; raw only with -f raw or a .raw/.img name)")
+    p.add_argument("--compress", choices=["auto", "none", "zstd", "gzip", "lzop"],
+                   default="auto", help="compression (default: from the output name)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not check the inputs' checksums on the way")
+    add_progress_arg(p)
+    add_sync_arg(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    compression = None if args.compress == "none" else args.compress
+    _, warnings = create(args.output, args.disks, args.configs, args.out_format, fmt=args.fmt,
+                         compression=compression, verify=args.verify, progress=args.progress,
+                         sync=args.sync)
+    for text in warnings:
+        print(f"vmarc: warning: {text}", file=sys.stderr)
+    return 0
