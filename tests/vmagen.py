@@ -80,7 +80,9 @@ def extent(entries, uid: bytes) -> bytes:
 def build(disks, configs=(("qemu-server.conf", b"name: t\nmemory: 1024\ncores: 2\n"),),
           order="shuffle", per_extent=58, seed=1, uid=None, drop=(), duplicate=(),
           vmstate: bytes | None = None) -> bytes:
-    """disks: [(name, bytes)]. order: 'shuffle' (interleaved, out of order) or 'seq'.
+    """disks: [(name, bytes)]. order: 'shuffle' (interleaved, out of order), 'seq', or
+    'backup' (what a live backup writes: in order, with one cluster in twenty pulled
+    forward, as copy-before-write does when the guest writes ahead of the backup job).
     drop/duplicate: (dev_id, cluster) pairs to leave out or write twice."""
     uid = uid or uuidlib.UUID(int=seed).bytes
     devices = [(n, len(d)) for n, d in disks]
@@ -93,6 +95,11 @@ def build(disks, configs=(("qemu-server.conf", b"name: t\nmemory: 1024\ncores: 2
         work += [(dev_id, c) for c in range(n)]
     if order == "shuffle":
         random.Random(seed).shuffle(work)
+    elif order == "backup":
+        rnd = random.Random(seed)
+        for i in range(0, len(work), 20):
+            j = rnd.randrange(i, min(len(work), i + 2000))
+            work.insert(i, work.pop(j))
     if vmstate is not None:  # memory state: strictly in order, after the disks here
         sid = len(disks) + 1
         work += [(sid, c) for c in range(-(-len(vmstate) // CLUSTER))]

@@ -417,8 +417,8 @@ def _open_zstd(raw, name, regular_file):
     tool = shutil.which("zstd")
     if tool:
         # --long=31 windows need the memory limit raised to be read at all.
-        return _ProcessReader([tool, "-dcq", "--no-progress", "--memory=2048MB"], raw, name,
-                              "zstd", regular_file)
+        return _ReadAhead(_ProcessReader([tool, "-dcq", "--no-progress", "--memory=2048MB"], raw,
+                                         name, "zstd", regular_file).read, depth=8)
     try:
         import zstandard
     except ImportError:

@@ -11,6 +11,7 @@ Proxmox's own `vma verify` does not do and this reader does.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from ..errors import FormatError, TruncatedError
@@ -28,6 +29,28 @@ BLOCKS_PER_CLUSTER = 16
 EXTENT_HEADER = 512
 BLOCKINFOS = 59
 MAX_DEVICE_SIZE = 1 << 50       # 1 PiB: larger is hostile, not a disk
+
+
+MASK_BITS = bytes(bin(m).count("1") for m in range(1 << 16))  # stored blocks per mask
+
+
+@functools.lru_cache(maxsize=4096)
+def mask_runs(mask: int) -> tuple[tuple[int, int, int], ...]:
+    """The stored stretches of a cluster: (first block, block count, index of the first
+    block among the stored ones). One tuple per stretch instead of a test per block."""
+    runs = []
+    rank = 0
+    b = 0
+    while b < BLOCKS_PER_CLUSTER:
+        if mask >> b & 1:
+            first = b
+            while b < BLOCKS_PER_CLUSTER and mask >> b & 1:
+                b += 1
+            runs.append((first, b - first, rank))
+            rank += b - first
+        else:
+            b += 1
+    return tuple(runs)
 
 
 def probe(head: bytes) -> bool:
@@ -138,6 +161,9 @@ class VmaArchive(Archive):
             d["vmstate"] = self.vmstate.size
         return d
 
+    def _at(self, disk: Disk, cluster: int, where: int) -> str:
+        return f"{self.source.name}: {disk.id}, cluster {cluster} (extent at offset {where})"
+
     # -- the streaming pass ----------------------------------------------------------
     def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
         if self._streamed:
@@ -175,7 +201,7 @@ class VmaArchive(Archive):
             if md5_digest(hdr) != stored:
                 raise FormatError(f"{name}: extent header md5 mismatch at offset {where}")
             infos = struct.unpack_from(">59Q", hdr, 40)
-            total = sum(bin(bi >> 48).count("1") for bi in infos if (bi >> 32) & 0xFF)
+            total = sum(MASK_BITS[bi >> 48] for bi in infos if (bi >> 32) & 0xFF)
             if total != block_count:
                 raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
                                   f"but block_count is {block_count}")
@@ -189,41 +215,43 @@ class VmaArchive(Archive):
                 mask = bi >> 48
                 cluster = bi & 0xFFFFFFFF
                 disk = self.devices.get(dev_id)
-                at = f"{name}: extent at offset {where}, device {dev_id}"
                 if disk is None:
-                    raise FormatError(f"{at}: no such device in the header")
-                at = f"{name}: {disk.id}, cluster {cluster} (extent at offset {where})"
+                    raise FormatError(f"{name}: extent at offset {where}, device {dev_id}: no "
+                                      "such device in the header")
                 marks = seen[dev_id]
                 if cluster >= len(marks):
-                    raise FormatError(f"{at}: past the device's end ({disk.size} bytes)")
+                    raise FormatError(f"{self._at(disk, cluster, where)}: past the device's "
+                                      f"end ({disk.size} bytes)")
                 if marks[cluster]:
-                    checks.fail(FormatError(f"{at}: cluster appears a second time"))
+                    checks.fail(FormatError(f"{self._at(disk, cluster, where)}: cluster appears "
+                                            "a second time"))
                 marks[cluster] = 1
                 if disk is self.vmstate:
                     if cluster != next_state:
-                        checks.fail(FormatError(f"{at}: vmstate cluster out of order "
-                                                f"(expected {next_state})"))
+                        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: vmstate "
+                                                f"cluster out of order (expected {next_state})"))
                     next_state = cluster + 1
                 base = cluster * CLUSTER
-                end_blocks = -(-(disk.size - base) // BLOCK)  # blocks inside the device
-                if mask >> min(end_blocks, 16):
-                    checks.fail(FormatError(f"{at}: mask stores blocks past the device's end"))
-                keep = disk.id in wanted
-                for b in range(16):
-                    if not mask & (1 << b):
-                        continue
-                    start = base + b * BLOCK
-                    if keep and start < disk.size:
-                        n = min(BLOCK, disk.size - start)
-                        # extend the run when the block follows it on disk and in the data
-                        if (run and run[0] is disk and run[1] + run[3] == start
-                                and run[2] + run[3] == pos * BLOCK and run[3] % BLOCK == 0):
+                if mask and base + CLUSTER > disk.size and \
+                        mask >> -(-(disk.size - base) // BLOCK):  # blocks past the end
+                    checks.fail(FormatError(f"{self._at(disk, cluster, where)}: mask stores "
+                                            "blocks past the device's end"))
+                if disk.id in wanted and mask:
+                    for first, count, rank in mask_runs(mask):
+                        start = base + first * BLOCK
+                        if start >= disk.size:
+                            break
+                        n = min(count * BLOCK, disk.size - start)
+                        at = (pos + rank) * BLOCK
+                        # extend the run when this follows it both on disk and in the data
+                        if run and run[0] is disk and run[1] + run[3] == start \
+                                and run[2] + run[3] == at:
                             run[3] += n
                         else:
                             if run:
                                 yield run[0], run[1], dview[run[2]:run[2] + run[3]]
-                            run = [disk, start, pos * BLOCK, n]
-                    pos += 1
+                            run = [disk, start, at, n]
+                pos += MASK_BITS[mask]
             if run:
                 yield run[0], run[1], dview[run[2]:run[2] + run[3]]
         for dev_id, disk in self.devices.items():
