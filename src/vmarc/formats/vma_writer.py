@@ -10,6 +10,7 @@ only by seeing every cluster of every device once.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 import uuid as uuidlib
@@ -17,6 +18,7 @@ import uuid as uuidlib
 from ..errors import UsageError
 from ..hashing import md5_digest
 from ..model import ZERO_CHUNK, is_zero
+from .clusters import ClusterAssembler
 from .vma import (BLOCK, BLOCKINFOS, BLOCKS_PER_CLUSTER, CLUSTER, EXTENT_HEADER, EXTENT_MAGIC,
                   HEADER_FIXED, MAGIC)
 
@@ -34,8 +36,8 @@ class VmaWriter:
     """Writes a VMA to out (anything with write(bytes-like)).
 
     add(dev_id, offset, data) takes a device's bytes in any order, as long as the pieces
-    of one 64 KiB cluster come one after another (every reader's stream keeps that);
-    finish_device(dev_id) lists the clusters never given as zero clusters; close()
+    of one 64 KiB cluster come one after another (see clusters.py); finish_device(dev_id)
+    lists the clusters never given as zero clusters; close()
     writes the last extent.
     """
 
@@ -45,14 +47,14 @@ class VmaWriter:
             raise UsageError(f"a VMA holds at most {MAX_DEVICES} devices, not {len(devices)}")
         self.out = out
         self.uuid = uuid or uuidlib.uuid4().bytes
-        self.sizes = [0] + [size for _, size in devices]   # by dev_id
-        self.done = [bytearray()] + [bytearray(-(-size // CLUSTER)) for _, size in devices]
+        self._assemblers = [None] + [
+            ClusterAssembler(CLUSTER, size, functools.partial(self.put_cluster, dev_id))
+            for dev_id, (_, size) in enumerate(devices, start=1)]
         out.write(self._header(devices, configs, int(time.time()) if ctime is None else ctime))
         self._ext = bytearray(EXTENT_HEADER + CLUSTERS_PER_EXTENT * CLUSTER)
         self._view = memoryview(self._ext)
         self._pos = EXTENT_HEADER
         self._infos: list[int] = []
-        self._partial: dict[int, tuple[int, bytearray]] = {}  # dev_id -> (cluster, bytes)
         self.extents = 0
 
     # -- header --------------------------------------------------------------------------
@@ -89,37 +91,10 @@ class VmaWriter:
 
     # -- clusters ------------------------------------------------------------------------
     def add(self, dev_id: int, offset: int, data: memoryview) -> None:
-        size = self.sizes[dev_id]
-        if offset + len(data) > size:
-            raise ValueError(f"device {dev_id}: data past its end ({offset + len(data)} > {size})")
-        while data:
-            cluster, within = divmod(offset, CLUSTER)
-            part = self._partial.get(dev_id)
-            if part is not None and part[0] != cluster:
-                self._flush_partial(dev_id)
-                part = None
-            cluster_len = min(CLUSTER, size - cluster * CLUSTER)
-            if part is None and within == 0 and len(data) >= cluster_len:
-                self.put_cluster(dev_id, cluster, data[:cluster_len])
-                step = cluster_len
-            else:
-                if part is None:
-                    part = self._partial[dev_id] = (cluster, bytearray(CLUSTER))
-                step = min(len(data), cluster_len - within)
-                part[1][within:within + step] = data[:step]
-            data = data[step:]
-            offset += step
-
-    def _flush_partial(self, dev_id: int) -> None:
-        cluster, buf = self._partial.pop(dev_id)
-        self.put_cluster(dev_id, cluster, memoryview(buf))
+        self._assemblers[dev_id].add(offset, data)
 
     def put_cluster(self, dev_id: int, cluster: int, data: memoryview) -> None:
         """One whole cluster (shorter only at the device's end); zero blocks left out."""
-        done = self.done[dev_id]
-        if done[cluster]:
-            raise RuntimeError(f"device {dev_id}: cluster {cluster} written twice")
-        done[cluster] = 1
         if len(self._infos) == CLUSTERS_PER_EXTENT:
             self._flush_extent()
         mask = 0
@@ -143,13 +118,11 @@ class VmaWriter:
 
     def finish_device(self, dev_id: int) -> None:
         """The device's data is all given: list every cluster not seen as a zero cluster."""
-        if dev_id in self._partial:
-            self._flush_partial(dev_id)
-        done = self.done[dev_id]
-        cluster = done.find(0)
-        while cluster >= 0:
+        asm = self._assemblers[dev_id]
+        asm.flush()
+        for cluster in list(asm.missing()):
+            asm.seen[cluster] = 1
             self.put_cluster(dev_id, cluster, memoryview(b""))
-            cluster = done.find(0, cluster + 1)
 
     def _flush_extent(self) -> None:
         ext = self._ext
@@ -165,7 +138,7 @@ class VmaWriter:
         self.extents += 1
 
     def close(self) -> None:
-        for dev_id in range(1, len(self.sizes)):
-            if self.done[dev_id].find(0) >= 0 or dev_id in self._partial:
+        for dev_id, asm in enumerate(self._assemblers[1:], start=1):
+            if asm.seen.find(0) >= 0:
                 raise RuntimeError(f"device {dev_id} not finished")
         self._flush_extent()
