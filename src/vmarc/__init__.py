@@ -25,14 +25,20 @@ __all__ = ["open", "Archive", "Disk", "Checks", "VmarcError", "UsageError", "Sou
 __version__ = "0.1.0"
 
 
-def open(src, fmt: str | None = None, *, name: str | None = None) -> Archive:  # noqa: A001
+def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
+         parent: str | None = None) -> Archive:
     """Open a path, "-" (stdin) or a binary stream; the format is found by content
-    (raw only by fmt="raw" or a .raw/.img name), compression by magic."""
+    (raw only by fmt="raw" or a .raw/.img name), compression by magic. parent overrides
+    a differencing VHD's parent locators."""
     source = open_source(src, name=name)
     try:
         if fmt is None:
             fmt = detect(source, path_hint=src if isinstance(src, (str, os.PathLike)) else None)
-        return reader_for(fmt)(source)
+        reader = reader_for(fmt)
+        if parent and reader.format != "vhd":
+            raise UsageError(f"{source.name}: --parent applies to differencing VHDs, this is "
+                             f"{reader.format}")
+        return reader(source, parent=parent) if parent else reader(source)
     except BaseException:
         source.close()
         raise

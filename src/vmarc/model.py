@@ -79,6 +79,9 @@ class Archive:
     """Base of every reader. Subclasses fill the fields and implement stream()."""
 
     format: str = "?"
+    # True when each disk's pieces come in ascending offset order (writers that need
+    # that, such as VHD, spool the others to a temporary file first).
+    ordered: bool = True
 
     def __init__(self, source):
         self.source = source

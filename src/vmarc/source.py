@@ -135,6 +135,34 @@ class Source:
             self.readinto_exact(self._scratch[:step], what)
             left -= step
 
+    def pread(self, n: int, offset: int, what: str) -> bytes:
+        """n bytes at a file offset (plain files only; the stream position is unchanged)."""
+        if not self.seekable:
+            raise UnsupportedError(f"{self.name}: {what} needs random access; give a file, "
+                                   "not a pipe or a compressed file")
+        try:
+            data = os.pread(self._raw_file.fileno(), n, offset)
+        except OSError as e:
+            raise SourceError(f"{self.name}: read error at offset {offset}: {e.strerror}") from None
+        if len(data) < n:
+            raise TruncatedError(f"{self.name}: truncated in {what} at offset {offset}: file "
+                                 f"ends after {len(data)} of {n} bytes")
+        return data
+
+    def preadinto(self, view: memoryview, offset: int, what: str) -> None:
+        got = 0
+        fd = self._raw_file.fileno()
+        while got < len(view):
+            try:
+                n = os.preadv(fd, [view[got:]], offset + got)
+            except OSError as e:
+                raise SourceError(f"{self.name}: read error at offset {offset + got}: "
+                                  f"{e.strerror}") from None
+            if n == 0:
+                raise TruncatedError(f"{self.name}: truncated in {what} at offset {offset}: "
+                                     f"file ends after {got} of {len(view)} bytes")
+            got += n
+
     def data_extent(self, pos: int) -> tuple[int | None, float]:
         """(start, end) of the next stretch at or after pos that may hold data; start is
         None when only a hole follows. Plain files answer with SEEK_DATA / SEEK_HOLE (the

@@ -97,3 +97,9 @@ class RawArchive(Archive):
                 src.readinto_exact(buf[:n], f"raw image at offset {pos}")
                 yield disk, pos, buf[:n]
                 pos += n
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """n bytes of the disk at offset (zeros past the end of the file)."""
+        n = max(0, min(n, self.disks[0].size - offset))
+        data = os.pread(self.source._raw_file.fileno(), n, offset)
+        return data + bytes(n - len(data))

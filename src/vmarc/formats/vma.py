@@ -59,6 +59,7 @@ def probe(head: bytes) -> bool:
 
 class VmaArchive(Archive):
     format = "vma"
+    ordered = False  # clusters come as the backup job wrote them
 
     def __init__(self, source):
         super().__init__(source)

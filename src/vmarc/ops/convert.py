@@ -1,27 +1,112 @@
-"""convert: one disk of an archive to a disk image, in one streaming pass."""
+"""convert: one disk of an archive or image to a disk image, in one streaming pass."""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+
 from ..errors import UsageError
-from ..formats.raw import RawWriter
-from ..model import Archive, Checks
+from ..formats.qcow2 import Qcow2Writer
+from ..formats.raw import READ_SIZE, RawWriter
+from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
+from ..model import Archive, Checks, Disk
 from ..output import OutputFile
 from ..progress import Progress
 
-OUTPUT_FORMATS = ("raw",)
+OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
+SUBFORMATS = ("dynamic", "fixed")
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    """qemu-img style -o key=value,key=value."""
+    opts = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"-o {item}: expected key=value")
+        opts[key.strip()] = value.strip()
+    return opts
+
+
+def _writer(out_format: str, out: OutputFile, size: int, opts: dict, allocated=None):
+    if out_format == "raw":
+        return RawWriter(out, size)
+    if out_format == "qcow2":
+        return Qcow2Writer(out, size)
+    sub = opts.get("subformat", "dynamic")
+    if sub not in SUBFORMATS:
+        raise UsageError(f"-o subformat={sub}: VHD subformats are {', '.join(SUBFORMATS)}")
+    return VhdWriter(out, -(-size // SECTOR) * SECTOR, sub, allocated)
+
+
+def needs_order(out_format: str, opts: dict, to_stdout: bool) -> bool:
+    """Writers that need each disk's pieces in ascending order."""
+    if out_format == "vhd":
+        return to_stdout or opts.get("subformat", "dynamic") == "dynamic"
+    return to_stdout
+
+
+def spooled(pieces, disk: Disk):
+    """Pieces that came out of order, written to a sparse temporary file and read back in
+    order (said on stderr: it costs disk space up to the data's size)."""
+    print(f"vmarc: {disk.describe()}: the source is not in disk order; spooling it to a "
+          f"temporary file in {tempfile.gettempdir()}", file=sys.stderr)
+    with tempfile.TemporaryFile(prefix="vmarc-spool-") as tmp:
+        fd = tmp.fileno()
+        for _d, offset, data in pieces:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        os.ftruncate(fd, disk.size)
+        buf = memoryview(bytearray(READ_SIZE))
+        pos = 0
+        while pos < disk.size:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                return  # nothing but holes left
+            while pos < hole:
+                n = os.preadv(fd, [buf[:min(READ_SIZE, hole - pos)]], pos)
+                yield disk, pos, buf[:n]
+                pos += n
 
 
 def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | None = None,
-            verify: bool = True, progress: bool = False, sync: bool = True):
-    """Write one disk of archive to output ("-" for stdout). Returns the Disk written."""
+            verify: bool = True, progress: bool = False, sync: bool = True,
+            options: dict | None = None, reopen=None):
+    """Write one disk of archive to output ("-" for stdout). Returns the Disk written.
+
+    reopen() gives a fresh Archive of the same source: a dynamic VHD streamed to stdout
+    needs a first pass to know its allocated blocks.
+    """
     if out_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format {out_format!r} (known: {', '.join(OUTPUT_FORMATS)})")
+    opts = options or {}
+    known = {"vhd": {"subformat"}}.get(out_format, set())
+    for key in opts:
+        if key not in known:
+            raise UsageError(f"-o {key}: not an option of {out_format} output")
     chosen = archive.select(disk)
+    to_stdout = output == "-"
+    allocated = None
+    if out_format == "vhd" and to_stdout and opts.get("subformat", "dynamic") == "dynamic":
+        if reopen is None or archive.source.path is None:
+            raise UsageError("a dynamic VHD on stdout needs its allocated blocks first: give "
+                             "the input as a file (it is read twice), or write a file")
+        with reopen() as first:
+            allocated = allocated_blocks(first.stream([first.select(disk)], Checks(),
+                                                      verify=verify))
     out = OutputFile(output)
     bar = Progress(archive.source, progress, label=chosen.describe())
     try:
-        writer = RawWriter(out, chosen.size)
-        for _disk, offset, data in archive.stream([chosen], Checks(), verify=verify):
+        writer = _writer(out_format, out, chosen.size, opts, allocated)
+        pieces = archive.stream([chosen], Checks(), verify=verify)
+        if needs_order(out_format, opts, to_stdout) and not archive.ordered:
+            pieces = spooled(pieces, chosen)
+        for _disk, offset, data in pieces:
             writer.write(offset, data)
             bar.update()
         writer.finish()

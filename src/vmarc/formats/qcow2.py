@@ -1,0 +1,369 @@
+"""qcow2 (qemu's docs/interop/qcow2.txt): read versions 2 and 3 (zlib- and zstd-compressed
+clusters, zero clusters, backing files) and write version 3 with 64 KiB clusters.
+
+Reading needs a file (L1 and L2 tables are read where they lie); the stream goes in guest
+order, coalescing clusters that are contiguous in the file into one read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+from ..errors import FormatError, SourceError, UnsupportedError, UsageError
+from ..model import Archive, Checks, Disk, is_zero
+
+MAGIC = b"QFI\xfb"
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COMPRESSED = 1 << 62
+COPIED = 1 << 63
+ZERO_FLAG = 1
+MAX_SIZE = 1 << 56
+MAX_CHAIN = 32
+MAX_READ = 4 << 20           # largest coalesced read
+KNOWN_INCOMPATIBLE = 0b11111  # dirty, corrupt, external data, compression type, extended L2
+EXT_BACKING_FORMAT = 0xE2792ACA
+BACKING_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd"}
+
+
+def probe(head: bytes) -> bool:
+    return head.startswith(MAGIC)
+
+
+class Qcow2Archive(Archive):
+    format = "qcow2"
+
+    def __init__(self, source, _chain: tuple = ()):
+        super().__init__(source)
+        name = source.name
+        if not source.seekable:
+            raise UnsupportedError(f"{name}: qcow2 is read through its tables; give a file, not "
+                                   "a pipe or a compressed file")
+        self.file_size = fsize = source.file_size
+        head = source.pread(min(fsize, 4096), 0, "qcow2 header")
+        if len(head) < 72:
+            raise FormatError(f"{name}: {len(head)} bytes is too small for a qcow2 header")
+        (magic, self.version, backing_off, backing_len, self.cluster_bits, size, crypt,
+         l1_size, l1_off, self.refcount_table_offset, self.refcount_table_clusters,
+         self.nb_snapshots, _snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
+        if self.version not in (2, 3):
+            raise UnsupportedError(f"{name}: qcow2 version {self.version} (2 and 3 are read)")
+        if not 9 <= self.cluster_bits <= 21:
+            raise FormatError(f"{name}: qcow2 cluster_bits {self.cluster_bits} outside 9..21")
+        if size > MAX_SIZE:
+            raise FormatError(f"{name}: qcow2 claims {size} bytes")
+        if crypt:
+            raise UnsupportedError(f"{name}: encrypted qcow2 (method {crypt}) is not supported")
+        cs = self.cluster_size = 1 << self.cluster_bits
+        self.cluster_compression = "zlib"
+        hdr_len = 72
+        if self.version == 3:
+            if len(head) < 104:
+                raise FormatError(f"{name}: qcow2 v3 header cut short")
+            incompat, _compat, _autoclear, refcount_order, hdr_len = struct.unpack_from(
+                ">QQQII", head, 72)
+            if incompat & ~KNOWN_INCOMPATIBLE:
+                raise UnsupportedError(f"{name}: unknown incompatible qcow2 features "
+                                       f"{incompat & ~KNOWN_INCOMPATIBLE:#x}")
+            if incompat & 4:
+                raise UnsupportedError(f"{name}: qcow2 with an external data file")
+            if incompat & 16:
+                raise UnsupportedError(f"{name}: qcow2 with extended L2 entries (subclusters)")
+            if incompat & 8:
+                if hdr_len < 105 or len(head) < 105:
+                    raise FormatError(f"{name}: compression type bit set, header too short")
+                ctype = head[104]
+                if ctype not in (0, 1):
+                    raise UnsupportedError(f"{name}: qcow2 compression type {ctype}")
+                self.cluster_compression = ("zlib", "zstd")[ctype]
+            if hdr_len < 104 or hdr_len > len(head):
+                raise FormatError(f"{name}: qcow2 header_length {hdr_len}")
+        self.l2_entries = cs // 8
+        per_l1 = cs * self.l2_entries
+        if l1_size < -(-size // per_l1) or l1_size > (32 << 20) // 8:
+            raise FormatError(f"{name}: L1 table of {l1_size} entries does not fit a disk of "
+                              f"{size} bytes")
+        if l1_off % cs or l1_off + 8 * l1_size > fsize:
+            raise FormatError(f"{name}: L1 table at offset {l1_off} ({l1_size} entries) is "
+                              "unaligned or outside the file")
+        self.l1 = struct.unpack(f">{l1_size}Q", source.pread(8 * l1_size, l1_off, "L1 table")) \
+            if l1_size else ()
+        backing_format = self._extensions(head, hdr_len)
+        self.backing = None
+        self.size = size
+        disk = Disk(id="disk", name=os.path.basename(source.path or name), size=size,
+                    meta={"cluster_size": cs, "compat": "0.10" if self.version == 2 else "1.1"})
+        self.disks.append(disk)
+        if backing_off:
+            if backing_len > 1023 or backing_off + backing_len > fsize:
+                raise FormatError(f"{name}: backing file name at {backing_off} ({backing_len} "
+                                  "bytes) is outside the file")
+            bname = source.pread(backing_len, backing_off, "backing file name").decode(
+                "utf-8", "replace")
+            self._open_backing(bname, backing_format, _chain)
+            disk.meta["backing"] = bname
+        self.ordered = True
+
+    def _extensions(self, head: bytes, pos: int) -> str | None:
+        fmt = None
+        while pos + 8 <= len(head):
+            kind, length = struct.unpack_from(">II", head, pos)
+            if kind == 0:
+                break
+            data = head[pos + 8:pos + 8 + length]
+            if kind == EXT_BACKING_FORMAT:
+                fmt = data.decode("utf-8", "replace")
+            pos += 8 + (length + 7) // 8 * 8
+        return fmt
+
+    def _open_backing(self, bname: str, bformat: str | None, chain: tuple):
+        from .. import open as open_archive
+        name = self.source.name
+        me = os.path.realpath(self.source.path)
+        if len(chain) >= MAX_CHAIN:
+            raise FormatError(f"{name}: backing chain deeper than {MAX_CHAIN}")
+        path = bname if os.path.isabs(bname) else os.path.join(os.path.dirname(me), bname)
+        if os.path.realpath(path) in chain + (me,):
+            raise FormatError(f"{name}: backing chain loops back to {path}")
+        if not os.path.isfile(path):
+            raise SourceError(f"{name}: backing file {bname} not found ({path})")
+        fmt = BACKING_FORMATS.get(bformat or "", None)
+        if fmt == "qcow2" or (fmt is None and open(path, "rb").read(4) == MAGIC):
+            from ..source import open_source
+            self.backing = Qcow2Archive(open_source(path), _chain=chain + (me,))
+        else:
+            self.backing = open_archive(path, fmt or "raw")
+        if not hasattr(self.backing, "read_at"):
+            raise UnsupportedError(f"{name}: backing file {bname} in format "
+                                   f"{self.backing.format} cannot be read at random")
+
+    def close(self):
+        if self.backing is not None:
+            self.backing.close()
+        super().close()
+
+    def info(self) -> dict:
+        d = super().info()
+        d["cluster_size"] = self.cluster_size
+        d["compat"] = self.disks[0].meta["compat"]
+        if self.backing is not None:
+            d["backing"] = self.disks[0].meta["backing"]
+        return d
+
+    # -- mapping -------------------------------------------------------------------------
+    def _l2(self, index: int):
+        entry = self.l1[index] if index < len(self.l1) else 0
+        off = entry & OFFSET_MASK
+        if not off:
+            return None
+        if off % self.cluster_size or off + self.cluster_size > self.file_size:
+            raise FormatError(f"{self.source.name}: L1 entry {index} points at offset {off}, "
+                              "unaligned or outside the file")
+        return struct.unpack(f">{self.l2_entries}Q",
+                             self.source.pread(self.cluster_size, off, f"L2 table {index}"))
+
+    def extents(self):
+        """(guest offset, length, kind, host offset or L2 entry) in guest order; kind is
+        'data', 'zero' (reads as zero here), 'backing' (from the backing file) or
+        'compressed'. Contiguous data clusters are merged up to MAX_READ."""
+        cs = self.cluster_size
+        size = self.size
+        per_l1 = cs * self.l2_entries
+        run = None
+        for i in range(-(-size // per_l1)):
+            table = self._l2(i)
+            base = i * per_l1
+            if table is None:
+                if run:
+                    yield tuple(run)
+                    run = None
+                yield base, min(per_l1, size - base), "backing", 0
+                continue
+            for j, entry in enumerate(table):
+                guest = base + j * cs
+                if guest >= size:
+                    break
+                n = min(cs, size - guest)
+                if entry & COMPRESSED:
+                    kind, host = "compressed", entry
+                else:
+                    host = entry & OFFSET_MASK
+                    if entry & ZERO_FLAG and self.version == 3:
+                        kind = "zero"
+                    elif host:
+                        kind = "data"
+                        if host % cs or host + n > self.file_size:
+                            raise FormatError(f"{self.source.name}: cluster at guest offset "
+                                              f"{guest} maps to offset {host}, unaligned or "
+                                              f"outside the {self.file_size}-byte file")
+                    else:
+                        kind = "backing"
+                if run and run[2] == kind and kind in ("data", "zero", "backing") and \
+                        run[0] + run[1] == guest and run[1] + n <= MAX_READ and \
+                        (kind != "data" or run[3] + run[1] == host):
+                    run[1] += n
+                    continue
+                if run:
+                    yield tuple(run)
+                run = [guest, n, kind, host]
+        if run:
+            yield tuple(run)
+
+    def _decompress(self, entry: int, guest: int) -> bytes:
+        cs, bits = self.cluster_size, self.cluster_bits
+        x = 62 - (bits - 8)
+        off = entry & ((1 << x) - 1)
+        sectors = ((entry >> x) & ((1 << (bits - 8)) - 1)) + 1
+        length = min(sectors * 512 - (off & 511), self.file_size - off)
+        if off >= self.file_size or length <= 0:
+            raise FormatError(f"{self.source.name}: compressed cluster at guest offset {guest} "
+                              f"points at offset {off}, outside the file")
+        raw = self.source.pread(length, off, f"compressed cluster at guest offset {guest}")
+        try:
+            if self.cluster_compression == "zstd":
+                import zstandard
+                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+            else:
+                out = zlib.decompressobj(-12).decompress(raw, cs)
+        except ImportError:
+            raise UnsupportedError(f"{self.source.name}: zstd-compressed clusters need the "
+                                   "zstandard package (pip install 'vmarc[zstd]')") from None
+        except Exception as e:
+            raise FormatError(f"{self.source.name}: compressed cluster at guest offset {guest} "
+                              f"(file offset {off}) does not decompress: {e}") from None
+        if len(out) < cs:
+            raise FormatError(f"{self.source.name}: compressed cluster at guest offset {guest} "
+                              f"decompresses to {len(out)} of {cs} bytes")
+        return out[:cs]
+
+    def check_structure(self, checks: Checks) -> None:
+        """Header sanity (done on open) and every mapped cluster inside the file."""
+        for _ in self.extents():
+            pass
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """n bytes of the disk at offset (zeros past the end)."""
+        out = bytearray(n)
+        end = offset + n
+        for guest, length, data in self._pieces(offset, end):
+            out[guest - offset:guest - offset + len(data)] = data
+        return bytes(out)
+
+    def _pieces(self, start: int = 0, end: int | None = None):
+        """(guest offset, length, bytes) for every non-zero stretch, in guest order."""
+        end = self.size if end is None else min(end, self.size)
+        for guest, length, kind, host in self.extents():
+            if guest + length <= start or kind == "zero":
+                continue
+            if guest >= end:
+                return
+            a, b = max(guest, start), min(guest + length, end)
+            if kind == "data":
+                yield a, b - a, self.source.pread(b - a, host + (a - guest), "qcow2 data")
+            elif kind == "compressed":
+                data = self._decompress(host, guest)
+                yield a, b - a, memoryview(data)[a - guest:b - guest]
+            elif self.backing is not None:
+                bsize = self.backing.disks[0].size
+                if a < bsize:
+                    b2 = min(b, bsize)
+                    yield from self._backing_pieces(a, b2)
+
+    def _backing_pieces(self, a: int, b: int):
+        while a < b:
+            step = min(MAX_READ, b - a)
+            data = self.backing.read_at(a, step)
+            if not is_zero(memoryview(data)):
+                yield a, step, data
+            a += step
+
+    def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
+        disk = self.disks[0]
+        if disks is not None and disk not in disks:
+            return
+        for guest, _length, data in self._pieces():
+            yield disk, guest, memoryview(data)
+
+
+# -- writing ------------------------------------------------------------------------------
+CLUSTER_BITS = 16
+CLUSTER = 1 << CLUSTER_BITS
+L2_ENTRIES = CLUSTER // 8
+REFCOUNTS_PER_BLOCK = CLUSTER // 2   # refcount_order 4: 16-bit counts
+
+
+class Qcow2Writer:
+    """qcow2 version 3, 64 KiB clusters, only non-zero clusters allocated.
+
+    Data clusters are appended as they come (any order; the pieces of one cluster
+    together); L2 tables, refcounts and the header are written at the end, when the file's
+    layout is known. Every cluster has refcount 1, so every table entry carries COPIED.
+    """
+
+    def __init__(self, out, size: int):
+        from .clusters import ClusterAssembler
+        if out.is_stdout:
+            raise UsageError("qcow2 cannot be streamed to stdout (its tables are written "
+                             "last); give a file")
+        self.fd = out.fd
+        self.size = size
+        self.l1_size = -(-size // (CLUSTER * L2_ENTRIES))
+        self.l1_clusters = max(1, -(-self.l1_size * 8 // CLUSTER))
+        self.next_cluster = 1 + self.l1_clusters
+        self.l2: dict[int, list] = {}
+        self.asm = ClusterAssembler(CLUSTER, size, self._put)
+
+    def write(self, offset: int, data) -> None:
+        self.asm.add(offset, data)
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def _put(self, index: int, data) -> None:
+        if is_zero(data):
+            return
+        host = self.next_cluster * CLUSTER
+        self._pwrite(data, host)
+        self.next_cluster += 1
+        table = self.l2.get(index // L2_ENTRIES)
+        if table is None:
+            table = self.l2[index // L2_ENTRIES] = [0] * L2_ENTRIES
+        table[index % L2_ENTRIES] = host | COPIED
+
+    def finish(self) -> None:
+        self.asm.flush()
+        l1 = [0] * self.l1_size
+        cluster = self.next_cluster
+        for i in sorted(self.l2):
+            self._pwrite(struct.pack(f">{L2_ENTRIES}Q", *self.l2[i]), cluster * CLUSTER)
+            l1[i] = cluster * CLUSTER | COPIED
+            cluster += 1
+        # Refcount blocks and table go last; they count themselves too.
+        blocks = table = 0
+        while True:
+            total = cluster + blocks + table
+            need_blocks = -(-total // REFCOUNTS_PER_BLOCK)
+            need_table = -(-need_blocks * 8 // CLUSTER)
+            if (need_blocks, need_table) == (blocks, table):
+                break
+            blocks, table = need_blocks, need_table
+        total = cluster + blocks + table
+        ref_table = []
+        for b in range(blocks):
+            first = b * REFCOUNTS_PER_BLOCK
+            count = min(REFCOUNTS_PER_BLOCK, total - first)
+            self._pwrite(b"\0\1" * count + bytes(CLUSTER - 2 * count), (cluster + b) * CLUSTER)
+            ref_table.append((cluster + b) * CLUSTER)
+        table_off = (cluster + blocks) * CLUSTER
+        raw_table = struct.pack(f">{len(ref_table)}Q", *ref_table)
+        self._pwrite(raw_table + bytes(table * CLUSTER - len(raw_table)), table_off)
+        if self.l1_size:
+            self._pwrite(struct.pack(f">{self.l1_size}Q", *l1), CLUSTER)
+        header = struct.pack(">4sIQIIQIIQQIIQQQQII", MAGIC, 3, 0, 0, CLUSTER_BITS, self.size, 0,
+                             self.l1_size, CLUSTER, table_off, table, 0, 0, 0, 0, 0, 4, 104)
+        self._pwrite(header + bytes(8), 0)  # then the end-of-extensions marker
+        os.ftruncate(self.fd, total * CLUSTER)

@@ -1,0 +1,642 @@
+"""VHD (Microsoft Virtual Hard Disk v1): fixed, dynamic and differencing; XenServer's
+native disk format. Layout and rules: FORMATS.md, the VHD spec, qemu block/vpc.c and
+blktap's vhd-util check.
+
+A dynamic or differencing VHD is read from a file by block index (pread), merging each
+block with its parents, or from a pipe front to back: footer copy, header, BAT, then the
+blocks in file order (what XAPI's vhd-tool and qemu-img write), so no seek is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import time
+import urllib.parse
+import uuid as uuidlib
+
+from ..errors import FormatError, IntegrityError, SourceError, UnsupportedError, UsageError
+from ..model import Archive, Checks, Disk
+
+COOKIE = b"conectix"
+HEADER_COOKIE = b"cxsparse"
+FOOTER = 512
+HEADER = 1024
+SECTOR = 512
+FIXED, DYNAMIC, DIFFERENCING = 2, 3, 4
+TYPES = {FIXED: "fixed", DYNAMIC: "dynamic", DIFFERENCING: "differencing"}
+UNALLOCATED = 0xFFFFFFFF
+VHD_EPOCH = 946684800            # 2000-01-01 UTC
+MAX_GEOMETRY = 65535 * 16 * 255  # sectors
+MAX_SIZE = MAX_GEOMETRY * SECTOR * 2  # a little over 2 TiB: the format's own limit
+MAX_BLOCK = 1 << 28
+MAX_CHAIN = 32
+# Creators whose disks are current_size bytes; the others (Virtual PC, qemu without
+# force_size...) are read by qemu as cylinders * heads * sectors (block/vpc.c).
+SIZE_BY_CURRENT = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
+
+
+def checksum(data: bytes, field: int) -> int:
+    """One's complement of the byte sum, the checksum field counted as zero."""
+    return ~(sum(data) - sum(data[field:field + 4])) & 0xFFFFFFFF
+
+
+def probe(head: bytes) -> bool:
+    return head.startswith(COOKIE)  # dynamic and differencing start with a footer copy
+
+
+def probe_tail(tail: bytes) -> bool:
+    """A fixed VHD is raw data with a footer at the end (512 bytes, or 511 from old tools)."""
+    return tail[-FOOTER:].startswith(COOKIE) or tail[-FOOTER + 1:].startswith(COOKIE)
+
+
+class Footer:
+    def __init__(self, raw: bytes, where: str):
+        if len(raw) == FOOTER - 1:  # old 511-byte footer: the last reserved byte is missing
+            raw += b"\0"
+        if raw[:8] != COOKIE:
+            raise FormatError(f"{where}: no VHD footer cookie 'conectix'")
+        self.raw = raw
+        (self.features, self.version, self.data_offset, self.timestamp, self.creator_app,
+         self.creator_version, self.creator_os, self.original_size, self.current_size,
+         self.cylinders, self.heads, self.sectors, self.type, self.checksum) = struct.unpack_from(
+            ">IIQI4sI4sQQHBBII", raw, 8)
+        self.uuid = raw[68:84]
+        self.saved_state = raw[84]
+        self.checksum_ok = checksum(raw, 64) == self.checksum
+
+    @property
+    def size(self) -> int:
+        """The disk size as qemu-img reports it (block/vpc.c's rule by creator)."""
+        chs = self.cylinders * self.heads * self.sectors
+        if self.creator_app in SIZE_BY_CURRENT or chs >= MAX_GEOMETRY:
+            return self.current_size // SECTOR * SECTOR
+        return chs * SECTOR
+
+
+class DynamicHeader:
+    def __init__(self, raw: bytes, where: str):
+        if raw[:8] != HEADER_COOKIE:
+            raise FormatError(f"{where}: no VHD dynamic header cookie 'cxsparse'")
+        self.raw = raw
+        (self.data_offset, self.table_offset, self.version, self.max_table_entries,
+         self.block_size, self.checksum) = struct.unpack_from(">QQIIII", raw, 8)
+        self.parent_uuid = raw[40:56]
+        self.parent_timestamp, = struct.unpack_from(">I", raw, 56)
+        self.parent_name = raw[64:576].decode("utf-16-be", "replace").split("\0", 1)[0]
+        self.locators = [struct.unpack_from(">4sIIIQ", raw, 576 + 24 * i) for i in range(8)]
+        self.checksum_ok = checksum(raw, 36) == self.checksum
+
+
+def chs_for(size: int) -> tuple[int, int, int]:
+    """The VHD spec's geometry for a sector count (capped at the maximum)."""
+    total = min(size // SECTOR, MAX_GEOMETRY)
+    if total >= 65535 * 16 * 63:
+        spt, heads = 255, 16
+        cth = total // spt
+    else:
+        spt = 17
+        cth = total // spt
+        heads = max(4, (cth + 1023) // 1024)
+        if cth >= heads * 1024 or heads > 16:
+            spt, heads = 31, 16
+            cth = total // spt
+        if cth >= heads * 1024:
+            spt, heads = 63, 16
+            cth = total // spt
+    return cth // heads, heads, spt
+
+
+def covering_chs(size: int) -> tuple[int, int, int]:
+    """The smallest spec geometry whose capacity is at least size (qemu grows it the same
+    way); the maximum when none is that large."""
+    sectors = -(-size // SECTOR)
+    for extra in range(0, 4096):
+        c, h, s = chs_for((sectors + extra) * SECTOR)
+        if c * h * s >= sectors or (sectors + extra) >= MAX_GEOMETRY:
+            return c, h, s
+    return 65535, 16, 255
+
+
+def bitmap_runs(bitmap: bytes, sectors: int):
+    """(first sector, count) of each stretch of set bits (MSB first) in a sector bitmap."""
+    if bitmap.count(b"\xff") * 8 >= sectors:
+        yield 0, sectors
+        return
+    bits = bin(int.from_bytes(bitmap, "big") | (1 << len(bitmap) * 8))[3:3 + sectors]
+    for m in re.finditer("1+", bits):
+        yield m.start(), m.end() - m.start()
+
+
+class VhdArchive(Archive):
+    format = "vhd"
+
+    def __init__(self, source, parent: str | None = None, _children: tuple = ()):
+        super().__init__(source)
+        self.parent_override = parent
+        self.parent: VhdArchive | None = None
+        self._chain_paths = _children
+        name = source.name
+        if source.seekable:
+            self._open_file()
+        else:
+            self._open_stream()
+        f = self.footer
+        if f.type not in TYPES:
+            raise FormatError(f"{name}: VHD disk type {f.type} is not fixed (2), dynamic (3) "
+                              "or differencing (4)")
+        size = f.size
+        if size > MAX_SIZE:
+            raise FormatError(f"{name}: VHD claims {size} bytes, past the format's limit")
+        self.size = size
+        disk = Disk(id=str(uuidlib.UUID(bytes=f.uuid)), name=os.path.basename(source.path or name),
+                    size=size, meta={"subformat": TYPES[f.type],
+                                     "creator": f.creator_app.decode("latin-1").rstrip("\0 ")})
+        self.disks.append(disk)
+        if f.type == DIFFERENCING:
+            self._open_parent()
+            disk.meta["parent"] = self.parent.source.path
+        self.ordered = True
+
+    # -- opening -------------------------------------------------------------------------
+    def _open_file(self):
+        src = self.source
+        size = src.file_size
+        if size < FOOTER - 1:
+            raise FormatError(f"{src.name}: {size} bytes is too small for a VHD")
+        tail = src.pread(min(size, FOOTER), size - min(size, FOOTER), "VHD footer")
+        if tail.startswith(COOKIE):
+            self.footer = Footer(tail, f"{src.name}: footer at offset {size - FOOTER}")
+            self.footer_at = size - FOOTER
+        elif tail[1:].startswith(COOKIE):
+            self.footer = Footer(tail[1:], f"{src.name}: footer at offset {size - FOOTER + 1}")
+            self.footer_at = size - FOOTER + 1
+        else:
+            head = src.pread(FOOTER, 0, "VHD footer copy") if size >= FOOTER else b""
+            if head.startswith(COOKIE):
+                raise FormatError(f"{src.name}: no VHD footer at the end of the file (offset "
+                                  f"{size - FOOTER}): truncated?")
+            raise FormatError(f"{src.name}: no VHD footer at offset {size - FOOTER}")
+        self.file_size = size
+        if self.footer.type == FIXED:
+            if self.footer.size > self.footer_at:
+                raise FormatError(f"{src.name}: fixed VHD of {self.footer.size} bytes in a file "
+                                  f"of {size}: truncated")
+            self.header = None
+            return
+        self.head_footer = Footer(src.pread(FOOTER, 0, "VHD footer copy"),
+                                  f"{src.name}: footer copy at offset 0")
+        self._read_header(lambda n, off, what: src.pread(n, off, what))
+
+    def _open_stream(self):
+        src = self.source
+        first = src.read_exact(FOOTER, "VHD footer copy")
+        self.footer = self.head_footer = Footer(first, f"{src.name}: footer copy at offset 0")
+        self.file_size = None
+        self.footer_at = None
+        if self.footer.type == FIXED:
+            raise UnsupportedError(f"{src.name}: a fixed VHD keeps its footer at the end; read "
+                                   "it from a file, or as raw with -f raw")
+        if self.footer.type == DIFFERENCING:
+            raise UnsupportedError(f"{src.name}: a differencing VHD needs its parent; give a "
+                                   "file, not a pipe")
+
+        def read(n, off, what):
+            if off < src.offset:
+                raise UnsupportedError(f"{src.name}: {what} at offset {off} lies before the "
+                                       "data already read; this VHD cannot be read from a pipe")
+            src.skip(off - src.offset, what)
+            return src.read_exact(n, what)
+        self._read_header(read)
+
+    def _read_header(self, read):
+        name = self.source.name
+        f = self.footer
+        if f.data_offset < FOOTER or f.data_offset > MAX_SIZE:
+            raise FormatError(f"{name}: footer data_offset {f.data_offset} does not point at a "
+                              "dynamic header")
+        self.header = h = DynamicHeader(read(HEADER, f.data_offset, "VHD dynamic header"),
+                                        f"{name}: dynamic header at offset {f.data_offset}")
+        if not (SECTOR <= h.block_size <= MAX_BLOCK) or h.block_size & (h.block_size - 1):
+            raise FormatError(f"{name}: block size {h.block_size} is not a power of two between "
+                              f"512 and {MAX_BLOCK}")
+        if h.max_table_entries * h.block_size < self.footer.size:
+            raise FormatError(f"{name}: {h.max_table_entries} BAT entries of {h.block_size} "
+                              f"bytes cannot hold a disk of {self.footer.size} bytes")
+        if h.max_table_entries > MAX_SIZE // h.block_size + 1:
+            raise FormatError(f"{name}: {h.max_table_entries} BAT entries is absurd")
+        if h.table_offset < f.data_offset + HEADER and h.table_offset + 4 * h.max_table_entries \
+                > f.data_offset:
+            raise FormatError(f"{name}: BAT at offset {h.table_offset} overlaps the dynamic header")
+        raw = read(4 * h.max_table_entries, h.table_offset, "VHD block allocation table")
+        self.bat = struct.unpack(f">{h.max_table_entries}I", raw)
+        self.bitmap_size = -(-(h.block_size // SECTOR) // 8 // SECTOR) * SECTOR
+        self.sectors_per_block = h.block_size // SECTOR
+        self.meta_end = max(h.table_offset + 4 * h.max_table_entries, f.data_offset + HEADER,
+                            FOOTER)
+
+    def _parent_candidates(self):
+        h = self.header
+        base = os.path.dirname(os.path.abspath(self.source.path))
+        for code, _space, length, _res, offset in h.locators:
+            if code not in (b"W2ru", b"W2ku", b"MacX") or not length or length > 4096:
+                continue
+            if self.file_size is not None and offset + length > self.file_size:
+                continue
+            raw = self.source.pread(length, offset, "parent locator")
+            if code == b"MacX":
+                text = urllib.parse.unquote(raw.decode("utf-8", "replace").rstrip("\0"))
+                text = text[7:] if text.startswith("file://") else text
+            else:
+                text = raw.decode("utf-16-le", "replace").rstrip("\0").replace("\\", "/")
+            yield code.decode(), os.path.join(base, text) if code == b"W2ru" else text
+        if h.parent_name:
+            yield "parent name", os.path.join(base, os.path.basename(h.parent_name))
+
+    def _open_parent(self):
+        from ..source import open_source
+        name = self.source.name
+        me = os.path.realpath(self.source.path)
+        chain = self._chain_paths + (me,)
+        if len(chain) > MAX_CHAIN:
+            raise FormatError(f"{name}: differencing chain deeper than {MAX_CHAIN}")
+        tried = []
+        if self.parent_override:
+            candidates = [("--parent", self.parent_override)]
+        else:
+            candidates = list(self._parent_candidates())
+        want = uuidlib.UUID(bytes=self.header.parent_uuid)
+        for how, path in candidates:
+            if not os.path.isfile(path):
+                tried.append(f"{path} ({how}, missing)")
+                continue
+            if os.path.realpath(path) in chain:
+                raise FormatError(f"{name}: parent chain loops back to {path}")
+            parent = VhdArchive(open_source(path), _children=chain)
+            got = uuidlib.UUID(bytes=parent.footer.uuid)
+            if got != want:
+                parent.close()
+                if how == "--parent":
+                    raise FormatError(f"{name}: parent {path} has uuid {got}, but the disk "
+                                      f"expects {want}")
+                tried.append(f"{path} ({how}, uuid {got})")
+                continue
+            self.parent = parent
+            return
+        raise SourceError(f"{name}: parent {want} ({self.header.parent_name}) not found; tried "
+                          f"{'; '.join(tried) or 'no locator'}; give it with --parent")
+
+    def close(self):
+        if self.parent is not None:
+            self.parent.close()
+        super().close()
+
+    def info(self) -> dict:
+        d = super().info()
+        f = self.footer
+        d["subformat"] = TYPES[f.type]
+        d["current_size"] = f.current_size
+        d["geometry"] = [f.cylinders, f.heads, f.sectors]
+        if self.header is not None:
+            d["block_size"] = self.header.block_size
+        if self.parent is not None:
+            d["backing_chain"] = []
+            p = self.parent
+            while p is not None:
+                d["backing_chain"].append(p.source.path)
+                p = p.parent
+        return d
+
+    # -- checks --------------------------------------------------------------------------
+    def check_structure(self, checks: Checks) -> None:
+        """vhd-util check's rules (FORMATS.md); each problem to checks."""
+        name = self.source.name
+        for where, f in (("footer", self.footer),) + (
+                (("footer copy", self.head_footer),) if self.header is not None else ()):
+            if not f.checksum_ok:
+                checks.fail(IntegrityError(f"{name}: {where} checksum mismatch (stored "
+                                           f"{f.checksum:#010x}, computed {checksum(f.raw, 64):#010x})"))
+            if not f.features & 2:
+                checks.fail(FormatError(f"{name}: {where}: reserved feature bit 0x2 not set"))
+            if f.version != 0x00010000:
+                checks.fail(FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000"))
+            if f.timestamp + VHD_EPOCH > time.time() + 86400:
+                checks.fail(FormatError(f"{name}: {where}: timestamp in the future"))
+        if self.footer.type == FIXED:
+            if self.footer.data_offset != 0xFFFFFFFFFFFFFFFF:
+                checks.fail(FormatError(f"{name}: fixed VHD with data_offset "
+                                        f"{self.footer.data_offset:#x}, not all ones"))
+            return
+        if self.head_footer.raw != self.footer.raw:
+            checks.fail(FormatError(f"{name}: the footer copy at offset 0 differs from the footer"))
+        h = self.header
+        if not h.checksum_ok:
+            checks.fail(IntegrityError(f"{name}: dynamic header checksum mismatch"))
+        if h.version != 0x00010000:
+            checks.fail(FormatError(f"{name}: dynamic header version {h.version:#x}, not 0x10000"))
+        span = self.bitmap_size + h.block_size
+        placed = []
+        for i, entry in enumerate(self.bat):
+            if entry == UNALLOCATED:
+                continue
+            start = entry * SECTOR
+            if start < self.meta_end:
+                checks.fail(FormatError(f"{name}: BAT entry {i} points at offset {start}, inside "
+                                        "the metadata"))
+            end_limit = self.footer_at if self.footer_at is not None else None
+            if end_limit is not None and start + span > end_limit:
+                checks.fail(FormatError(f"{name}: BAT entry {i}: block at offset {start} runs "
+                                        f"past the data area (footer at {end_limit})"))
+            placed.append((start, i))
+        placed.sort()
+        for (a, i), (b, j) in zip(placed, placed[1:]):
+            if b < a + span:
+                checks.fail(FormatError(f"{name}: BAT entries {i} and {j} overlap (blocks at "
+                                        f"offsets {a} and {b})"))
+
+    # -- reading -------------------------------------------------------------------------
+    def block_layers(self, index: int):
+        """(bitmap, data) of block index in this layer, or None when not allocated here."""
+        if self.header is None:  # fixed: all data, read straight
+            bs = self.parent_block_size
+            start = index * bs
+            n = min(bs, self.size - start)
+            if n <= 0:
+                return None
+            return None, self.source.pread(n, start, "VHD data")
+        if index >= len(self.bat) or self.bat[index] == UNALLOCATED:
+            return None
+        off = self.bat[index] * SECTOR
+        raw = self.source.pread(self.bitmap_size + self.header.block_size, off,
+                                f"VHD block {index}")
+        return raw[:self.bitmap_size], memoryview(raw)[self.bitmap_size:]
+
+    def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
+        checks = checks or Checks()
+        disk = self.disks[0]
+        if disks is not None and disk not in disks:
+            return
+        self.check_structure(checks)
+        if self.footer.type == FIXED:
+            yield from self._stream_fixed(disk)
+        elif not self.source.seekable:
+            yield from self._stream_pipe(disk)
+        else:
+            yield from self._stream_blocks(disk)
+        if not self.source.seekable:
+            self._check_trailing_footer()
+
+    def _stream_fixed(self, disk):
+        buf = memoryview(bytearray(4 << 20))
+        pos = 0
+        while pos < disk.size:
+            n = min(len(buf), disk.size - pos)
+            self.source.preadinto(buf[:n], pos, "fixed VHD data")
+            yield disk, pos, buf[:n]
+            pos += n
+
+    def _stream_blocks(self, disk):
+        """By block index, merging each block with the parents' for differencing disks."""
+        bs = self.header.block_size
+        layers = []
+        p = self
+        while p is not None:
+            layers.append(p)
+            p = p.parent
+        for p in layers:
+            p.parent_block_size = bs
+        spb = self.sectors_per_block
+        for index in range(-(-disk.size // bs)):
+            base = index * bs
+            limit = min(bs, disk.size - base)
+            mine = self.block_layers(index)
+            if mine is not None and len(layers) == 1:
+                for first, count in bitmap_runs(mine[0], min(spb, -(-limit // SECTOR))):
+                    a, b = first * SECTOR, min((first + count) * SECTOR, limit)
+                    yield disk, base + a, mine[1][a:b]
+                continue
+            merged = None
+            present = None
+            for layer in reversed(layers):  # oldest first, newer data on top
+                got = layer.block_layers(index) if layer is not self else mine
+                if got is None:
+                    continue
+                bitmap, data = got
+                if merged is None:
+                    merged = bytearray(bs)
+                    present = bytearray(spb)
+                runs = [(0, len(data) // SECTOR + (1 if len(data) % SECTOR else 0))] \
+                    if bitmap is None else bitmap_runs(bitmap, spb)
+                for first, count in runs:
+                    a, b = first * SECTOR, min((first + count) * SECTOR, len(data))
+                    merged[a:b] = data[a:b]
+                    present[first:first + count] = b"\1" * count
+            if merged is None:
+                continue
+            view = memoryview(merged)
+            for m in re.finditer(b"\1+", bytes(present[:-(-limit // SECTOR)])):
+                a, b = m.start() * SECTOR, min(m.end() * SECTOR, limit)
+                yield disk, base + a, view[a:b]
+
+    def _stream_pipe(self, disk):
+        """Front to back: the blocks in file order (ascending in what vhd-tool and qemu-img
+        write), skipping what lies between."""
+        src = self.source
+        bs = self.header.block_size
+        order = sorted((entry, i) for i, entry in enumerate(self.bat) if entry != UNALLOCATED)
+        self.ordered = all(a[1] < b[1] for a, b in zip(order, order[1:]))
+        buf = memoryview(bytearray(self.bitmap_size + bs))
+        spb = self.sectors_per_block
+        for entry, index in order:
+            off = entry * SECTOR
+            if off < src.offset:
+                raise FormatError(f"{src.name}: block {index} at offset {off} overlaps data "
+                                  "already read")
+            src.skip(off - src.offset, f"VHD block {index}")
+            src.readinto_exact(buf, f"VHD block {index} at offset {off}")
+            base = index * bs
+            limit = min(bs, disk.size - base)
+            if limit <= 0:
+                continue
+            bitmap = bytes(buf[:self.bitmap_size])
+            for first, count in bitmap_runs(bitmap, min(spb, -(-limit // SECTOR))):
+                a, b = first * SECTOR, min((first + count) * SECTOR, limit)
+                yield disk, base + a, buf[self.bitmap_size + a:self.bitmap_size + b]
+
+    def _check_trailing_footer(self):
+        src = self.source
+        rest = src.read_upto(64 << 20)
+        tail = rest[-FOOTER:]
+        if not (tail.startswith(COOKIE) or rest[-(FOOTER - 1):].startswith(COOKIE)):
+            raise FormatError(f"{src.name}: no VHD footer at the end of the stream (offset "
+                              f"{src.offset}): truncated?")
+        if src.read_upto(1):
+            raise FormatError(f"{src.name}: data after the VHD footer at offset {src.offset}")
+
+
+# -- writing ------------------------------------------------------------------------------
+BLOCK_SIZE = 2 << 20
+CREATOR = b"qem2"  # size = current_size for qemu and XenServer alike (see SIZE_BY_CURRENT)
+
+
+def make_footer(size: int, disk_type: int, data_offset: int, uid: bytes, ts: int) -> bytes:
+    c, h, s = covering_chs(size)
+    raw = bytearray(FOOTER)
+    struct.pack_into(">8sIIQI4sI4sQQHBBII", raw, 0, COOKIE, 2, 0x00010000, data_offset,
+                     ts, CREATOR, 0x00050003, b"Wi2k", size, size, c, h, s, disk_type, 0)
+    raw[68:84] = uid
+    struct.pack_into(">I", raw, 64, checksum(raw, 64))
+    return bytes(raw)
+
+
+def make_header(entries: int, table_offset: int) -> bytes:
+    raw = bytearray(HEADER)
+    struct.pack_into(">8sQQIIII", raw, 0, HEADER_COOKIE, 0xFFFFFFFFFFFFFFFF, table_offset,
+                     0x00010000, entries, BLOCK_SIZE, 0)
+    struct.pack_into(">I", raw, 36, checksum(raw, 36))
+    return bytes(raw)
+
+
+class VhdWriter:
+    """Dynamic (blocks of 2 MiB in ascending order, all-ones bitmaps, as vhd-tool and
+    qemu-img write them) or fixed. The size is kept exact (current_size; creator 'qem2'
+    so qemu reads current_size, a geometry that covers it for CHS readers).
+
+    To a file: blocks are appended as they complete and the BAT written at the end. To a
+    stream: the BAT comes first, so the allocated blocks must be known in advance
+    (allocated=set of block indexes, from a first pass).
+    """
+
+    def __init__(self, out, size: int, subformat: str = "dynamic", allocated=None):
+        from .clusters import ClusterAssembler
+        if size % SECTOR:
+            raise UsageError(f"a VHD holds whole 512-byte sectors; {size} bytes is not a "
+                             "multiple of 512")
+        if size > MAX_SIZE // 2:
+            raise UsageError(f"{size} bytes is past the VHD limit of about 2 TiB")
+        self.out = out
+        self.size = size
+        self.fixed = subformat == "fixed"
+        self.uid = uuidlib.uuid4().bytes
+        self.ts = max(0, int(time.time()) - VHD_EPOCH)
+        self.fd = out.fd
+        self.stream = out.is_stdout
+        self.pos = 0
+        if self.fixed:
+            self.footer = make_footer(size, FIXED, 0xFFFFFFFFFFFFFFFF, self.uid, self.ts)
+            return
+        self.entries = -(-size // BLOCK_SIZE)
+        self.bat = [UNALLOCATED] * self.entries
+        bat_bytes = -(-4 * self.entries // SECTOR) * SECTOR
+        self.data_start = 3 * SECTOR + bat_bytes
+        self.footer = make_footer(size, DYNAMIC, SECTOR, self.uid, self.ts)
+        self.bitmap = b"\xff" * SECTOR  # 4096 sectors of a 2 MiB block, all present
+        self.next_block = self.data_start
+        self.asm = ClusterAssembler(BLOCK_SIZE, size, self._put_block)
+        self.last_index = -1
+        if self.stream:
+            if allocated is None:
+                raise UsageError("streaming a dynamic VHD needs the allocated blocks first")
+            self.allocated = allocated
+            pos = self.data_start
+            for i in sorted(allocated):
+                self.bat[i] = pos // SECTOR
+                pos += SECTOR + BLOCK_SIZE
+            self._write(self._head())
+
+    def _head(self) -> bytes:
+        bat = struct.pack(f">{self.entries}I", *self.bat)
+        return self.footer + make_header(self.entries, 3 * SECTOR) + bat + \
+            b"\xff" * (self.data_start - 3 * SECTOR - len(bat))
+
+    def _write(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.pos += len(data)
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write(self, offset: int, data) -> None:
+        if self.fixed:
+            from ..model import is_zero
+            if self.stream:
+                if offset < self.pos:
+                    raise ValueError("stream output needs data in ascending order")
+                self._zeros(offset - self.pos)
+                self._write(data)
+            elif not is_zero(data):
+                self._pwrite(data, offset)
+            return
+        self.asm.add(offset, data)
+
+    def _zeros(self, n: int) -> None:
+        from ..model import ZERO_CHUNK
+        while n:
+            step = min(n, len(ZERO_CHUNK))
+            self._write(memoryview(ZERO_CHUNK)[:step])
+            n -= step
+
+    def _put_block(self, index: int, data) -> None:
+        from ..model import ZERO_CHUNK, is_zero
+        if index < self.last_index:
+            raise RuntimeError("VHD blocks must come in ascending order")
+        self.last_index = index
+        if self.stream:
+            if index not in self.allocated:
+                if not is_zero(data):
+                    raise RuntimeError(f"block {index} holds data the first pass did not see")
+                return
+            self._zeros(self.bat[index] * SECTOR - self.pos)
+            self._write(self.bitmap)
+            self._write(data)
+            self._zeros(BLOCK_SIZE - len(data))
+            return
+        if is_zero(data):
+            return
+        self.bat[index] = self.next_block // SECTOR
+        self._pwrite(self.bitmap, self.next_block)
+        self._pwrite(data, self.next_block + SECTOR)
+        if len(data) < BLOCK_SIZE:
+            self._pwrite(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)],
+                         self.next_block + SECTOR + len(data))
+        self.next_block += SECTOR + BLOCK_SIZE
+
+    def finish(self) -> None:
+        if self.fixed:
+            if self.stream:
+                self._zeros(self.size - self.pos)
+                self._write(self.footer)
+            else:
+                self._pwrite(self.footer, self.size)
+                os.ftruncate(self.fd, self.size + FOOTER)
+            return
+        self.asm.flush()
+        if self.stream:
+            end = self.data_start + len(self.allocated) * (SECTOR + BLOCK_SIZE)
+            self._zeros(end - self.pos)
+            self._write(self.footer)
+            return
+        self._pwrite(self._head(), 0)
+        self._pwrite(self.footer, self.next_block)
+        os.ftruncate(self.fd, self.next_block + FOOTER)
+
+
+def allocated_blocks(stream) -> set[int]:
+    """Indexes of the 2 MiB blocks that hold non-zero data (first pass for stdout)."""
+    from ..model import is_zero
+    found = set()
+    for _disk, offset, data in stream:
+        pos = 0
+        while pos < len(data):
+            index = (offset + pos) // BLOCK_SIZE
+            stop = min(len(data), (index + 1) * BLOCK_SIZE - offset)
+            if index not in found and not is_zero(data[pos:stop]):
+                found.add(index)
+            pos = stop
+    return found
