@@ -1,0 +1,277 @@
+"""VHD and qcow2 against qemu-img as the oracle; differencing chains built in the tests."""
+
+import json
+import os
+import random
+import struct
+import subprocess
+
+import pytest
+
+import vhdgen
+from conftest import assert_clean_failure, need, vmarc as run
+
+MiB = 1 << 20
+
+
+def qemu_img(*args, check=True):
+    need("qemu-img")
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, check=check)
+
+
+def source_raw(path, size=37 * MiB + 5 * 512, seed=1):
+    """Data, whole zero MiBs (holes), zero sectors inside data, an odd sector count."""
+    rnd = random.Random(seed)
+    data = bytearray(size)
+    for mib in range(0, size, MiB):
+        if (mib // MiB) % 4 == 1:
+            continue
+        n = min(MiB, size - mib)
+        data[mib:mib + n] = rnd.randbytes(n)
+        for _ in range(5):
+            s = rnd.randrange(0, n // 512)
+            data[mib + s * 512:mib + s * 512 + 512] = bytes(512)
+    with open(path, "wb") as f:
+        f.write(data)
+    return bytes(data)
+
+
+QEMU_INPUTS = {
+    "vhd-dynamic": ("vpc", []),
+    "vhd-fixed": ("vpc", ["-o", "subformat=fixed"]),
+    "vhd-dynamic-force-size": ("vpc", ["-o", "force_size=on"]),
+    "vhd-fixed-force-size": ("vpc", ["-o", "subformat=fixed,force_size=on"]),
+    "qcow2": ("qcow2", []),
+    "qcow2-v2": ("qcow2", ["-o", "compat=0.10"]),
+    "qcow2-compressed": ("qcow2", ["-c"]),
+    "qcow2-zstd": ("qcow2", ["-c", "-o", "compression_type=zstd"]),
+    "qcow2-4k-clusters": ("qcow2", ["-o", "cluster_size=4096"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(QEMU_INPUTS))
+def test_qemu_made_inputs_convert_to_qemus_bytes(kind, tmp_path):
+    fmt, opts = QEMU_INPUTS[kind]
+    source_raw(tmp_path / "src.raw")
+    img = tmp_path / f"img.{fmt}"
+    qemu_img("convert", "-f", "raw", "-O", fmt, *opts, tmp_path / "src.raw", img)
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", fmt, "-O", "raw", img, ref)
+    info = json.loads(qemu_img("info", "-f", fmt, "--output=json", img).stdout)
+    mine = json.loads(run("info", img, "--output", "json").out)
+    assert mine["format"] == {"vpc": "vhd"}.get(fmt, fmt)
+    assert mine["disks"][0]["size"] == info["virtual-size"]
+    out = tmp_path / "out.raw"
+    res = run("convert", img, out)
+    assert res.code == 0, res
+    assert out.read_bytes() == ref.read_bytes()
+    assert run("verify", img).code == 0
+
+
+@pytest.mark.parametrize("out_format,opts,qfmt", [
+    ("qcow2", [], "qcow2"), ("vhd", [], "vpc"), ("vhd", ["-o", "subformat=fixed"], "vpc")])
+def test_vmarc_outputs_pass_qemu_img_and_vhdiinfo(out_format, opts, qfmt, tmp_path):
+    data = source_raw(tmp_path / "src.raw")
+    out = tmp_path / f"out.{out_format}"
+    res = run("convert", "-O", out_format, *opts, tmp_path / "src.raw", out)
+    assert res.code == 0, res
+    if out_format == "qcow2":
+        check = qemu_img("check", out, check=False)
+        assert check.returncode == 0 and b"No errors were found" in check.stdout, check
+        assert os.path.getsize(out) < len(data)  # holes not allocated
+    info = json.loads(qemu_img("info", "-f", qfmt, "--output=json", out).stdout)
+    assert info["virtual-size"] == len(data)
+    cmp = qemu_img("compare", "-f", "raw", "-F", qfmt, tmp_path / "src.raw", out, check=False)
+    assert cmp.returncode == 0, cmp
+    if out_format == "vhd":
+        need("vhdiinfo")
+        vi = subprocess.run(["vhdiinfo", str(out)], capture_output=True)
+        assert vi.returncode == 0 and f"({len(data)} bytes)".encode() in vi.stdout, vi
+    back = tmp_path / "back.raw"
+    assert run("convert", out, back).code == 0
+    assert back.read_bytes() == data
+
+
+def test_dynamic_vhd_on_stdout_and_from_a_pipe(tmp_path):
+    data = source_raw(tmp_path / "src.raw")
+    with open(tmp_path / "s.vhd", "wb") as f:
+        res = subprocess.run([os.sys.executable, "-m", "vmarc", "convert", "-O", "vhd",
+                              str(tmp_path / "src.raw"), "-"], stdout=f, stderr=subprocess.PIPE)
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("compare", "-F", "vpc", tmp_path / "src.raw", tmp_path / "s.vhd",
+                    check=False).returncode == 0
+    # qemu-img's own dynamic VHD, read front to back from a pipe
+    qemu_img("convert", "-O", "vpc", tmp_path / "src.raw", tmp_path / "q.vhd")
+    with open(tmp_path / "q.vhd", "rb") as f:
+        res = run("convert", "-", tmp_path / "p.raw", stdin=f)
+    assert res.code == 0, res
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "vpc", "-O", "raw", tmp_path / "q.vhd", ref)
+    assert (tmp_path / "p.raw").read_bytes() == ref.read_bytes()
+
+
+def test_qcow2_with_a_backing_file(tmp_path):
+    base = source_raw(tmp_path / "base.raw", size=8 * MiB)
+    qemu_img("convert", "-O", "qcow2", tmp_path / "base.raw", tmp_path / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             tmp_path / "top.qcow2")
+    need("qemu-io")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c",
+                    "write -z 3M 1M", str(tmp_path / "top.qcow2")], check=True,
+                   capture_output=True)
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-O", "raw", tmp_path / "top.qcow2", ref)
+    assert ref.read_bytes() != base
+    res = run("convert", tmp_path / "top.qcow2", tmp_path / "o.raw")
+    assert res.code == 0, res
+    assert (tmp_path / "o.raw").read_bytes() == ref.read_bytes()
+
+
+def sectors_of(data: bytes, every: int, offset: int = 0):
+    """Every n-th sector of data (plus offset), as the sectors a layer holds."""
+    return {s: data[s * 512:(s + 1) * 512] for s in range(offset, len(data) // 512, every)}
+
+
+def make_chain(tmp_path, levels, kinds=("W2ru", "W2ku", "MacX")):
+    """levels differencing disks over a dynamic base; returns (top path, merged bytes)."""
+    size = 6 * MiB
+    rnd = random.Random(3)
+    merged = bytearray(size)
+    base_data = rnd.randbytes(size)
+    base_sectors = sectors_of(base_data, 3)
+    for s, b in base_sectors.items():
+        merged[s * 512:(s + 1) * 512] = b
+    prev_path = tmp_path / "base.vhd"
+    prev = vhdgen.build(size, base_sectors)
+    prev_path.write_bytes(prev)
+    for level in range(levels):
+        layer = rnd.randbytes(size)
+        secs = sectors_of(layer, 5 + level, offset=level)
+        secs = {s: b for s, b in secs.items() if s // 4096 != 1}  # block 1 only in the base
+        path = tmp_path / f"diff{level}.vhd"
+        blob = vhdgen.build(size, secs, parent=(vhdgen.uuid_of(prev), prev_path.name,
+                                                vhdgen.locators_for(str(path), str(prev_path),
+                                                                    kinds)))
+        path.write_bytes(blob)
+        for s, b in secs.items():
+            merged[s * 512:(s + 1) * 512] = b
+        prev, prev_path = blob, path
+    return prev_path, bytes(merged)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_differencing_chain_converts_to_the_merged_disk(levels, tmp_path):
+    top, merged = make_chain(tmp_path, levels)
+    res = run("convert", top, tmp_path / "o.raw")
+    assert res.code == 0, res
+    assert (tmp_path / "o.raw").read_bytes() == merged
+    info = json.loads(run("info", top, "--output", "json").out)
+    assert len(info["backing_chain"]) == levels
+    assert run("verify", top).code == 0
+
+
+@pytest.mark.parametrize("kind", ["W2ru", "W2ku", "MacX"])
+def test_each_parent_locator_kind(kind, tmp_path):
+    top, merged = make_chain(tmp_path, 1, kinds=(kind,))
+    os.rename(tmp_path / "base.vhd", tmp_path / "moved-base.vhd")
+    if kind != "W2ru":  # the name fallback would find nothing either
+        res = run("convert", top, tmp_path / "o.raw")
+        assert_clean_failure(res, 1, "not found", "--parent")
+    os.rename(tmp_path / "moved-base.vhd", tmp_path / "base.vhd")
+    res = run("convert", top, tmp_path / "o.raw")
+    assert res.code == 0, res
+    assert (tmp_path / "o.raw").read_bytes() == merged
+
+
+def test_wrong_parent_is_refused_by_name(tmp_path):
+    top, merged = make_chain(tmp_path, 1)
+    (tmp_path / "other.vhd").write_bytes(vhdgen.build(6 * MiB, {}))
+    res = run("convert", "--parent", tmp_path / "other.vhd", top, tmp_path / "o.raw")
+    assert_clean_failure(res, 2, "other.vhd", "uuid")
+    assert not (tmp_path / "o.raw").exists()
+    res = run("convert", "--parent", tmp_path / "base.vhd", top, tmp_path / "o.raw")
+    assert res.code == 0 and (tmp_path / "o.raw").read_bytes() == merged
+
+
+def test_parent_loop_is_refused(tmp_path):
+    a, b = tmp_path / "a.vhd", tmp_path / "b.vhd"
+    ua, ub = os.urandom(16), os.urandom(16)
+    a.write_bytes(vhdgen.build(2 * MiB, {}, uid=ua, parent=(ub, "b.vhd",
+                                                            vhdgen.locators_for(str(a), str(b)))))
+    b.write_bytes(vhdgen.build(2 * MiB, {}, uid=ub, parent=(ua, "a.vhd",
+                                                            vhdgen.locators_for(str(b), str(a)))))
+    assert_clean_failure(run("info", a), 2, "loops")
+
+
+def test_corrupt_vhd_structures(tmp_path):
+    source_raw(tmp_path / "src.raw", size=8 * MiB)
+    qemu_img("convert", "-O", "vpc", "-o", "force_size=on", tmp_path / "src.raw",
+             tmp_path / "d.vhd")
+    good = (tmp_path / "d.vhd").read_bytes()
+    size = len(good)
+
+    def variant(change):
+        b = bytearray(good)
+        change(b)
+        (tmp_path / "x.vhd").write_bytes(b)
+        return tmp_path / "x.vhd"
+
+    # footer checksum: verify 2, convert 2 with nothing left behind
+    bad = variant(lambda b: b.__setitem__(size - 512 + 40, b[size - 512 + 40] ^ 1))
+    res = run("verify", bad)
+    assert res.code == 2 and "checksum" in res.text, res
+    assert_clean_failure(run("convert", bad, tmp_path / "o.raw"), 2, "checksum")
+    assert not (tmp_path / "o.raw").exists()
+    # a BAT entry pointing past the end of the file
+    bad = variant(lambda b: struct.pack_into(">I", b, 1536, 0x00FFFFF0))
+    res = run("verify", bad)
+    assert res.code == 2 and "BAT entry 0" in res.text, res
+    # a dynamic header with an absurd table: refused at once, no huge allocation
+    def absurd(b):
+        struct.pack_into(">I", b, 512 + 28, 0xFFFFFFF0)
+        b[512 + 36:512 + 40] = bytes(4)
+        struct.pack_into(">I", b, 512 + 36, ~sum(b[512:1536]) & 0xFFFFFFFF)
+    assert_clean_failure(run("info", variant(absurd)), 2, "BAT entries")
+    # truncated: the footer is gone
+    (tmp_path / "t.vhd").write_bytes(good[:size - 700])
+    assert_clean_failure(run("info", tmp_path / "t.vhd"), 2, "no VHD footer")
+    # hostile block size
+    def block_size(b):
+        struct.pack_into(">I", b, 512 + 32, 3 << 20)
+        b[512 + 36:512 + 40] = bytes(4)
+        struct.pack_into(">I", b, 512 + 36, ~sum(b[512:1536]) & 0xFFFFFFFF)
+    assert_clean_failure(run("info", variant(block_size)), 2, "power of two")
+
+
+def test_corrupt_qcow2_structures(tmp_path):
+    source_raw(tmp_path / "src.raw", size=8 * MiB)
+    qemu_img("convert", "-O", "qcow2", tmp_path / "src.raw", tmp_path / "q.qcow2")
+    good = (tmp_path / "q.qcow2").read_bytes()
+    l1_off, = struct.unpack_from(">Q", good, 40)
+    l2_off = struct.unpack_from(">Q", good, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    cases = {
+        "L1 table": lambda b: struct.pack_into(">Q", b, 40, 1 << 40),
+        "outside the": lambda b: struct.pack_into(">Q", b, l2_off, (1 << 63) | (1 << 45)),
+        "cluster_bits": lambda b: struct.pack_into(">I", b, 20, 40),
+    }
+    for needle, change in cases.items():
+        b = bytearray(good)
+        change(b)
+        (tmp_path / "x.qcow2").write_bytes(b)
+        res = run("convert", tmp_path / "x.qcow2", tmp_path / "o.raw")
+        assert_clean_failure(res, 2, needle)
+        assert run("verify", tmp_path / "x.qcow2").code == 2
+    assert not (tmp_path / "o.raw").exists()
+
+
+def test_vma_to_vhd_spools_out_of_order_clusters(tmp_path):
+    import vmagen
+    data = vmagen.disk_bytes(5 * MiB, seed=2)
+    (tmp_path / "a.vma").write_bytes(vmagen.build([("drive-scsi0", data)], order="shuffle"))
+    res = run("convert", "-O", "vhd", tmp_path / "a.vma", tmp_path / "o.vhd")
+    assert res.code == 0 and "spooling" in res.errtext, res
+    back = tmp_path / "back.raw"
+    assert run("convert", tmp_path / "o.vhd", back).code == 0
+    assert back.read_bytes() == data
+    assert qemu_img("compare", "-f", "raw", "-F", "vpc", back, tmp_path / "o.vhd",
+                    check=False).returncode == 0
