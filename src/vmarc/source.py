@@ -167,6 +167,10 @@ class Source:
         """(start, end) of the next stretch at or after pos that may hold data; start is
         None when only a hole follows. Plain files answer with SEEK_DATA / SEEK_HOLE (the
         file position is put back); anything else is all data."""
+        if self.seekable and self._pending and pos == self.offset:
+            # drop the peeked bytes and seek back: reads then stay aligned to pos
+            self._raw_file.seek(pos)
+            self._pending = b""
         if not self.seekable or self._pending or pos != self.offset:
             return pos, float("inf") if not self._pending else pos + len(self._pending)
         fd = self._raw_file.fileno()

@@ -600,12 +600,14 @@ class VhdWriter:
         if is_zero(data):
             return
         self.bat[index] = self.next_block // SECTOR
-        self._pwrite(self.bitmap, self.next_block)
-        self._pwrite(data, self.next_block + SECTOR)
+        parts = [self.bitmap, data]
         if len(data) < BLOCK_SIZE:
-            self._pwrite(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)],
-                         self.next_block + SECTOR + len(data))
-        self.next_block += SECTOR + BLOCK_SIZE
+            parts.append(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)])
+        want = SECTOR + BLOCK_SIZE
+        if os.pwritev(self.fd, parts, self.next_block) != want:  # one call per block
+            joined = b"".join(bytes(p) for p in parts)
+            self._pwrite(joined, self.next_block)
+        self.next_block += want
 
     def finish(self) -> None:
         if self.fixed:

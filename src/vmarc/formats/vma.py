@@ -31,9 +31,6 @@ BLOCKINFOS = 59
 MAX_DEVICE_SIZE = 1 << 50       # 1 PiB: larger is hostile, not a disk
 
 
-MASK_BITS = bytes(bin(m).count("1") for m in range(1 << 16))  # stored blocks per mask
-
-
 @functools.lru_cache(maxsize=4096)
 def mask_runs(mask: int) -> tuple[tuple[int, int, int], ...]:
     """The stored stretches of a cluster: (first block, block count, index of the first
@@ -202,7 +199,7 @@ class VmaArchive(Archive):
             if md5_digest(hdr) != stored:
                 raise FormatError(f"{name}: extent header md5 mismatch at offset {where}")
             infos = struct.unpack_from(">59Q", hdr, 40)
-            total = sum(MASK_BITS[bi >> 48] for bi in infos if (bi >> 32) & 0xFF)
+            total = sum((bi >> 48).bit_count() for bi in infos if (bi >> 32) & 0xFF)
             if total != block_count:
                 raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
                                   f"but block_count is {block_count}")
@@ -252,7 +249,7 @@ class VmaArchive(Archive):
                             if run:
                                 yield run[0], run[1], dview[run[2]:run[2] + run[3]]
                             run = [disk, start, at, n]
-                pos += MASK_BITS[mask]
+                pos += mask.bit_count()
             if run:
                 yield run[0], run[1], dview[run[2]:run[2] + run[3]]
         for dev_id, disk in self.devices.items():

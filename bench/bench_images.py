@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""VHD dynamic -> raw, raw -> qcow2 and raw -> VHD: vmarc against qemu-img on the same data
+in the same run (median of interleaved runs, ratios, peak RSS).
+
+The disk is bench_vma's model of a real one (a mix of entropies, a third of it zero,
+some partly used clusters), 1 GiB by default. Usage: bench/bench_images.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, HERE)
+from bench_xva import VMARC, interleaved, report  # noqa: E402  (same harness)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--work", default=os.path.join(HERE, "work"))
+    ap.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    disk = os.path.join(args.work, "disk.raw")
+    if not os.path.exists(disk):  # shared with bench_vma
+        subprocess.run([sys.executable, os.path.join(HERE, "bench_vma.py"), "--build-only",
+                        "--size-mib", str(args.size_mib), "--work", args.work], check=True)
+    vhd = os.path.join(args.work, "disk.vhd")
+    if not os.path.exists(vhd):
+        subprocess.run(["qemu-img", "convert", "-O", "vpc", "-o", "force_size=on", disk, vhd],
+                       check=True)
+    outd = args.out_dir or args.work
+    out = {k: os.path.join(outd, f"out.{k}") for k in ("raw", "qcow2", "vhd")}
+
+    def rm():
+        for p in out.values():
+            if os.path.exists(p):
+                os.unlink(p)
+
+    for p in (disk, vhd):
+        subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+    jobs = {
+        "vhd->raw: qemu-img convert": ["qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, out["raw"]],
+        "vhd->raw: vmarc convert": VMARC + ["convert", "--no-sync", vhd, out["raw"]],
+        "raw->qcow2: qemu-img convert": ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, out["qcow2"]],
+        "raw->qcow2: vmarc convert": VMARC + ["convert", "--no-sync", "-O", "qcow2", disk, out["qcow2"]],
+        "raw->vhd: qemu-img convert": ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o",
+                                       "force_size=on", disk, out["vhd"]],
+        "raw->vhd: vmarc convert": VMARC + ["convert", "--no-sync", "-O", "vhd", disk, out["vhd"]],
+    }
+    print(f"disk: {args.size_mib} MiB raw; median of {args.runs} interleaved runs; output in "
+          f"{outd}; qemu-img flushes nothing by default, so vmarc runs with --no-sync")
+    res = interleaved(jobs, args.runs, rm)
+    rm()
+    report(res, [(f"{k}: vmarc convert", f"{k}: qemu-img convert")
+                 for k in ("vhd->raw", "raw->qcow2", "raw->vhd")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
