@@ -275,3 +275,23 @@ def test_vma_to_vhd_spools_out_of_order_clusters(tmp_path):
     assert back.read_bytes() == data
     assert qemu_img("compare", "-f", "raw", "-F", "vpc", back, tmp_path / "o.vhd",
                     check=False).returncode == 0
+
+
+@pytest.mark.parametrize("how", ["tar", "tgz", "tgz-pipe"])
+def test_vhd_inside_a_tar(how, tmp_path):
+    import tarfile
+    source_raw(tmp_path / "src.raw", size=6 * MiB)
+    qemu_img("convert", "-O", "vpc", "-o", "force_size=on", tmp_path / "src.raw",
+             tmp_path / "disk.vhd")
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "vpc", "-O", "raw", tmp_path / "disk.vhd", ref)
+    arc = tmp_path / ("d.tar" if how == "tar" else "d.tgz")
+    with tarfile.open(arc, "w:gz" if how != "tar" else "w") as t:
+        t.add(tmp_path / "disk.vhd", arcname="disk.vhd")
+    if how == "tgz-pipe":
+        with open(arc, "rb") as f:
+            res = run("convert", "-", tmp_path / "o.raw", stdin=f)
+    else:
+        res = run("convert", arc, tmp_path / "o.raw")
+    assert res.code == 0, res
+    assert (tmp_path / "o.raw").read_bytes() == ref.read_bytes()

@@ -12,7 +12,7 @@ RAW_SUFFIXES = (".raw", ".img")
 def _readers():
     from . import qcow2, raw, vhd, vma, xva
     return {"xva": xva.XvaArchive, "vma": vma.VmaArchive, "raw": raw.RawArchive,
-            "vhd": vhd.VhdArchive, "qcow2": qcow2.Qcow2Archive}
+            "vhd": vhd.VhdArchive, "qcow2": qcow2.Qcow2Archive, "vhd-tar": vhd.VhdTarArchive}
 
 
 ALIASES = {"vpc": "vhd"}  # qemu-img's name for VHD
@@ -38,6 +38,8 @@ def detect(source, path_hint=None) -> str:
         return "qcow2"
     if vhd.probe(head):
         return "vhd"
+    if vhd.probe_tar(head):
+        return "vhd-tar"
     if source.seekable and source.file_size >= vhd.FOOTER - 1:  # fixed VHD: footer at the end
         tail = source.pread(vhd.FOOTER, max(0, source.file_size - vhd.FOOTER), "VHD footer")
         if vhd.probe_tail(tail):

@@ -642,3 +642,52 @@ def allocated_blocks(stream) -> set[int]:
                 found.add(index)
             pos = stop
     return found
+
+
+# -- a VHD inside a tar (how XenServer tooling streams VHDs: os-xenapi, FORMATS.md) ------
+def probe_tar(head: bytes) -> bool:
+    """A tar archive whose first member is a .vhd file."""
+    from ..tar import parse_header
+    pos = 0
+    while pos + 512 <= len(head) and head[pos:pos + 512] != bytes(512):
+        try:
+            name, size, kind = parse_header(head[pos:pos + 512], "probe")
+        except Exception:
+            return False
+        if kind not in (b"x", b"g", b"L"):  # past pax / GNU long-name records
+            return name.lower().endswith(".vhd")
+        pos += 512 + -(-size // 512) * 512
+    return False
+
+
+class _MemberStream:
+    """The data of the current tar member as a plain stream."""
+
+    def __init__(self, reader, member):
+        self.reader, self.member = reader, member
+
+    def readinto(self, view) -> int:
+        n = min(len(view), self.reader._left)
+        if n:
+            self.reader.readinto(view[:n], self.member)
+        return n
+
+
+class VhdTarArchive(VhdArchive):
+    """The one VHD a .tar / .tgz holds, read front to back like a VHD from a pipe."""
+
+    def __init__(self, source):
+        from ..source import Source
+        from ..tar import TarReader
+        reader = TarReader(source)
+        member = reader.next()
+        if member is None or not member.name.lower().endswith(".vhd"):
+            raise FormatError(f"{source.name}: the tar's first member is not a .vhd file")
+        self.outer = source
+        inner = Source(_MemberStream(reader, member), name=f"{source.name}:{member.name}",
+                       compression=source.compression)
+        super().__init__(inner)
+
+    def close(self):
+        super().close()
+        self.outer.close()
