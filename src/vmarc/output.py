@@ -14,6 +14,30 @@ import sys
 import tempfile
 
 from .errors import SourceError, UnsupportedError, UsageError
+from .model import ZERO_CHUNK
+
+
+def write_all(fd: int, data) -> None:
+    """os.write until every byte is out (pipes and stdout take partial writes)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def write_zeros(fd: int, count: int) -> None:
+    """count zero bytes to a stream (holes cannot be made on a pipe)."""
+    zeros = memoryview(ZERO_CHUNK)
+    while count > 0:
+        step = min(count, len(zeros))
+        write_all(fd, zeros[:step])
+        count -= step
 
 
 def _tmp_name(target: str) -> str:
@@ -148,10 +172,8 @@ class StreamOutput:
         if self._writer is not None:
             self._writer.write(data)
             return
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
+            write_all(self._fd, data)
         except BrokenPipeError:
             if self._proc is None:
                 raise

@@ -13,6 +13,8 @@ import zlib
 
 from ..errors import FormatError, SourceError, UnsupportedError, UsageError
 from ..model import Archive, Checks, Disk, is_zero
+from ..output import pwrite_all
+from .clusters import ClusterAssembler
 
 MAGIC = b"QFI\xfb"
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -302,7 +304,6 @@ class Qcow2Writer:
     """
 
     def __init__(self, out, size: int):
-        from .clusters import ClusterAssembler
         if out.is_stdout:
             raise UsageError("qcow2 cannot be streamed to stdout (its tables are written "
                              "last); give a file")
@@ -318,10 +319,7 @@ class Qcow2Writer:
         self.asm.add(offset, data)
 
     def _pwrite(self, data, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(self.fd, data, offset)
 
     def _put(self, index: int, data) -> None:
         if is_zero(data):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from ..errors import UsageError
-from ..model import ZERO_CHUNK, Archive, Disk, is_zero
-from ..output import OutputFile
+from ..model import Archive, Disk, is_zero
+from ..output import OutputFile, pwrite_all, write_all, write_zeros
 
 READ_SIZE = 4 << 20
 
@@ -30,31 +30,19 @@ class RawWriter:
         if self.out.is_stdout:
             self._write_stream(offset, data)
             return
-        if is_zero(data):
-            return
-        while data:
-            n = os.pwrite(self.fd, data, offset)
-            data = data[n:]
-            offset += n
+        if not is_zero(data):
+            pwrite_all(self.fd, data, offset)
 
     def _write_stream(self, offset: int, data: memoryview) -> None:
         if offset < self.pos:
             raise ValueError("stream output needs data in ascending order")
-        self._zeros(offset - self.pos)
-        while data:
-            n = os.write(self.fd, data)
-            data = data[n:]
-            self.pos += n
-
-    def _zeros(self, count: int) -> None:
-        while count:
-            n = os.write(self.fd, memoryview(ZERO_CHUNK)[:min(count, len(ZERO_CHUNK))])
-            count -= n
-            self.pos += n
+        write_zeros(self.fd, offset - self.pos)
+        write_all(self.fd, data)
+        self.pos = offset + len(data)
 
     def finish(self) -> None:
         if self.out.is_stdout:
-            self._zeros(self.size - self.pos)
+            write_zeros(self.fd, self.size - self.pos)
         else:
             os.ftruncate(self.fd, self.size)
 

@@ -17,7 +17,12 @@ import urllib.parse
 import uuid as uuidlib
 
 from ..errors import FormatError, IntegrityError, SourceError, UnsupportedError, UsageError
-from ..model import Archive, Checks, Disk
+from ..model import ZERO_CHUNK, Archive, Checks, Disk, is_zero
+from ..output import pwrite_all, write_all, write_zeros
+from ..source import Source, open_source
+from ..tar import TarReader, parse_header
+from .clusters import ClusterAssembler
+from .raw import RawWriter
 
 COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
@@ -255,7 +260,6 @@ class VhdArchive(Archive):
             yield "parent name", os.path.join(base, os.path.basename(h.parent_name))
 
     def _open_parent(self):
-        from ..source import open_source
         name = self.source.name
         me = os.path.realpath(self.source.path)
         chain = self._chain_paths + (me,)
@@ -509,7 +513,6 @@ class VhdWriter:
     """
 
     def __init__(self, out, size: int, subformat: str = "dynamic", allocated=None):
-        from .clusters import ClusterAssembler
         if size % SECTOR:
             raise UsageError(f"a VHD holds whole 512-byte sectors; {size} bytes is not a "
                              "multiple of 512")
@@ -522,8 +525,9 @@ class VhdWriter:
         self.ts = max(0, int(time.time()) - VHD_EPOCH)
         self.fd = out.fd
         self.stream = out.is_stdout
-        self.pos = 0
-        if self.fixed:
+        self.pos = 0  # stdout: bytes written so far
+        if self.fixed:  # raw data then the footer
+            self.raw = RawWriter(out, size)
             self.footer = make_footer(size, FIXED, 0xFFFFFFFFFFFFFFFF, self.uid, self.ts)
             return
         self.entries = -(-size // BLOCK_SIZE)
@@ -551,39 +555,20 @@ class VhdWriter:
             b"\xff" * (self.data_start - 3 * SECTOR - len(bat))
 
     def _write(self, data) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        write_all(self.fd, data)
         self.pos += len(data)
 
-    def _pwrite(self, data, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+    def _zeros(self, n: int) -> None:
+        write_zeros(self.fd, n)
+        self.pos += n
 
     def write(self, offset: int, data) -> None:
         if self.fixed:
-            from ..model import is_zero
-            if self.stream:
-                if offset < self.pos:
-                    raise ValueError("stream output needs data in ascending order")
-                self._zeros(offset - self.pos)
-                self._write(data)
-            elif not is_zero(data):
-                self._pwrite(data, offset)
-            return
-        self.asm.add(offset, data)
-
-    def _zeros(self, n: int) -> None:
-        from ..model import ZERO_CHUNK
-        while n:
-            step = min(n, len(ZERO_CHUNK))
-            self._write(memoryview(ZERO_CHUNK)[:step])
-            n -= step
+            self.raw.write(offset, data)
+        else:
+            self.asm.add(offset, data)
 
     def _put_block(self, index: int, data) -> None:
-        from ..model import ZERO_CHUNK, is_zero
         if index < self.last_index:
             raise RuntimeError("VHD blocks must come in ascending order")
         self.last_index = index
@@ -605,18 +590,16 @@ class VhdWriter:
             parts.append(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)])
         want = SECTOR + BLOCK_SIZE
         if os.pwritev(self.fd, parts, self.next_block) != want:  # one call per block
-            joined = b"".join(bytes(p) for p in parts)
-            self._pwrite(joined, self.next_block)
+            pwrite_all(self.fd, b"".join(bytes(p) for p in parts), self.next_block)
         self.next_block += want
 
     def finish(self) -> None:
         if self.fixed:
+            self.raw.finish()  # the size reached: zeros on stdout, a hole in a file
             if self.stream:
-                self._zeros(self.size - self.pos)
-                self._write(self.footer)
+                write_all(self.fd, self.footer)
             else:
-                self._pwrite(self.footer, self.size)
-                os.ftruncate(self.fd, self.size + FOOTER)
+                pwrite_all(self.fd, self.footer, self.size)
             return
         self.asm.flush()
         if self.stream:
@@ -624,14 +607,13 @@ class VhdWriter:
             self._zeros(end - self.pos)
             self._write(self.footer)
             return
-        self._pwrite(self._head(), 0)
-        self._pwrite(self.footer, self.next_block)
+        pwrite_all(self.fd, self._head(), 0)
+        pwrite_all(self.fd, self.footer, self.next_block)
         os.ftruncate(self.fd, self.next_block + FOOTER)
 
 
 def allocated_blocks(stream) -> set[int]:
     """Indexes of the 2 MiB blocks that hold non-zero data (first pass for stdout)."""
-    from ..model import is_zero
     found = set()
     for _disk, offset, data in stream:
         pos = 0
@@ -647,7 +629,6 @@ def allocated_blocks(stream) -> set[int]:
 # -- a VHD inside a tar (how XenServer tooling streams VHDs: os-xenapi, FORMATS.md) ------
 def probe_tar(head: bytes) -> bool:
     """A tar archive whose first member is a .vhd file."""
-    from ..tar import parse_header
     pos = 0
     while pos + 512 <= len(head) and head[pos:pos + 512] != bytes(512):
         try:
@@ -677,8 +658,6 @@ class VhdTarArchive(VhdArchive):
     """The one VHD a .tar / .tgz holds, read front to back like a VHD from a pipe."""
 
     def __init__(self, source):
-        from ..source import Source
-        from ..tar import TarReader
         reader = TarReader(source)
         member = reader.next()
         if member is None or not member.name.lower().endswith(".vhd"):

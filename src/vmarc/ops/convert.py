@@ -11,7 +11,7 @@ from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..model import Archive, Checks, Disk
-from ..output import OutputFile
+from ..output import OutputFile, pwrite_all
 from ..progress import Progress
 
 OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
@@ -55,10 +55,7 @@ def spooled(pieces, disk: Disk):
     with tempfile.TemporaryFile(prefix="vmarc-spool-") as tmp:
         fd = tmp.fileno()
         for _d, offset, data in pieces:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+            pwrite_all(fd, data, offset)
         os.ftruncate(fd, disk.size)
         buf = memoryview(bytearray(READ_SIZE))
         pos = 0
