@@ -295,3 +295,14 @@ def test_vhd_inside_a_tar(how, tmp_path):
         res = run("convert", arc, tmp_path / "o.raw")
     assert res.code == 0, res
     assert (tmp_path / "o.raw").read_bytes() == ref.read_bytes()
+
+
+def test_chain_of_mixed_block_sizes_is_refused_not_misread(tmp_path):
+    base = vhdgen.build(4 * MiB, {0: b"\1" * 512})
+    (tmp_path / "base.vhd").write_bytes(base)
+    top = tmp_path / "top.vhd"
+    top.write_bytes(vhdgen.build(4 * MiB, {5000: b"\2" * 512}, block_size=1 << 20,
+                                 parent=(vhdgen.uuid_of(base), "base.vhd",
+                                         vhdgen.locators_for(str(top), str(tmp_path / "base.vhd")))))
+    assert_clean_failure(run("convert", top, tmp_path / "o.raw"), 1, "block sizes")
+    assert not (tmp_path / "o.raw").exists()

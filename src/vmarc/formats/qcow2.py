@@ -105,7 +105,6 @@ class Qcow2Archive(Archive):
                 "utf-8", "replace")
             self._open_backing(bname, backing_format, _chain)
             disk.meta["backing"] = bname
-        self.ordered = True
 
     def _extensions(self, head: bytes, pos: int) -> str | None:
         fmt = None
@@ -165,15 +164,16 @@ class Qcow2Archive(Archive):
         return struct.unpack(f">{self.l2_entries}Q",
                              self.source.pread(self.cluster_size, off, f"L2 table {index}"))
 
-    def extents(self):
-        """(guest offset, length, kind, host offset or L2 entry) in guest order; kind is
-        'data', 'zero' (reads as zero here), 'backing' (from the backing file) or
-        'compressed'. Contiguous data clusters are merged up to MAX_READ."""
+    def extents(self, start: int = 0):
+        """(guest offset, length, kind, host offset or L2 entry) in guest order from the
+        L2 table that covers start; kind is 'data', 'zero' (reads as zero here),
+        'backing' (from the backing file) or 'compressed'. Contiguous data clusters are
+        merged up to MAX_READ."""
         cs = self.cluster_size
         size = self.size
         per_l1 = cs * self.l2_entries
         run = None
-        for i in range(-(-size // per_l1)):
+        for i in range(start // per_l1, -(-size // per_l1)):
             table = self._l2(i)
             base = i * per_l1
             if table is None:
@@ -239,11 +239,6 @@ class Qcow2Archive(Archive):
                               f"decompresses to {len(out)} of {cs} bytes")
         return out[:cs]
 
-    def check_structure(self, checks: Checks) -> None:
-        """Header sanity (done on open) and every mapped cluster inside the file."""
-        for _ in self.extents():
-            pass
-
     def read_at(self, offset: int, n: int) -> bytes:
         """n bytes of the disk at offset (zeros past the end)."""
         out = bytearray(n)
@@ -255,7 +250,7 @@ class Qcow2Archive(Archive):
     def _pieces(self, start: int = 0, end: int | None = None):
         """(guest offset, length, bytes) for every non-zero stretch, in guest order."""
         end = self.size if end is None else min(end, self.size)
-        for guest, length, kind, host in self.extents():
+        for guest, length, kind, host in self.extents(start):
             if guest + length <= start or kind == "zero":
                 continue
             if guest >= end:

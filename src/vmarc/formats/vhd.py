@@ -162,7 +162,6 @@ class VhdArchive(Archive):
         if f.type == DIFFERENCING:
             self._open_parent()
             disk.meta["parent"] = self.parent.source.path
-        self.ordered = True
 
     # -- opening -------------------------------------------------------------------------
     def _open_file(self):
@@ -214,6 +213,9 @@ class VhdArchive(Archive):
             src.skip(off - src.offset, what)
             return src.read_exact(n, what)
         self._read_header(read)
+        # Read from a pipe, blocks come in file order: in disk order only if the BAT says so.
+        order = self._file_order()
+        self.ordered = all(a[1] < b[1] for a, b in zip(order, order[1:]))
 
     def _read_header(self, read):
         name = self.source.name
@@ -360,10 +362,10 @@ class VhdArchive(Archive):
                                         f"offsets {a} and {b})"))
 
     # -- reading -------------------------------------------------------------------------
-    def block_layers(self, index: int):
-        """(bitmap, data) of block index in this layer, or None when not allocated here."""
+    def block_layers(self, index: int, bs: int):
+        """(bitmap, data) of block index (of bs bytes) in this layer, or None when not
+        allocated here."""
         if self.header is None:  # fixed: all data, read straight
-            bs = self.parent_block_size
             start = index * bs
             n = min(bs, self.size - start)
             if n <= 0:
@@ -406,15 +408,17 @@ class VhdArchive(Archive):
         layers = []
         p = self
         while p is not None:
+            if p.header is not None and p.header.block_size != bs:
+                raise UnsupportedError(
+                    f"{self.source.name}: parent {p.source.name} has {p.header.block_size}-byte "
+                    f"blocks, this disk {bs}-byte ones; chains of mixed block sizes are not read")
             layers.append(p)
             p = p.parent
-        for p in layers:
-            p.parent_block_size = bs
         spb = self.sectors_per_block
         for index in range(-(-disk.size // bs)):
             base = index * bs
             limit = min(bs, disk.size - base)
-            mine = self.block_layers(index)
+            mine = self.block_layers(index, bs)
             if mine is not None and len(layers) == 1:
                 for first, count in bitmap_runs(mine[0], min(spb, -(-limit // SECTOR))):
                     a, b = first * SECTOR, min((first + count) * SECTOR, limit)
@@ -423,7 +427,7 @@ class VhdArchive(Archive):
             merged = None
             present = None
             for layer in reversed(layers):  # oldest first, newer data on top
-                got = layer.block_layers(index) if layer is not self else mine
+                got = layer.block_layers(index, bs) if layer is not self else mine
                 if got is None:
                     continue
                 bitmap, data = got
@@ -448,8 +452,7 @@ class VhdArchive(Archive):
         write), skipping what lies between."""
         src = self.source
         bs = self.header.block_size
-        order = sorted((entry, i) for i, entry in enumerate(self.bat) if entry != UNALLOCATED)
-        self.ordered = all(a[1] < b[1] for a, b in zip(order, order[1:]))
+        order = self._file_order()
         buf = memoryview(bytearray(self.bitmap_size + bs))
         spb = self.sectors_per_block
         for entry, index in order:
@@ -467,6 +470,10 @@ class VhdArchive(Archive):
             for first, count in bitmap_runs(bitmap, min(spb, -(-limit // SECTOR))):
                 a, b = first * SECTOR, min((first + count) * SECTOR, limit)
                 yield disk, base + a, buf[self.bitmap_size + a:self.bitmap_size + b]
+
+    def _file_order(self) -> list[tuple[int, int]]:
+        """(BAT entry, block index) of the allocated blocks, in file order."""
+        return sorted((entry, i) for i, entry in enumerate(self.bat) if entry != UNALLOCATED)
 
     def _check_trailing_footer(self):
         src = self.source
