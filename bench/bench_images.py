@@ -8,7 +8,6 @@ some partly used clusters), 1 GiB by default. Usage: bench/bench_images.py [--ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -16,15 +15,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
-from bench_xva import VMARC, interleaved, report  # noqa: E402  (same harness)
+from bench_xva import VMARC, bench_args, interleaved, report  # noqa: E402  (same harness)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--work", default=os.path.join(HERE, "work"))
-    ap.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ap = bench_args(1024)
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     disk = os.path.join(args.work, "disk.raw")

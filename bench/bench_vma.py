@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
-from bench_xva import VMARC, interleaved, report  # noqa: E402  (same harness)
+from bench_xva import VMARC, bench_args, interleaved, report  # noqa: E402  (same harness)
 
 
 def build(work: str, size_mib: int) -> tuple[str, str, str]:
@@ -68,11 +68,7 @@ def build_files(work: str, size_mib: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--work", default=os.path.join(HERE, "work"))
-    ap.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ap = bench_args(1024)
     ap.add_argument("--worst", action="store_true", help="also time the pathological archive")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -106,16 +106,21 @@ def report(res: dict, pairs) -> None:
     print(f"peak RSS of vmarc: {max(r[2] for k, r in res.items() if 'vmarc' in k) / 1024:.0f} MiB")
 
 
-def main() -> int:
+def bench_args(size_mib: int, size_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark script takes."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mib", type=int, default=1536, help="disk size (the archive "
-                    "holds two thirds of it)")
-    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--size-mib", type=int, default=size_mib, help=size_help)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
     ap.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                     help="where outputs go (default tmpfs: this project's VMs share a disk "
                     "whose speed swings 10x between runs, which would drown our own cost)")
+    return ap
+
+
+def main() -> int:
+    ap = bench_args(1536, "disk size (the archive holds two thirds of it)")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     if args.build_only:
