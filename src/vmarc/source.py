@@ -48,6 +48,13 @@ class Source:
         self._scratch = None
         # Plain regular files can skip data by seeking instead of reading it.
         self.seekable = compression is None and file_size is not None
+        self._ahead = None               # the _Prefetch reading a plain file ahead, if any
+
+    def read_ahead(self) -> None:
+        """Announce a sequential pass: a plain file is then read ahead on a thread (pipes
+        and decompressors always are). Random-access readers never call this."""
+        if self.seekable and self._ahead is None and self._raw_file is not None:
+            self._stream = self._ahead = _Prefetch(self._raw_file)
 
     # -- reading ---------------------------------------------------------------------
     def _readinto(self, view: memoryview) -> int:
@@ -120,12 +127,21 @@ class Source:
         """Consume n bytes; seeks over them on a plain file, reads them otherwise."""
         if n <= 0:
             return
-        if self.seekable and not self._pending and n > 65536:
+        # Seek over long stretches of a plain file; when reading ahead, only stretches
+        # long enough to be worth restarting the read-ahead thread.
+        if self.seekable and not self._pending and n > (4 * BLOCK if self._ahead else 65536):
             if self.offset + n > self.file_size:
                 raise TruncatedError(f"{self.name}: truncated in {what} at offset {self.offset}: "
                                      f"{n} bytes needed, file has {self.file_size - self.offset}")
-            self._raw_file.seek(n, io.SEEK_CUR)
+            ahead = self._ahead is not None
+            if ahead:
+                self._ahead.stop()
+                self._stream = self._raw_file
+                self._ahead = None
+            self._raw_file.seek(self.offset + n)
             self.offset += n
+            if ahead:
+                self.read_ahead()
             return
         if self._scratch is None:
             self._scratch = memoryview(bytearray(BLOCK))
@@ -167,6 +183,8 @@ class Source:
         """(start, end) of the next stretch at or after pos that may hold data; start is
         None when only a hole follows. Plain files answer with SEEK_DATA / SEEK_HOLE (the
         file position is put back); anything else is all data."""
+        if self._ahead is not None:
+            return pos, float("inf")  # reading ahead: the file position is not ours
         if self.seekable and self._pending and pos == self.offset:
             # drop the peeked bytes and seek back: reads then stay aligned to pos
             self._raw_file.seek(pos)
@@ -252,16 +270,23 @@ class _ZstdFrameCheck(io.RawIOBase):
     def readable(self):
         return True
 
-    def readinto(self, view):
-        n = self._raw.readinto(view)
-        if not n:
+    def read(self, size=-1):
+        # python-zstandard calls read(); answering it directly saves RawIOBase.read's
+        # extra buffer and copy.
+        data = self._raw.read(size)
+        if not data:
             if self._state != "magic" or self._hdr or self._skip:
                 raise TruncatedError(f"{self._name}: zstd stream truncated at compressed "
                                      f"offset {self.consumed} (inside a frame)")
-            return 0
-        self._walk(bytes(view[:n]))
-        self.consumed += n
-        return n
+            return b""
+        self._walk(memoryview(data))
+        self.consumed += len(data)
+        return data
+
+    def readinto(self, view):
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
     def _walk(self, data: bytes):
         pos, end = 0, len(data)
@@ -272,7 +297,7 @@ class _ZstdFrameCheck(io.RawIOBase):
                 pos += step
                 continue
             take = min(self._need - len(self._hdr), end - pos)
-            self._hdr += data[pos:pos + take]
+            self._hdr += data[pos:pos + take]  # bytes + memoryview slice: a small copy
             pos += take
             if len(self._hdr) < self._need:
                 return
@@ -314,65 +339,92 @@ class _ZstdFrameCheck(io.RawIOBase):
                 self._need = 3
 
 
-class _ReadAhead(io.RawIOBase):
-    """Runs a blocking reader on a thread, a few blocks ahead of the consumer."""
+class _Prefetch(io.RawIOBase):
+    """Reads ahead of the consumer on a thread, into a ring of reusable buffers.
 
-    def __init__(self, read_block, depth: int = 4):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._cur = memoryview(b"")
+    The thread runs the blocking reads (file reads, decompression: all of them release
+    the GIL) while the main thread hashes and writes the previous blocks; buffers are
+    allocated once and recycled, since fresh 1 MiB objects per read cost page faults
+    that showed in bench/ (zstd XVA -> raw took twice as long).
+    """
+
+    def __init__(self, reader, count: int = 8, size: int = BLOCK):
+        self._reader = reader       # has readinto(view) and close()
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._full: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+        self._buf = None            # the buffer being consumed, its fill and read position
+        self._fill = self._pos = 0
         self._done = False
         self._stop = False
-
-        def pump():
-            try:
-                while not self._stop:
-                    block = read_block(BLOCK)
-                    self._q.put(block)
-                    if not block:
-                        return
-            except BaseException as e:  # handed to the consumer, raised there
-                self._q.put(e)
-
-        self._thread = threading.Thread(target=pump, name="vmarc-readahead", daemon=True)
+        self._thread = threading.Thread(target=self._pump, name="vmarc-prefetch", daemon=True)
         self._thread.start()
+
+    def _pump(self):
+        try:
+            while True:
+                buf = self._free.get()
+                if buf is None or self._stop:
+                    return
+                view = memoryview(buf)
+                got = 0
+                while got < len(buf):
+                    n = self._reader.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                self._full.put((buf, got))
+                if got < len(buf):  # end of input
+                    self._full.put(None)
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._full.put(e)
 
     def readable(self):
         return True
 
     def readinto(self, view):
-        if not self._cur:
+        if self._pos == self._fill:
             if self._done:
                 return 0
-            item = self._q.get()
-            if isinstance(item, BaseException):
+            if self._buf is not None:
+                self._free.put(self._buf)
+                self._buf = None
+            item = self._full.get()
+            if item is None or isinstance(item, BaseException):
                 self._done = True
+                if item is None:
+                    return 0
                 raise item
-            if not item:
-                self._done = True
-                return 0
-            self._cur = memoryview(item)
-        n = min(len(view), len(self._cur))
-        view[:n] = self._cur[:n]
-        self._cur = self._cur[n:]
+            self._buf, self._fill = item
+            self._pos = 0
+        n = min(len(view), self._fill - self._pos)
+        view[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
         return n
 
-    def close(self):
+    def stop(self, timeout: float = 5) -> None:
+        """End the thread; the underlying reader may then be used (or closed) again."""
         self._stop = True
-        try:  # unblock the pump if it waits on a full queue
-            while True:
-                self._q.get_nowait()
-        except queue.Empty:
-            pass
+        self._free.put(None)
+        self._thread.join(timeout)  # a pipe read may block; the thread is a daemon
+
+    def close(self):
+        self.stop(timeout=1)
+        if not self._thread.is_alive():  # never close a reader another thread is inside
+            try:
+                self._reader.close()
+            except Exception:
+                pass
         super().close()
 
 
 class _ProcessReader(io.RawIOBase):
-    """Decompression by the format's own command-line tool in a separate process.
-
-    A separate process decompresses with no share in our GIL: measured with bench/, a
-    zstd XVA converts about a third faster this way than with python-zstandard on a
-    thread. The tool's exit status is checked at the end of its output, so a truncated
-    or corrupt stream is an error, never a short disk.
+    """Decompression by the format's own command-line tool in a separate process (lzop,
+    which has no maintained Python binding, and zstd when python-zstandard is missing).
+    The tool's exit status is checked at the end of its output, so a truncated or
+    corrupt stream is an error, never a short disk.
     """
 
     def __init__(self, argv, raw, name, compression, regular_file: bool):
@@ -439,27 +491,33 @@ class _ProcessReader(io.RawIOBase):
 def _open_gzip(raw, name, regular_file):
     try:
         from isal import igzip  # ISA-L: at par with `igzip -dc` (bench/)
-        return _ReadAhead(igzip.IGzipFile(fileobj=raw, mode="rb").read)
+        return _Prefetch(igzip.IGzipFile(fileobj=raw, mode="rb"))
     except ImportError:  # stdlib fallback: same format, slower
         import gzip
-        return _ReadAhead(gzip.GzipFile(fileobj=raw, mode="rb").read)
+        return _Prefetch(gzip.GzipFile(fileobj=raw, mode="rb"))
 
 
 def _open_zstd(raw, name, regular_file):
-    tool = shutil.which("zstd")
-    if tool:
-        # --long=31 windows need the memory limit raised to be read at all.
-        return _ReadAhead(_ProcessReader([tool, "-dcq", "--no-progress", "--memory=2048MB"], raw,
-                                         name, "zstd", regular_file).read, depth=8)
+    # In-process decompression into the prefetch ring beats the zstd tool behind a pipe
+    # (bench/: the pipe costs two copies of every byte on a two-core machine).
     try:
         import zstandard
     except ImportError:
-        raise UnsupportedError(f"{name}: zstd-compressed input needs the zstd tool or the "
-                               "zstandard package (pip install 'vmarc[zstd]')") from None
-    checked = _ZstdFrameCheck(raw, name)
-    reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-        checked, read_size=BLOCK, read_across_frames=True)
-    return _ReadAhead(reader.read)
+        zstandard = None
+    if zstandard is not None:
+        checked = _ZstdFrameCheck(raw, name)
+        # Compressed reads stay under glibc's mmap threshold (128 KiB): larger fresh
+        # buffers are mapped and unmapped on every read, which doubled the time (bench/).
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+            checked, read_size=64 << 10, read_across_frames=True)
+        return _Prefetch(reader)
+    tool = shutil.which("zstd")
+    if tool:
+        # --long=31 windows need the memory limit raised to be read at all.
+        return _Prefetch(_ProcessReader([tool, "-dcq", "--no-progress", "--memory=2048MB"],
+                                        raw, name, "zstd", regular_file))
+    raise UnsupportedError(f"{name}: zstd-compressed input needs the zstandard package "
+                           "(pip install 'vmarc[zstd]') or the zstd tool")
 
 
 def _open_lzop(raw, name, regular_file):
@@ -467,7 +525,7 @@ def _open_lzop(raw, name, regular_file):
     if not tool:
         raise UnsupportedError(f"{name}: lzop-compressed input needs the lzop tool "
                                "(apt-get install lzop)")
-    return _ProcessReader([tool, "-dc", "-q"], raw, name, "lzop", regular_file)
+    return _Prefetch(_ProcessReader([tool, "-dc", "-q"], raw, name, "lzop", regular_file))
 
 
 DECOMPRESSORS = {"gzip": _open_gzip, "zstd": _open_zstd, "lzop": _open_lzop}
@@ -519,13 +577,15 @@ def open_source(src, *, name: str | None = None) -> Source:
             break
         head += chunk
     head = bytes(head)
+    compression = sniff_compression(head)
     if file_size is not None:
         raw.seek(0)
         stream = raw
     else:
         stream = _Prefixed(head, raw)
-    compression = sniff_compression(head)
     if compression:
         stream = DECOMPRESSORS[compression](stream, name, file_size is not None)
+    elif file_size is None:  # a plain pipe: always read ahead (see Source.read_ahead)
+        stream = _Prefetch(stream)
     return Source(stream, name=name, compression=compression, path=path,
                   file_size=file_size, raw_file=raw)

@@ -169,6 +169,7 @@ class VmaArchive(Archive):
         self._streamed = True
         checks = checks or Checks()
         src = self.source
+        src.read_ahead()
         name = src.name
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
         seen = {dev_id: bytearray(d.meta["clusters"]) for dev_id, d in self.devices.items()}
