@@ -402,8 +402,8 @@ class VhdArchive(Archive):
             yield disk, pos, buf[:n]
             pos += n
 
-    def _stream_blocks(self, disk):
-        """By block index, merging each block with the parents' for differencing disks."""
+    def _layers(self) -> list:
+        """This disk and its parents, newest first; all must share one block size."""
         bs = self.header.block_size
         layers = []
         p = self
@@ -414,38 +414,78 @@ class VhdArchive(Archive):
                     f"blocks, this disk {bs}-byte ones; chains of mixed block sizes are not read")
             layers.append(p)
             p = p.parent
+        return layers
+
+    def _stream_blocks(self, disk):
+        """By block index, merging each block with the parents' for differencing disks."""
+        layers = self._layers()
+        for index in range(-(-disk.size // self.header.block_size)):
+            yield from ((disk, off, data) for off, data in self._block_pieces(index, layers))
+
+    def _block_pieces(self, index: int, layers: list):
+        """(disk offset, data) of every stretch of block index that some layer stores."""
+        bs = self.header.block_size
         spb = self.sectors_per_block
-        for index in range(-(-disk.size // bs)):
-            base = index * bs
-            limit = min(bs, disk.size - base)
-            mine = self.block_layers(index, bs)
-            if mine is not None and len(layers) == 1:
-                for first, count in bitmap_runs(mine[0], min(spb, -(-limit // SECTOR))):
-                    a, b = first * SECTOR, min((first + count) * SECTOR, limit)
-                    yield disk, base + a, mine[1][a:b]
+        base = index * bs
+        limit = min(bs, self.size - base)
+        mine = self.block_layers(index, bs)
+        if mine is not None and len(layers) == 1:
+            for first, count in bitmap_runs(mine[0], min(spb, -(-limit // SECTOR))):
+                a, b = first * SECTOR, min((first + count) * SECTOR, limit)
+                yield base + a, mine[1][a:b]
+            return
+        merged = None
+        present = None
+        for layer in reversed(layers):  # oldest first, newer data on top
+            got = layer.block_layers(index, bs) if layer is not self else mine
+            if got is None:
                 continue
-            merged = None
-            present = None
-            for layer in reversed(layers):  # oldest first, newer data on top
-                got = layer.block_layers(index, bs) if layer is not self else mine
-                if got is None:
-                    continue
-                bitmap, data = got
-                if merged is None:
-                    merged = bytearray(bs)
-                    present = bytearray(spb)
-                runs = [(0, len(data) // SECTOR + (1 if len(data) % SECTOR else 0))] \
-                    if bitmap is None else bitmap_runs(bitmap, spb)
-                for first, count in runs:
-                    a, b = first * SECTOR, min((first + count) * SECTOR, len(data))
-                    merged[a:b] = data[a:b]
-                    present[first:first + count] = b"\1" * count
+            bitmap, data = got
             if merged is None:
-                continue
-            view = memoryview(merged)
-            for m in re.finditer(b"\1+", bytes(present[:-(-limit // SECTOR)])):
-                a, b = m.start() * SECTOR, min(m.end() * SECTOR, limit)
-                yield disk, base + a, view[a:b]
+                merged = bytearray(bs)
+                present = bytearray(spb)
+            runs = [(0, len(data) // SECTOR + (1 if len(data) % SECTOR else 0))] \
+                if bitmap is None else bitmap_runs(bitmap, spb)
+            for first, count in runs:
+                a, b = first * SECTOR, min((first + count) * SECTOR, len(data))
+                merged[a:b] = data[a:b]
+                present[first:first + count] = b"\1" * count
+        if merged is None:
+            return
+        view = memoryview(merged)
+        for m in re.finditer(b"\1+", bytes(present[:-(-limit // SECTOR)])):
+            a, b = m.start() * SECTOR, min(m.end() * SECTOR, limit)
+            yield base + a, view[a:b]
+
+    # -- random access (serve, mount) ------------------------------------------------------
+    def read_at(self, offset: int, n: int) -> bytes:
+        """n bytes of the disk at offset (zeros past the end); a file, not a pipe."""
+        out = bytearray(n)
+        end = min(offset + n, self.size)
+        if self.footer.type == FIXED:
+            if end > offset:
+                self.source.preadinto(memoryview(out)[:end - offset], offset, "fixed VHD data")
+            return bytes(out)
+        bs = self.header.block_size
+        layers = self._layers()
+        for index in range(offset // bs, -(-end // bs)):
+            for at, data in self._block_pieces(index, layers):
+                a, b = max(at, offset), min(at + len(data), end)
+                if a < b:
+                    out[a - offset:b - offset] = data[a - at:b - at]
+        return bytes(out)
+
+    def allocated(self):
+        """(disk offset, length) of every block some layer of the chain allocates."""
+        if self.footer.type == FIXED:
+            yield 0, self.size
+            return
+        bs = self.header.block_size
+        layers = self._layers()
+        for index in range(-(-self.size // bs)):
+            if any(p.header is None or (index < len(p.bat) and p.bat[index] != UNALLOCATED)
+                   for p in layers):  # a fixed parent stores everything
+                yield index * bs, min(bs, self.size - index * bs)
 
     def _stream_pipe(self, disk):
         """Front to back: the blocks in file order (ascending in what vhd-tool and qemu-img

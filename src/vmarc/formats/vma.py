@@ -159,17 +159,34 @@ class VmaArchive(Archive):
             d["vmstate"] = self.vmstate.size
         return d
 
+    @staticmethod
+    def _run(run, base_at: int, view):
+        disk, start, at, n = run
+        return disk, start, n, base_at + at, None if view is None else view[at:at + n]
+
     def _at(self, disk: Disk, cluster: int, where: int) -> str:
         return f"{self.source.name}: {disk.id}, cluster {cluster} (extent at offset {where})"
 
     # -- the streaming pass ----------------------------------------------------------
     def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
+        self.source.read_ahead()
+        for disk, start, n, _, data in self._runs(disks, checks or Checks(), read=True):
+            yield disk, start, data
+
+    def scan(self, checks: Checks | None = None):
+        """(disk, disk offset, length, archive offset) of every stored run, reading the
+        extent headers only (the index of `map`/`serve`/`mount`)."""
+        for disk, start, n, at, _ in self._runs(None, checks or Checks(), read=False):
+            yield disk, start, n, at
+
+    def _runs(self, disks, checks: Checks, read: bool):
+        """(disk, disk offset, length, archive offset, data or None) of every stored run
+        of 4 KiB blocks contiguous on disk and in the archive, every rule checked. The
+        data is read (read=True) or seeked over."""
         if self._streamed:
             raise RuntimeError("a VMA stream can be read once; open the archive again")
         self._streamed = True
-        checks = checks or Checks()
         src = self.source
-        src.read_ahead()
         name = src.name
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
         seen = {dev_id: bytearray(d.meta["clusters"]) for dev_id, d in self.devices.items()}
@@ -204,7 +221,11 @@ class VmaArchive(Archive):
             if total != block_count:
                 raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
                                   f"but block_count is {block_count}")
-            src.readinto_exact(dview[:block_count * BLOCK], f"extent data at offset {where}")
+            base_at = where + EXTENT_HEADER  # archive offset of this extent's data
+            if read:
+                src.readinto_exact(dview[:block_count * BLOCK], f"extent data at offset {where}")
+            else:
+                src.skip(block_count * BLOCK, f"extent data at offset {where}")
             pos = 0  # next unread block of this extent's data
             run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
             for bi in infos:
@@ -248,11 +269,11 @@ class VmaArchive(Archive):
                             run[3] += n
                         else:
                             if run:
-                                yield run[0], run[1], dview[run[2]:run[2] + run[3]]
+                                yield self._run(run, base_at, dview if read else None)
                             run = [disk, start, at, n]
                 pos += mask.bit_count()
             if run:
-                yield run[0], run[1], dview[run[2]:run[2] + run[3]]
+                yield self._run(run, base_at, dview if read else None)
         for dev_id, disk in self.devices.items():
             marks = seen[dev_id]
             missing = len(marks) - marks.count(1)

@@ -123,80 +123,96 @@ class XvaArchive(Archive):
 
     # -- the streaming pass ----------------------------------------------------------
     def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
-        if self._streamed:
-            raise RuntimeError("an XVA stream can be read once; open the archive again")
-        self._streamed = True
         checks = checks or Checks()
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
-        order = sorted(self.disks, key=lambda d: d.id)  # XAPI: string order of "Ref:N"
-        state = {d.id: _DiskState() for d in order}
-        current = 0
         ring = HashRing(checks)
         name = self.source.name
-        tar = self.tar
+        self.source.read_ahead()
         try:
-            while True:
-                m = tar.next()
-                if m is None:
-                    break
-                where = f"{name}: member {m.name} at offset {m.offset}"
-                match = DATA_NAME.fullmatch(m.name)
-                if not match:
-                    raise FormatError(f"{where}: unexpected member (an XVA holds ova.xml then "
-                                      "Ref:N/NNNNNNNN chunks, each followed by its checksum)")
-                disk_id, suffix = match["disk"], match["num"]
-                disk = self._by_id.get(disk_id)
-                if disk is None:
-                    raise FormatError(f"{where}: chunk of {disk_id}, which is not a disk of "
-                                      "this VM in ova.xml")
-                while current < len(order) and state[order[current].id].pos >= order[current].size:
-                    current += 1
-                if current == len(order) or order[current] is not disk:
-                    if order.index(disk) < current or current == len(order):
-                        raise FormatError(f"{where}: {disk.describe()} is already complete "
-                                          f"({disk.size} bytes)")
-                    exp = order[current]
-                    raise FormatError(
-                        f"{where}: {exp.describe()} is incomplete (data ends at "
-                        f"{state[exp.id].pos} of {exp.size} bytes) but a chunk of {disk_id} follows")
-                st = state[disk_id]
-                if not suffix > st.last_suffix:
-                    raise FormatError(f"{where}: chunk suffix {suffix} does not follow "
-                                      f"{st.last_suffix} in string order")
-                gap = int(suffix) - int(st.last_suffix) - 1
-                if gap < 0:
-                    raise FormatError(f"{where}: chunk number {int(suffix)} goes back from "
-                                      f"{int(st.last_suffix)}")
-                if m.size > CHUNK:
-                    raise FormatError(f"{where}: chunk member of {m.size} bytes; XVA chunks "
-                                      "are at most 1 MiB")
-                start = st.pos + gap * CHUNK
-                keep = disk_id in wanted
+            for disk, start, m in self._chunks(checks):
+                keep = disk.id in wanted
                 i, buf = ring.take()
                 data = buf[:m.size]
                 if keep or verify:
-                    tar.readinto(data, m)
+                    self.tar.readinto(data, m)
                 func, expected = self._read_checksum(m, disk)
                 if verify:
                     ring.check(i, m.size, func, expected,
                                f"{name}: {disk.describe()}, chunk {m.name} (disk offset "
                                f"{start}, archive offset {m.data_offset})")
-                st.last_suffix = suffix
-                st.pos = start + m.size
-                st.chunks += 1
                 if keep and m.size and start < disk.size:
                     yield disk, start, data[:min(m.size, disk.size - start)]
             ring.finish()
-            for d in order:
-                st = state[d.id]
-                if st.pos < d.size:
-                    checks.fail(TruncatedError(
-                        f"{name}: {d.describe()} is incomplete: its data ends at {st.pos} of "
-                        f"{d.size} bytes ({st.chunks} chunk members; the last chunk is missing)"))
             if self.source.compression:
                 self.source.drain()  # let the decompressor check its own trailer
         finally:
             ring.close()
+
+    def scan(self, checks: Checks | None = None):
+        """(disk, disk offset, length, archive offset) of every chunk, reading headers
+        only: the data is seeked over on a plain file (the index of `map`/`serve`/`mount`)."""
+        for disk, start, m in self._chunks(checks or Checks()):
+            self._read_checksum(m, disk)  # the member must be there; its data is not read
+            if m.size and start < disk.size:
+                yield disk, start, min(m.size, disk.size - start), m.data_offset
+
+    def _chunks(self, checks: Checks):
+        """(disk, disk offset, member) of every chunk member, with every placement rule
+        checked; the caller reads the data (or not) and then the checksum member."""
+        if self._streamed:
+            raise RuntimeError("an XVA stream can be read once; open the archive again")
+        self._streamed = True
+        order = sorted(self.disks, key=lambda d: d.id)  # XAPI: string order of "Ref:N"
+        state = {d.id: _DiskState() for d in order}
+        current = 0
+        name = self.source.name
+        tar = self.tar
+        while True:
+            m = tar.next()
+            if m is None:
+                break
+            where = f"{name}: member {m.name} at offset {m.offset}"
+            match = DATA_NAME.fullmatch(m.name)
+            if not match:
+                raise FormatError(f"{where}: unexpected member (an XVA holds ova.xml then "
+                                  "Ref:N/NNNNNNNN chunks, each followed by its checksum)")
+            disk_id, suffix = match["disk"], match["num"]
+            disk = self._by_id.get(disk_id)
+            if disk is None:
+                raise FormatError(f"{where}: chunk of {disk_id}, which is not a disk of "
+                                  "this VM in ova.xml")
+            while current < len(order) and state[order[current].id].pos >= order[current].size:
+                current += 1
+            if current == len(order) or order[current] is not disk:
+                if order.index(disk) < current or current == len(order):
+                    raise FormatError(f"{where}: {disk.describe()} is already complete "
+                                      f"({disk.size} bytes)")
+                exp = order[current]
+                raise FormatError(
+                    f"{where}: {exp.describe()} is incomplete (data ends at "
+                    f"{state[exp.id].pos} of {exp.size} bytes) but a chunk of {disk_id} follows")
+            st = state[disk_id]
+            if not suffix > st.last_suffix:
+                raise FormatError(f"{where}: chunk suffix {suffix} does not follow "
+                                  f"{st.last_suffix} in string order")
+            gap = int(suffix) - int(st.last_suffix) - 1
+            if gap < 0:
+                raise FormatError(f"{where}: chunk number {int(suffix)} goes back from "
+                                  f"{int(st.last_suffix)}")
+            if m.size > CHUNK:
+                raise FormatError(f"{where}: chunk member of {m.size} bytes; XVA chunks "
+                                  "are at most 1 MiB")
+            start = st.pos + gap * CHUNK
+            yield disk, start, m
+            st.last_suffix = suffix
+            st.pos = start + m.size
+            st.chunks += 1
+        for d in order:
+            st = state[d.id]
+            if st.pos < d.size:
+                checks.fail(TruncatedError(
+                    f"{name}: {d.describe()} is incomplete: its data ends at {st.pos} of "
+                    f"{d.size} bytes ({st.chunks} chunk members; the last chunk is missing)"))
 
     def _read_checksum(self, data_member, disk):
         m = self.tar.next()
