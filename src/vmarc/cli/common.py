@@ -26,3 +26,13 @@ def add_sync_arg(p) -> None:
     p.add_argument("--no-sync", dest="sync", action="store_false",
                    help="do not fsync output before renaming it into place (faster; the "
                    "output may be lost in a crash, never half-written)")
+
+
+def add_random_access_args(p) -> None:
+    """Options of the commands that read disks in place (map, serve, mount)."""
+    p.add_argument("source", help="archive or image file (random access: not a pipe)")
+    p.add_argument("-f", "--format", dest="fmt", help="input format (found by content if "
+                   "omitted)")
+    p.add_argument("--index", help="index file to use or create (default: in "
+                   "~/.cache/vmarc, keyed by the archive's size, mtime and head)")
+    p.add_argument("--parent", help="parent of a differencing VHD (overrides its locators)")

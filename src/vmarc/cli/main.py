@@ -7,9 +7,9 @@ import os
 import sys
 
 from ..errors import VmarcError
-from . import convert, create, extract, info, verify
+from . import convert, create, extract, info, map, verify
 
-COMMANDS = [info, verify, convert, extract, create]
+COMMANDS = [info, verify, convert, extract, create, map]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,498 @@
+"""Random access to the disks of any archive or image, without extracting them.
+
+`open_disks()` gives one DiskAccess per disk: read(offset, length) and pieces() (which
+stretches hold data, for NBD block status and `map`). How it gets there depends on what
+the source allows:
+
+- plain XVA/VMA: an index (each disk's extent map into the archive) built by one scan
+  that reads headers only and seeks over data; saved in a cache directory (or at
+  --index) keyed by the archive's identity and reused on the next open;
+- gzip XVA/VMA: the same index over the decompressed bytes, read through rapidgzip's
+  seek checkpoints (its own index is saved beside ours);
+- raw, qcow2, VHD files: their own tables (no index needed);
+- anything else that cannot seek (zstd, lzop, gzip without rapidgzip, a compressed
+  image): each disk is spooled once to a sparse file in the cache, and vmarc says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import json
+import os
+import sys
+import threading
+from array import array
+
+from .errors import SourceError, UsageError, VmarcError
+from .formats import detect, reader_for
+from .formats.raw import RawWriter
+from .model import Checks, Disk
+from .output import OutputFile
+from .source import BLOCK, Source, open_source
+
+INDEX_MAGIC = b"vmarc-index 1\n"
+INDEXED_FORMATS = ("xva", "vma")
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vmarc")
+
+
+# -- extent maps ----------------------------------------------------------------------------
+class DiskMap:
+    """Where each stored stretch of one disk lies in its store: sorted, merged runs of
+    (disk offset, length, store offset). Everything else reads as zeros."""
+
+    def __init__(self, starts=None, lengths=None, offsets=None):
+        self.starts = starts or array("Q")
+        self.lengths = lengths or array("Q")
+        self.offsets = offsets or array("Q")
+
+    def add(self, start: int, length: int, offset: int) -> None:
+        if self.starts:  # extend the last run when this one follows it on disk and in store
+            i = len(self.starts) - 1
+            if self.starts[i] + self.lengths[i] == start and \
+                    self.offsets[i] + self.lengths[i] == offset:
+                self.lengths[i] += length
+                return
+        self.starts.append(start)
+        self.lengths.append(length)
+        self.offsets.append(offset)
+
+    def finish(self) -> "DiskMap":
+        """Sort (VMA clusters come in any order) and merge; overlaps are refused."""
+        order = sorted(range(len(self.starts)), key=self.starts.__getitem__)
+        if any(order[i] > order[i + 1] for i in range(len(order) - 1)):
+            runs = [(self.starts[i], self.lengths[i], self.offsets[i]) for i in order]
+            self.starts, self.lengths, self.offsets = array("Q"), array("Q"), array("Q")
+            for run in runs:
+                self.add(*run)
+        for i in range(1, len(self.starts)):
+            if self.starts[i - 1] + self.lengths[i - 1] > self.starts[i]:
+                raise VmarcError(f"two stored runs overlap at disk offset {self.starts[i]}")
+        return self
+
+    def pieces(self, offset: int, length: int):
+        """(disk offset, length, store offset or None for zeros) covering the range."""
+        end = offset + length
+        i = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        pos = offset
+        while pos < end:
+            if i < len(self.starts) and self.starts[i] + self.lengths[i] <= pos:
+                i += 1
+                continue
+            if i >= len(self.starts) or self.starts[i] >= end:
+                yield pos, end - pos, None
+                return
+            s = self.starts[i]
+            if s > pos:
+                yield pos, s - pos, None
+                pos = s
+            stop = min(s + self.lengths[i], end)
+            yield pos, stop - pos, self.offsets[i] + (pos - s)
+            pos = stop
+            i += 1
+
+    def stored(self) -> int:
+        return sum(self.lengths)
+
+
+# -- stores: where the bytes are read from ---------------------------------------------------
+class FileStore:
+    """A plain file read with pread (thread-safe by nature)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+
+    def pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        while len(data) < n:  # short reads happen on some file systems
+            more = os.pread(self.fd, n - len(data), offset + len(data))
+            if not more:
+                raise SourceError(f"{self.path}: file ends at offset {offset + len(data)}, "
+                                  "inside data the index points at (changed since indexed?)")
+            data += more
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class GzipStore:
+    """The decompressed bytes of a gzip file, read through rapidgzip's seek checkpoints:
+    a read decompresses from the nearest checkpoint only."""
+
+    def __init__(self, path: str, gz_index: str | None):
+        import rapidgzip
+        self.path = path
+        self._lock = threading.Lock()
+        self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
+        self.reused = False
+        if gz_index and os.path.exists(gz_index):
+            try:
+                self.file.import_index(gz_index)
+                self.reused = True
+            except Exception:  # stale or damaged: build it again
+                self.file.close()
+                self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        with self._lock:
+            self.file.seek(offset)
+            data = self.file.read(n)
+        if len(data) < n:
+            raise SourceError(f"{self.path}: decompressed data ends at offset "
+                              f"{offset + len(data)}, inside data the index points at")
+        return data
+
+    def source(self, name: str) -> Source:
+        """A seekable Source over the decompressed bytes, for the header scan."""
+        size = self.file.seek(0, os.SEEK_END)
+        self.file.seek(0)
+        lent = _Unclosed(self.file)
+        return Source(lent, name=name, compression=None, path=self.path, file_size=size,
+                      raw_file=lent)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Unclosed:
+    """Lends a file to a Source without letting it close it."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        if name == "close":
+            return lambda: None
+        return getattr(self._f, name)
+
+
+# -- per-disk access -------------------------------------------------------------------------
+class DiskAccess:
+    """Random reads of one disk. pieces() yields (offset, length, is_data)."""
+
+    def __init__(self, disk: Disk):
+        self.disk = disk
+        self.size = disk.size
+
+    def read(self, offset: int, n: int) -> bytes:
+        raise NotImplementedError
+
+    def pieces(self, offset: int = 0, length: int | None = None):
+        raise NotImplementedError
+
+
+class MappedDisk(DiskAccess):
+    def __init__(self, disk: Disk, store, dmap: DiskMap):
+        super().__init__(disk)
+        self.store = store
+        self.map = dmap
+
+    def read(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        parts = []
+        for _, length, at in self.map.pieces(offset, n):
+            parts.append(bytes(length) if at is None else self.store.pread(length, at))
+        return b"".join(parts)
+
+    def pieces(self, offset: int = 0, length: int | None = None):
+        length = self.size - offset if length is None else min(length, self.size - offset)
+        for start, n, at in self.map.pieces(offset, length):
+            yield start, n, at is not None
+
+    def store_pieces(self, offset: int = 0):
+        """(offset, length, store offset or None): for dmsetup tables."""
+        return self.map.pieces(offset, self.size - offset)
+
+
+class ImageDisk(DiskAccess):
+    """A qcow2 or VHD file read through its own tables (read_at); allocation from them.
+    Reads are serialised: the format readers keep small caches."""
+
+    def __init__(self, disk: Disk, archive):
+        super().__init__(disk)
+        self.archive = archive
+        self._lock = threading.Lock()
+        runs = []
+        if hasattr(archive, "allocated"):          # VHD: allocated blocks of the chain
+            runs = list(archive.allocated())
+        else:                                      # qcow2: data, compressed, backing
+            runs = [(g, n) for g, n, kind, _ in archive.extents(0) if kind != "zero"
+                    and (kind != "backing" or archive.backing is not None)]
+        self.map = DiskMap()
+        for g, n in runs:
+            self.map.add(g, n, g)  # the offset only marks "data here"; reads go via read_at
+        self.map.finish()
+
+    def read(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        with self._lock:
+            return self.archive.read_at(offset, n)
+
+    def pieces(self, offset: int = 0, length: int | None = None):
+        length = self.size - offset if length is None else min(length, self.size - offset)
+        for start, n, at in self.map.pieces(offset, length):
+            yield start, n, at is not None
+
+
+# -- opening --------------------------------------------------------------------------------
+class Opened:
+    """The disks of one source, ready for random reads; plus its metadata."""
+
+    def __init__(self, archive, disks: list[DiskAccess], stores: list, how: str):
+        self.archive = archive        # the opened Archive (metadata: vm, configs, disks)
+        self.disks = disks
+        self.how = how                # "index", "index (reused)", "tables", "spool"...
+        self._stores = stores
+
+    def select(self, selector: str | None) -> DiskAccess:
+        disk = self.archive.select(selector)
+        return next(d for d in self.disks if d.disk.id == disk.id)
+
+    def close(self) -> None:
+        for s in self._stores:
+            try:
+                s.close()
+            except Exception:
+                pass
+        self.archive.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def identity(path: str) -> dict:
+    """What makes an index valid: the file's size, mtime and a hash of its head."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "head_sha256": hashlib.sha256(head).hexdigest()}
+
+
+def _index_path(ident: dict, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+    return os.path.join(cache_dir(), key + ".idx")
+
+
+def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap]) -> None:
+    """magic, a JSON header line, then each disk's three arrays (little-endian u64)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    head = {"identity": ident, "format": fmt, "store": how,
+            "disks": [{"id": k, "runs": len(m.starts)} for k, m in maps.items()]}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(INDEX_MAGIC + json.dumps(head).encode() + b"\n")
+        for m in maps.values():
+            for arr in (m.starts, m.lengths, m.offsets):
+                a = array("Q", arr)
+                if sys.byteorder != "little":
+                    a.byteswap()
+                f.write(a.tobytes())
+    os.replace(tmp, path)
+
+
+def load_index(path: str, ident: dict):
+    """(format, store kind, {disk id: DiskMap}) or None when absent, stale or damaged."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(INDEX_MAGIC)) != INDEX_MAGIC:
+                return None
+            head = json.loads(f.readline())
+            if head.get("identity") != ident:
+                return None
+            maps = {}
+            for d in head["disks"]:
+                arrs = []
+                for _ in range(3):
+                    a = array("Q")
+                    raw = f.read(8 * d["runs"])
+                    if len(raw) != 8 * d["runs"]:
+                        return None
+                    a.frombytes(raw)
+                    if sys.byteorder != "little":
+                        a.byteswap()
+                    arrs.append(a)
+                maps[d["id"]] = DiskMap(*arrs)
+            return head["format"], head["store"], maps
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
+               parent: str | None = None, quiet: bool = False) -> Opened:
+    """Open a file for random reads of its disks (see the module docstring)."""
+    if path in ("-", None):
+        raise UsageError("random access needs a file, not a pipe")
+    archive = _open_archive(path, fmt, parent)
+    try:
+        return _open_disks(archive, path, index, quiet)
+    except BaseException:
+        archive.close()
+        raise
+
+
+def _open_archive(path, fmt, parent):
+    source = open_source(path)
+    try:
+        fmt = fmt or detect(source, path_hint=path)
+        reader = reader_for(fmt)
+        return reader(source, parent=parent) if parent else reader(source)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _open_disks(archive, path: str, index: str | None, quiet: bool) -> Opened:
+    fmt = archive.format
+    comp = archive.compression
+    if comp is None and fmt == "raw":
+        store = FileStore(path)
+        maps = {archive.disks[0].id: _data_map(store.fd, archive.disks[0].size)}
+        return Opened(archive, _mapped(archive, store, maps), [store], "file")
+    if comp is None and hasattr(archive, "read_at") and archive.source.seekable:
+        return Opened(archive, [ImageDisk(d, archive) for d in archive.disks], [], "tables")
+
+    ident = identity(path)
+    idx = _index_path(ident, index)
+    gz = comp == "gzip" and fmt in INDEXED_FORMATS and _have_rapidgzip()
+    found = load_index(idx, ident)
+    if found and found[0] == fmt and {d.id for d in archive.disks} <= set(found[2]):
+        _, how, maps = found
+        stores = _reuse_stores(path, idx, how, archive)
+        if stores is not None:
+            return Opened(archive, _mapped(archive, stores[0], maps), stores, how + " (reused)")
+
+    if comp is None and fmt in INDEXED_FORMATS:
+        store = FileStore(path)
+        scan_archive = archive  # its source seeks over the data
+        how = "index"
+    elif gz:
+        store = GzipStore(path, idx + ".gzidx")
+        scan_archive = reader_for(fmt)(store.source(archive.source.name))
+        how = "gzip-index"
+    else:
+        return _spool(archive, path, idx, ident, quiet)
+    try:
+        maps = _scan(scan_archive)
+    except BaseException:
+        store.close()
+        raise
+    if gz:
+        store.file.export_index(idx + ".gzidx")
+    _try_save(idx, ident, fmt, how, maps, quiet)
+    return Opened(archive, _mapped(archive, store, maps), [store], how)
+
+
+def _scan(scan_archive) -> dict[str, DiskMap]:
+    maps = {d.id: DiskMap() for d in scan_archive.disks}
+    for disk, start, n, at in scan_archive.scan(Checks()):
+        if disk.id in maps:
+            maps[disk.id].add(start, n, at)
+    return {k: m.finish() for k, m in maps.items()}
+
+
+def _reuse_stores(path, idx, how, archive):
+    if how == "index":
+        return [FileStore(path)]
+    if how == "gzip-index" and _have_rapidgzip():
+        return [GzipStore(path, idx + ".gzidx")]
+    if how == "spool":
+        spool = idx + ".spool"
+        if os.path.exists(spool):
+            return [FileStore(spool)]
+    return None
+
+
+def _mapped(archive, store, maps) -> list[DiskAccess]:
+    return [MappedDisk(d, store, maps[d.id]) for d in archive.disks]
+
+
+def _have_rapidgzip() -> bool:
+    try:
+        import rapidgzip  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _try_save(idx, ident, fmt, how, maps, quiet) -> None:
+    try:
+        save_index(idx, ident, fmt, how, maps)
+    except OSError as e:
+        if not quiet:
+            print(f"vmarc: cannot save the index to {idx}: {e.strerror}; it will be built "
+                  "again next time", file=sys.stderr)
+
+
+def _spool(archive, path, idx, ident, quiet) -> Opened:
+    """Every disk, one after the other, into one sparse spool file next to the index."""
+    spool = idx + ".spool"
+    what = archive.compression or f"{archive.format} in this form"
+    if not quiet:
+        print(f"vmarc: {archive.source.name}: {what} input cannot be read at random; "
+              f"spooling its disks once to {spool} (sparse; reused next time)", file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(spool)), exist_ok=True)
+    bases, total = {}, 0
+    for d in archive.disks:  # each disk at a 1 MiB-aligned base in the spool
+        bases[d.id] = total
+        total += -(-d.size // BLOCK) * BLOCK
+    out = OutputFile(spool)
+    try:
+        writer = RawWriter(out, total)
+        for disk, offset, data in archive.stream(None, Checks()):
+            writer.write(bases[disk.id] + offset, data)
+        writer.finish()
+        out.commit(sync=False)
+    except BaseException:
+        out.abort()
+        raise
+    store = FileStore(spool)
+    maps = {}
+    for d in archive.disks:
+        m = DiskMap()
+        for start, n, at in _data_map(store.fd, d.size, bases[d.id]).pieces(0, d.size):
+            if at is not None:
+                m.add(start, n, at)
+        maps[d.id] = m
+    _try_save(idx, ident, archive.format, "spool", maps, quiet)
+    # the archive was streamed: open it again for its metadata
+    fresh = _open_archive(path, archive.format, None)
+    archive.close()
+    return Opened(fresh, _mapped(fresh, store, maps), [store], "spool")
+
+
+def _data_map(fd: int, size: int, base: int = 0) -> DiskMap:
+    """SEEK_DATA / SEEK_HOLE over [base, base + size) of a file, as a disk map."""
+    m = DiskMap()
+    pos = base
+    end = base + size
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            m.add(pos - base, end - pos, pos)  # no SEEK_DATA: all data
+            break
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        m.add(start - base, stop - start, start)
+        pos = stop
+    return m
+

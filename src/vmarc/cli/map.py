@@ -1,0 +1,76 @@
+"""vmarc map: where each disk's data lies (qemu-img map's JSON, or a dmsetup table)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..access import MappedDisk, open_disks
+from ..errors import UsageError
+from .common import add_random_access_args
+
+SECTOR = 512
+
+
+def add_parser(sub):
+    p = sub.add_parser("map", help="show where a disk's data lies (qemu-img map JSON, or a "
+                       "device-mapper table over an uncompressed archive)")
+    add_random_access_args(p)
+    p.add_argument("--disk", help="disk id, name, device or index (needed with several)")
+    p.add_argument("--output", choices=["json", "human", "dmsetup"], default="human")
+    p.add_argument("--device", help="dmsetup: the block device holding the archive, e.g. "
+                   "a read-only loop device from `losetup -r -f --show ARCHIVE` (default: "
+                   "the archive path, which dmsetup does not accept as is)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
+        disk = opened.select(args.disk)
+        in_place = isinstance(disk, MappedDisk) and opened.how.startswith("index")
+        if args.output == "dmsetup":
+            if not in_place:
+                raise UsageError(f"{args.source}: a dmsetup table maps an uncompressed XVA or "
+                                 "VMA in place; this source is "
+                                 f"{opened.archive.compression or opened.archive.format}")
+            _dmsetup(disk, args.device or args.source)
+        elif args.output == "json":
+            rows = []
+            for start, n, data, at in _runs(disk, in_place):
+                row = {"start": start, "length": n, "depth": 0, "present": data,
+                       "zero": not data, "data": data}
+                if at is not None:
+                    row["offset"] = at
+                rows.append(json.dumps(row))
+            print("[" + ",\n".join(rows) + "]")
+        else:
+            print(f"{'offset':>16} {'length':>16} {'mapped to':>16}  file")
+            for start, n, data, at in _runs(disk, in_place):
+                if data:
+                    where = f"{at:#16x}" if at is not None else f"{'(' + opened.how + ')':>16}"
+                    print(f"{start:#16x} {n:#16x} {where}  {args.source}")
+    return 0
+
+
+def _runs(disk, in_place: bool):
+    """(start, length, holds data, archive offset or None). Offsets are given for an
+    uncompressed archive read in place, where they are offsets in the file."""
+    if in_place:
+        for start, n, at in disk.store_pieces():
+            yield start, n, at is not None, at
+    else:
+        for start, n, data in disk.pieces():
+            yield start, n, data, None
+
+
+def _dmsetup(disk, device: str) -> None:
+    for start, n, at in disk.store_pieces():
+        if start % SECTOR or (n % SECTOR and start + n != disk.size) or \
+                (at is not None and at % SECTOR):
+            raise UsageError(f"{disk.disk.describe()}: a run at disk offset {start} is not "
+                             "sector-aligned; device-mapper cannot map it")
+        sectors = -(-n // SECTOR)
+        if at is None:
+            print(f"{start // SECTOR} {sectors} zero")
+        else:
+            print(f"{start // SECTOR} {sectors} linear {device} {at // SECTOR}")
