@@ -389,12 +389,10 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool) -> Opened:
         return _spool(archive, path, idx, ident, quiet)
     try:
         maps = _scan(scan_archive)
+        _try_save(idx, ident, fmt, how, maps, quiet, store if gz else None)
     except BaseException:
         store.close()
         raise
-    if gz:
-        store.file.export_index(idx + ".gzidx")
-    _try_save(idx, ident, fmt, how, maps, quiet)
     return Opened(archive, _mapped(archive, store, maps), [store], how)
 
 
@@ -430,9 +428,11 @@ def _have_rapidgzip() -> bool:
         return False
 
 
-def _try_save(idx, ident, fmt, how, maps, quiet) -> None:
+def _try_save(idx, ident, fmt, how, maps, quiet, gzip_store=None) -> None:
     try:
         save_index(idx, ident, fmt, how, maps)
+        if gzip_store is not None:  # rapidgzip's checkpoints, beside our index
+            gzip_store.file.export_index(idx + ".gzidx")
     except OSError as e:
         if not quiet:
             print(f"vmarc: cannot save the index to {idx}: {e.strerror}; it will be built "

@@ -7,9 +7,9 @@ import os
 import sys
 
 from ..errors import VmarcError
-from . import convert, create, extract, info, map, verify
+from . import convert, create, extract, info, map, mount, serve, verify
 
-COMMANDS = [info, verify, convert, extract, create, map]
+COMMANDS = [info, verify, convert, extract, create, map, serve, mount]
 
 
 class _Parser(argparse.ArgumentParser):

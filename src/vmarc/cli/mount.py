@@ -1,0 +1,167 @@
+"""vmarc mount: an archive's disks, their partitions and its configs as read-only files
+through FUSE (mfusepy, imported only here)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import time
+
+from ..access import open_disks
+from ..model import Archive
+from ..errors import SourceError, UnsupportedError, UsageError
+from ..partitions import partitions
+from .common import add_random_access_args
+
+DETACHED = "VMARC_MOUNT_DETACHED"  # set for the background child of `mount`
+
+
+def add_parser(sub):
+    p = sub.add_parser("mount", help="mount the disks (and their partitions) read-only "
+                       "with FUSE; unmount with fusermount3 -u")
+    add_random_access_args(p)
+    p.add_argument("mountpoint")
+    p.add_argument("-F", "--foreground", action="store_true",
+                   help="stay in the foreground until unmounted (default: background)")
+    p.add_argument("-o", dest="options", default="", help="extra FUSE mount options, "
+                   "e.g. allow_other")
+    p.set_defaults(run=run)
+
+
+class _Slice:
+    """A window of a disk (a partition) with the disk's read()."""
+
+    def __init__(self, disk, offset: int, size: int):
+        self.disk, self.offset, self.size = disk, offset, size
+
+    def read(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))
+        return self.disk.read(self.offset + offset, n)
+
+
+class _Blob:
+    def __init__(self, data: bytes):
+        self.data, self.size = data, len(data)
+
+    def read(self, offset: int, n: int) -> bytes:
+        return self.data[offset:offset + n]
+
+
+def tree(opened) -> dict:
+    """File name -> object with size and read(offset, n)."""
+    files = {}
+    for d in opened.disks:
+        # the device (xvda) or the id (drive-scsi0): not extract's per-format file names
+        stem = Archive.disk_filename(opened.archive, d.disk)[:-len(".raw")]
+        while stem in files:
+            stem = f"{stem}-{d.disk.index}"
+        files[stem] = d
+        for i, (off, size) in enumerate(partitions(d), 1):
+            files[f"{stem}-part{i}"] = _Slice(d, off, size)
+    for name, blob in opened.archive.configs.items():
+        files.setdefault(os.path.basename(name), _Blob(blob))
+    return files
+
+
+def run(args) -> int:
+    if not os.path.isdir(args.mountpoint):
+        raise UsageError(f"{args.mountpoint}: not a directory")
+    if not args.foreground:
+        return _background(args)
+    try:
+        import mfusepy
+    except ImportError as e:
+        raise UnsupportedError("mount needs FUSE: pip install 'vmarc[mount]' and the fuse3 "
+                               f"package (libfuse3) ({e})") from None
+    except OSError as e:
+        raise UnsupportedError(f"mount needs libfuse (apt-get install fuse3): {e}") from None
+    if not os.path.exists("/dev/fuse"):
+        raise UnsupportedError("mount needs /dev/fuse (load the fuse module or give the "
+                               "container the device)")
+    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
+        files = tree(opened)
+        ops = _operations(mfusepy, files, os.stat(args.source))
+        opts = {"ro": True, "fsname": "vmarc", "subtype": "vmarc"}
+        for o in filter(None, args.options.split(",")):
+            key, _, value = o.partition("=")
+            opts[key] = value or True
+        try:
+            mfusepy.FUSE(ops, args.mountpoint, foreground=True, nothreads=False, **opts)
+        except RuntimeError as e:
+            raise SourceError(f"{args.mountpoint}: FUSE mount failed ({e}); is it already "
+                              "mounted, or is /dev/fuse not usable here?") from None
+    return 0
+
+
+def _operations(mfusepy, files: dict, st):
+    class Ops(mfusepy.Operations):
+        use_ns = True
+
+        def getattr(self, path, fh=None):
+            base = {"st_uid": st.st_uid, "st_gid": st.st_gid, "st_atime": st.st_mtime_ns,
+                    "st_mtime": st.st_mtime_ns, "st_ctime": st.st_mtime_ns}  # use_ns
+            if path == "/":
+                return dict(base, st_mode=stat.S_IFDIR | 0o555, st_nlink=2)
+            f = files.get(path[1:])
+            if f is None:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            return dict(base, st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=f.size,
+                        st_blocks=-(-f.size // 512))
+
+        def readdir(self, path, fh):
+            if path != "/":
+                raise mfusepy.FuseOSError(errno.ENOTDIR)
+            return [".", "..", *files]
+
+        def open(self, path, flags):
+            if path[1:] not in files:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise mfusepy.FuseOSError(errno.EROFS)
+            return 0
+
+        def read(self, path, size, offset, fh):
+            f = files.get(path[1:])
+            if f is None:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            try:
+                return f.read(offset, size)
+            except Exception as e:
+                print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
+                raise mfusepy.FuseOSError(errno.EIO) from None
+
+        def init(self, path):
+            if os.environ.get(DETACHED):  # mounted: the parent has gone, so has its stderr
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+
+        def statfs(self, path):
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    return Ops()
+
+
+def _background(args) -> int:
+    """Run the mount in a detached child (`-F`) and return once it is mounted. A child
+    process, not a fork: decompressor and index threads do not survive fork()."""
+    argv = [sys.executable, "-m", "vmarc", "mount", "-F", args.source, args.mountpoint]
+    for opt, value in (("-f", args.fmt), ("--index", args.index), ("--parent", args.parent),
+                       ("-o", args.options or None)):
+        if value:
+            argv += [opt, value]
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True,
+                             env=dict(os.environ, **{DETACHED: "1"}))
+    while True:
+        if os.path.ismount(args.mountpoint):
+            child.stderr.close()
+            return 0
+        rc = child.poll()
+        if rc is not None:
+            sys.stderr.write(child.stderr.read().decode(errors="replace"))
+            return rc or 1
+        time.sleep(0.05)

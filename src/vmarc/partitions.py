@@ -1,0 +1,71 @@
+"""Partitions of a disk from its MBR (primary and logical) or GPT, for `mount`.
+
+Only the tables are read (through DiskAccess.read); anything odd (an entry past the
+disk's end, a loop in the logical chain) ends the list instead of failing the mount.
+"""
+
+from __future__ import annotations
+
+import struct
+
+SECTOR = 512
+EXTENDED = {0x05, 0x0F, 0x85}
+GPT_PROTECTIVE = 0xEE
+MAX_PARTITIONS = 128
+
+
+def partitions(disk) -> list[tuple[int, int]]:
+    """(offset, length) in bytes of each partition, in table order."""
+    mbr = disk.read(0, SECTOR)
+    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
+        return []
+    entries = [struct.unpack_from("<B3xB3xII", mbr, 446 + 16 * i)[1:] for i in range(4)]
+    if any(kind == GPT_PROTECTIVE for kind, _, _ in entries):
+        return _gpt(disk)
+    found = []
+    for kind, start, count in entries:
+        if not kind or not count:
+            continue
+        if kind in EXTENDED:
+            found += _logical(disk, start)
+        else:
+            found.append((start * SECTOR, count * SECTOR))
+    return [p for p in found if p[0] + p[1] <= disk.size][:MAX_PARTITIONS]
+
+
+def _logical(disk, ext_start: int) -> list[tuple[int, int]]:
+    """Logical partitions: a chain of EBRs, each pointing at the next (relative to the
+    extended partition's start)."""
+    found, seen, ebr = [], set(), ext_start
+    while ebr not in seen and len(found) < MAX_PARTITIONS and ebr * SECTOR < disk.size:
+        seen.add(ebr)
+        sec = disk.read(ebr * SECTOR, SECTOR)
+        if sec[510:512] != b"\x55\xaa":
+            break
+        kind, start, count = struct.unpack_from("<B3xB3xII", sec, 446)[1:]
+        if kind and count:
+            found.append(((ebr + start) * SECTOR, count * SECTOR))
+        nkind, nstart, _ = struct.unpack_from("<B3xB3xII", sec, 462)[1:]
+        if not nkind or not nstart:
+            break
+        ebr = ext_start + nstart
+    return found
+
+
+def _gpt(disk) -> list[tuple[int, int]]:
+    head = disk.read(SECTOR, 92)
+    if head[:8] != b"EFI PART":
+        return []
+    table_lba, count, size = struct.unpack_from("<QII", head, 72)
+    if size < 128 or count > 1024:
+        return []
+    raw = disk.read(table_lba * SECTOR, min(count, MAX_PARTITIONS) * size)
+    found = []
+    for i in range(len(raw) // size):
+        entry = raw[i * size:(i + 1) * size]
+        if entry[:16] == bytes(16):
+            continue
+        first, last = struct.unpack_from("<QQ", entry, 32)
+        if last >= first:
+            found.append((first * SECTOR, (last - first + 1) * SECTOR))
+    return [p for p in found if p[0] + p[1] <= disk.size]

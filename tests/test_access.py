@@ -1,0 +1,377 @@
+"""Random access in place: index, map, NBD (checked with nbdinfo, nbdcopy, qemu-img) and
+FUSE (a real mount, read with ordinary file reads)."""
+
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vmagen
+import vhdgen
+import xvagen as g
+from conftest import assert_clean_failure, need, vmarc as run
+from test_vhd_qcow2 import make_chain
+
+MiB = g.MiB
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Every test gets its own index cache (the server subprocesses inherit it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def xva_case(tmp_path, compress=None):
+    d1 = g.pattern_disk(5 * MiB + 1536, zero_chunks={2})
+    d2 = g.pattern_disk(3 * MiB, zero_chunks={1}, seed=2)
+    spec = g.XvaSpec(disks=[g.XDisk("Ref:10", d1, "root disk", "0"),
+                            g.XDisk("Ref:9", d2, "data disk", "1")],
+                     keepalives={"Ref:10": {1, 4}}, compress=compress)
+    suffix = {None: "", "gzip": ".gz", "zstd": ".zst"}[compress]
+    path = tmp_path / f"vm.xva{suffix}"
+    g.write(path, spec)
+    return path, {"Ref:10": d1, "Ref:9": d2}
+
+
+def vma_case(tmp_path, compress=None):
+    d1 = vmagen.disk_bytes(3 * MiB + 8192, seed=1)
+    d2 = vmagen.disk_bytes(1 * MiB, seed=2)
+    blob = vmagen.build([("drive-scsi0", d1), ("drive-virtio1", d2)])
+    path = tmp_path / "vzdump.vma"
+    path.write_bytes(blob)
+    if compress:
+        tool = {"gzip": ["gzip", "-k", "-1"], "zstd": ["zstd", "-q", "-1"],
+                "lzo": ["lzop", "-1"]}[compress]
+        subprocess.run([*tool, str(path)], check=True)
+        path = tmp_path / f"vzdump.vma.{ {'gzip': 'gz', 'zstd': 'zst', 'lzo': 'lzo'}[compress]}"
+    return path, {"drive-scsi0": d1, "drive-virtio1": d2}
+
+
+def image_case(tmp_path, kind):
+    need("qemu-img")
+    data = vmagen.disk_bytes(5 * MiB, seed=7)
+    raw = tmp_path / "src.img"
+    raw.write_bytes(data)
+    if kind == "raw":
+        return raw, {"disk": data}
+    if kind == "vhd-chain":
+        top, merged = make_chain(tmp_path, 2)
+        return top, {None: merged}
+    out = tmp_path / f"img.{kind}"
+    opts = {"qcow2": ["-O", "qcow2", "-c"], "vhd": ["-O", "vpc", "-o", "force_size=on"]}[kind]
+    subprocess.run(["qemu-img", "convert", "-f", "raw", *opts, str(raw), str(out)], check=True)
+    return out, {None: data}
+
+
+CASES = {
+    "xva": lambda p: xva_case(p), "xva.gz": lambda p: xva_case(p, "gzip"),
+    "xva.zst": lambda p: xva_case(p, "zstd"), "vma": lambda p: vma_case(p),
+    "vma.gz": lambda p: vma_case(p, "gzip"), "vma.zst": lambda p: vma_case(p, "zstd"),
+    "vma.lzo": lambda p: vma_case(p, "lzo"), "raw": lambda p: image_case(p, "raw"),
+    "qcow2": lambda p: image_case(p, "qcow2"), "vhd": lambda p: image_case(p, "vhd"),
+    "vhd-chain": lambda p: image_case(p, "vhd-chain"),
+}
+
+
+class Server:
+    def __init__(self, tmp_path, source, *extra):
+        self.sock = str(tmp_path / "nbd.sock")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmarc", "serve", str(source),
+                                      "--socket", self.sock, *extra],
+                                     stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server did not start: {self.proc.stderr.read()!r}")
+            time.sleep(0.05)
+
+    def url(self, name=""):
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=20)
+        self.proc.stderr.close()
+        return code
+
+
+@pytest.fixture
+def serve(tmp_path):
+    servers = []
+
+    def start(source, *extra):
+        need("nbdinfo")
+        s = Server(tmp_path, source, *extra)
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_disk_reads_identically_through_nbd(case, tmp_path, serve):
+    need("nbdcopy")
+    source, disks = CASES[case](tmp_path)
+    s = serve(source)
+    for name, data in disks.items():
+        out = tmp_path / "copy.raw"
+        subprocess.run(["nbdcopy", s.url(name or ""), str(out)], check=True)
+        assert out.read_bytes() == data, (case, name)
+        size = json.loads(subprocess.run(["nbdinfo", "--json", s.url(name or "")],
+                                         capture_output=True, check=True).stdout)
+        assert size["exports"][0]["export-size"] == len(data)
+    assert s.stop() == 0
+    assert not os.path.exists(s.sock)
+
+
+@pytest.mark.parametrize("case", ["xva", "xva.gz", "vma"])
+def test_holes_show_in_nbdinfo_map_and_qemu_reads_nbd(case, tmp_path, serve):
+    source, disks = CASES[case](tmp_path)
+    s = serve(source)
+    name, data = next(iter(disks.items()))
+    res = subprocess.run(["nbdinfo", "--map", "--json", s.url(name)], capture_output=True,
+                         check=True)
+    extents = json.loads(res.stdout)
+    assert sum(e["length"] for e in extents) == len(data)
+    holes = [e for e in extents if e["type"] & 1]
+    assert holes, extents
+    for e in extents:  # every hole really reads as zeros; data is where the bytes are
+        piece = data[e["offset"]:e["offset"] + e["length"]]
+        if e["type"] & 1:
+            assert piece == bytes(len(piece))
+    if case == "xva":  # the skipped zero chunk 2 (after two keepalives) is a hole
+        assert any(e["offset"] <= 2 * MiB and e["offset"] + e["length"] >= 3 * MiB
+                   for e in holes), extents
+    need("qemu-img")
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(data)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref),
+                          s.url(name)], capture_output=True)
+    assert cmp.returncode == 0, cmp
+    out = tmp_path / "q.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", s.url(name), str(out)], check=True)
+    assert subprocess.run(["qemu-img", "compare", str(ref), str(out)]).returncode == 0
+
+
+def test_export_names_list_and_unknown(tmp_path, serve):
+    source, disks = xva_case(tmp_path)
+    s = serve(source)
+    listed = subprocess.run(["nbdinfo", "--list", "--json", s.url()], capture_output=True,
+                            check=True)
+    names = {e["export-name"] for e in json.loads(listed.stdout)["exports"]}
+    assert names == set(disks)
+    # the device works as an export name too
+    out = tmp_path / "b.raw"
+    subprocess.run(["nbdcopy", s.url("xvdb"), str(out)], check=True)
+    assert out.read_bytes() == disks["Ref:9"]
+    bad = subprocess.run(["nbdinfo", s.url("nope")], capture_output=True)
+    assert bad.returncode != 0
+
+
+def test_disconnecting_clients_do_not_stop_the_server(tmp_path, serve):
+    source, disks = xva_case(tmp_path)
+    s = serve(source)
+    for cut in (0, 8, 18, 30):  # gone at once, mid-greeting, mid-option, after options
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(s.sock)
+        c.recv(18)
+        if cut >= 18:
+            c.sendall(struct.pack(">I", 3))  # client flags
+        if cut >= 30:
+            c.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 100) + b"x" * 10)
+        c.close()
+    # a hostile option length is dropped without harm
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(s.sock)
+    c.recv(18)
+    c.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 1 << 31))
+    c.close()
+    out = tmp_path / "after.raw"
+    subprocess.run(["nbdcopy", s.url("Ref:10"), str(out)], check=True)
+    assert out.read_bytes() == disks["Ref:10"]
+    assert s.stop() == 0
+
+
+def test_several_clients_at_once(tmp_path, serve):
+    source, disks = vma_case(tmp_path)
+    s = serve(source)
+    procs = [subprocess.Popen(["nbdcopy", s.url(name), str(tmp_path / f"{i}-{name}.raw")])
+             for i in range(3) for name in disks]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    for i in range(3):
+        for name, data in disks.items():
+            assert (tmp_path / f"{i}-{name}.raw").read_bytes() == data
+
+
+def test_index_is_saved_and_reused(tmp_path):
+    from vmarc.access import open_disks
+    for case in ("xva", "vma.gz", "vma.zst"):
+        source, disks = CASES[case](tmp_path)
+        with open_disks(str(source), quiet=True) as first:
+            assert not first.how.endswith("(reused)")
+            got = {d.disk.id: d.read(0, d.size) for d in first.disks}
+        with open_disks(str(source), quiet=True) as second:
+            assert second.how.endswith("(reused)"), (case, second.how)
+            for d in second.disks:
+                assert d.read(0, d.size) == got[d.disk.id] == disks[d.disk.id]
+    # a changed archive is indexed again, not misread through the old index
+    source, _ = xva_case(tmp_path)
+    os.utime(source, ns=(1, 1))
+    with open_disks(str(source), quiet=True) as third:
+        assert not third.how.endswith("(reused)")
+
+
+def test_index_beside_the_archive_and_random_reads(tmp_path):
+    from vmarc.access import open_disks
+    source, disks = xva_case(tmp_path)
+    idx = tmp_path / "vm.idx"
+    res = run("map", source, "--disk", "Ref:10", "--index", idx, "--output", "json")
+    assert res.code == 0, res
+    assert idx.exists()
+    rnd = random.Random(5)
+    with open_disks(str(source), index=str(idx)) as opened:
+        assert opened.how == "index (reused)"
+        for d in opened.disks:
+            data = disks[d.disk.id]
+            for _ in range(300):
+                off = rnd.randrange(0, d.size)
+                n = rnd.choice([1, 512, 4096, 65536, 3 * MiB])
+                assert d.read(off, n) == data[off:off + n]
+
+
+def test_map_json_and_dmsetup_agree_with_the_disk(tmp_path):
+    source, disks = xva_case(tmp_path)
+    archive = source.read_bytes()
+    data = disks["Ref:10"]
+    rows = json.loads(run("map", source, "--disk", "Ref:10", "--output", "json").out)
+    assert rows[0]["start"] == 0 and sum(r["length"] for r in rows) == len(data)
+    for r in rows:
+        piece = data[r["start"]:r["start"] + r["length"]]
+        if r["data"]:
+            assert archive[r["offset"]:r["offset"] + r["length"]] == piece
+        else:
+            assert piece == bytes(len(piece))
+    table = run("map", source, "--disk", "xvda", "--output", "dmsetup", "--device",
+                "/dev/loop7").text.splitlines()
+    pos = 0
+    for line in table:
+        f = line.split()
+        start, count = int(f[0]) * 512, int(f[1]) * 512
+        assert start == pos
+        piece = data[start:start + count]
+        if f[2] == "linear":
+            assert f[3] == "/dev/loop7"
+            at = int(f[4]) * 512
+            assert archive[at:at + len(piece)] == piece
+        else:
+            assert f[2] == "zero" and piece == bytes(len(piece))
+        pos += count
+    assert pos >= len(data)
+    gz, _ = xva_case(tmp_path, "gzip")
+    assert_clean_failure(run("map", gz, "--disk", "xvda", "--output", "dmsetup"), 1,
+                         "uncompressed")
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    source, _ = xva_case(tmp_path)
+    blob = bytearray(source.read_bytes())
+    cut = tmp_path / "cut.xva"
+    cut.write_bytes(blob[:len(blob) // 2])
+    assert_clean_failure(run("map", cut, "--disk", "xvda"), 2, "cut.xva")
+    junk = tmp_path / "junk.xva"
+    junk.write_bytes(b"hello" * 1000)
+    assert_clean_failure(run("serve", junk, "--socket", tmp_path / "s"), 1, "junk.xva")
+    assert_clean_failure(run("serve", "-", "--socket", tmp_path / "s", input=bytes(blob)), 1,
+                         "pipe")
+    assert_clean_failure(run("mount", source, tmp_path / "nowhere"), 1, "not a directory")
+
+
+def _mbr_disk(size: int, parts) -> bytearray:
+    data = bytearray(vmagen.disk_bytes(size, seed=11))
+    data[0:512] = bytes(512)
+    for i, (start, count) in enumerate(parts):
+        data[446 + 16 * i:462 + 16 * i] = struct.pack("<B3xB3xII", 0, 0x83, start, count)
+    data[510:512] = b"\x55\xaa"
+    return data
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    mounts = []
+
+    def mount(source, *extra):
+        if not os.path.exists("/dev/fuse"):
+            pytest.skip("no /dev/fuse on this machine")
+        need("fusermount3")
+        mnt = tmp_path / f"mnt{len(mounts)}"
+        mnt.mkdir()
+        res = run("mount", source, mnt, *extra)
+        assert res.code == 0, res
+        mounts.append(mnt)
+        return mnt
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("case", ["xva.gz", "vma.zst", "vhd-chain"])
+def test_fuse_mount_reads_byte_for_byte(case, tmp_path, mounted):
+    source, disks = CASES[case](tmp_path)
+    mnt = mounted(source)
+    names = sorted(os.listdir(mnt))
+    files = [n for n in names if n not in ("ova.xml", "qemu-server.conf")]
+    assert len(files) == len(disks), names
+    rnd = random.Random(1)
+    if case == "xva.gz":
+        pairs = {"xvda": disks["Ref:10"], "xvdb": disks["Ref:9"]}
+        assert "ova.xml" in names
+    elif case == "vma.zst":
+        pairs = {"scsi0": disks["drive-scsi0"], "virtio1": disks["drive-virtio1"]}
+        assert (mnt / "qemu-server.conf").read_bytes().startswith(b"name: t")
+    else:
+        pairs = {files[0]: disks[None]}
+    for name, data in pairs.items():
+        assert (mnt / name).read_bytes() == data
+        with open(mnt / name, "rb") as f:
+            for _ in range(50):
+                off = rnd.randrange(len(data))
+                assert os.pread(f.fileno(), 4096, off) == data[off:off + 4096]
+    with pytest.raises(OSError):
+        open(mnt / files[0], "r+b")
+
+
+def test_fuse_partitions_from_mbr(tmp_path, mounted):
+    size = 4 * MiB
+    data = _mbr_disk(size, [(2048, 2048), (4096, 2048)])
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(data)
+    mnt = mounted(raw)
+    assert sorted(os.listdir(mnt)) == ["disk", "disk-part1", "disk-part2"]
+    assert (mnt / "disk-part1").read_bytes() == data[1 * MiB:2 * MiB]
+    assert (mnt / "disk-part2").read_bytes() == data[2 * MiB:3 * MiB]
+
+
+def test_fuse_partitions_from_gpt(tmp_path, mounted):
+    size = 4 * MiB
+    data = bytearray(vmagen.disk_bytes(size, seed=12))
+    data[0:512] = _mbr_disk(512, [(1, size // 512 - 1)])[:512]
+    data[446 + 4] = 0xEE
+    entry = bytes(range(16)) + bytes(16) + struct.pack("<QQ", 2048, 4095) + bytes(72)
+    header = b"EFI PART" + bytes(64) + struct.pack("<QII", 2, 1, 128)
+    data[512:512 + 512] = header.ljust(512, b"\0")
+    data[1024:1024 + 128] = entry
+    data[1024 + 128:1024 + 512] = bytes(384)
+    raw = tmp_path / "gpt.img"
+    raw.write_bytes(data)
+    mnt = mounted(raw)
+    assert (mnt / "disk-part1").read_bytes() == data[1 * MiB:2 * MiB]
