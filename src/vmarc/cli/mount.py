@@ -84,7 +84,9 @@ def run(args) -> int:
     with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
         files = tree(opened)
         ops = _operations(mfusepy, files, os.stat(args.source))
-        opts = {"ro": True, "fsname": "vmarc", "subtype": "vmarc"}
+        # kernel_cache: the archive does not change under a read-only mount, so the
+        # kernel may keep what it read (a second `cat` then costs no Python call).
+        opts = {"ro": True, "fsname": "vmarc", "subtype": "vmarc", "kernel_cache": True}
         for o in filter(None, args.options.split(",")):
             key, _, value = o.partition("=")
             opts[key] = value or True
