@@ -17,7 +17,6 @@ the source allows:
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import json
 import os
@@ -26,11 +25,12 @@ import threading
 from array import array
 
 from .errors import SourceError, UsageError, VmarcError
-from .formats import detect, reader_for
+from . import open as open_archive
+from .formats import reader_for
 from .formats.raw import RawWriter
 from .model import Checks, Disk
 from .output import OutputFile
-from .source import BLOCK, Source, open_source
+from .source import BLOCK, Source, next_data
 
 INDEX_MAGIC = b"vmarc-index 1\n"
 INDEXED_FORMATS = ("xva", "vma")
@@ -96,9 +96,6 @@ class DiskMap:
             pos = stop
             i += 1
 
-    def stored(self) -> int:
-        return sum(self.lengths)
-
 
 # -- stores: where the bytes are read from ---------------------------------------------------
 class FileStore:
@@ -134,11 +131,9 @@ class GzipStore:
         self.path = path
         self._lock = threading.Lock()
         self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
-        self.reused = False
         if gz_index and os.path.exists(gz_index):
             try:
                 self.file.import_index(gz_index)
-                self.reused = True
             except Exception:  # stale or damaged: build it again
                 self.file.close()
                 self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
@@ -184,11 +179,15 @@ class DiskAccess:
         self.disk = disk
         self.size = disk.size
 
+    map: DiskMap  # the stretches that hold data (for MappedDisk also where they lie)
+
     def read(self, offset: int, n: int) -> bytes:
         raise NotImplementedError
 
     def pieces(self, offset: int = 0, length: int | None = None):
-        raise NotImplementedError
+        length = self.size - offset if length is None else min(length, self.size - offset)
+        for start, n, at in self.map.pieces(offset, length):
+            yield start, n, at is not None
 
 
 class MappedDisk(DiskAccess):
@@ -204,11 +203,6 @@ class MappedDisk(DiskAccess):
             parts.append(bytes(length) if at is None else self.store.pread(length, at))
         return b"".join(parts)
 
-    def pieces(self, offset: int = 0, length: int | None = None):
-        length = self.size - offset if length is None else min(length, self.size - offset)
-        for start, n, at in self.map.pieces(offset, length):
-            yield start, n, at is not None
-
     def store_pieces(self, offset: int = 0):
         """(offset, length, store offset or None): for dmsetup tables."""
         return self.map.pieces(offset, self.size - offset)
@@ -222,7 +216,6 @@ class ImageDisk(DiskAccess):
         super().__init__(disk)
         self.archive = archive
         self._lock = threading.Lock()
-        runs = []
         if hasattr(archive, "allocated"):          # VHD: allocated blocks of the chain
             runs = list(archive.allocated())
         else:                                      # qcow2: data, compressed, backing
@@ -237,11 +230,6 @@ class ImageDisk(DiskAccess):
         n = max(0, min(n, self.size - offset))
         with self._lock:
             return self.archive.read_at(offset, n)
-
-    def pieces(self, offset: int = 0, length: int | None = None):
-        length = self.size - offset if length is None else min(length, self.size - offset)
-        for start, n, at in self.map.pieces(offset, length):
-            yield start, n, at is not None
 
 
 # -- opening --------------------------------------------------------------------------------
@@ -338,22 +326,11 @@ def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
     """Open a file for random reads of its disks (see the module docstring)."""
     if path in ("-", None):
         raise UsageError("random access needs a file, not a pipe")
-    archive = _open_archive(path, fmt, parent)
+    archive = open_archive(path, fmt, parent=parent)
     try:
         return _open_disks(archive, path, index, quiet)
     except BaseException:
         archive.close()
-        raise
-
-
-def _open_archive(path, fmt, parent):
-    source = open_source(path)
-    try:
-        fmt = fmt or detect(source, path_hint=path)
-        reader = reader_for(fmt)
-        return reader(source, parent=parent) if parent else reader(source)
-    except BaseException:
-        source.close()
         raise
 
 
@@ -373,7 +350,7 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool) -> Opened:
     found = load_index(idx, ident)
     if found and found[0] == fmt and {d.id for d in archive.disks} <= set(found[2]):
         _, how, maps = found
-        stores = _reuse_stores(path, idx, how, archive)
+        stores = _reuse_stores(path, idx, how)
         if stores is not None:
             return Opened(archive, _mapped(archive, stores[0], maps), stores, how + " (reused)")
 
@@ -404,7 +381,7 @@ def _scan(scan_archive) -> dict[str, DiskMap]:
     return {k: m.finish() for k, m in maps.items()}
 
 
-def _reuse_stores(path, idx, how, archive):
+def _reuse_stores(path, idx, how):
     if how == "index":
         return [FileStore(path)]
     if how == "gzip-index" and _have_rapidgzip():
@@ -471,7 +448,7 @@ def _spool(archive, path, idx, ident, quiet) -> Opened:
         maps[d.id] = m
     _try_save(idx, ident, archive.format, "spool", maps, quiet)
     # the archive was streamed: open it again for its metadata
-    fresh = _open_archive(path, archive.format, None)
+    fresh = open_archive(path, archive.format)
     archive.close()
     return Opened(fresh, _mapped(fresh, store, maps), [store], "spool")
 
@@ -482,17 +459,10 @@ def _data_map(fd: int, size: int, base: int = 0) -> DiskMap:
     pos = base
     end = base + size
     while pos < end:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            m.add(pos - base, end - pos, pos)  # no SEEK_DATA: all data
+        start, stop = next_data(fd, pos)
+        if start is None or start >= end:
             break
-        if start >= end:
-            break
-        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        stop = min(stop, end)
         m.add(start - base, stop - start, start)
         pos = stop
     return m
-

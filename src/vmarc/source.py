@@ -193,15 +193,9 @@ class Source:
             return pos, float("inf") if not self._pending else pos + len(self._pending)
         fd = self._raw_file.fileno()
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # nothing but a hole up to the end
-                return None, pos
-            return pos, float("inf")    # no SEEK_DATA here: read everything
+            return next_data(fd, pos)
         finally:
             os.lseek(fd, pos, os.SEEK_SET)
-        return start, end
 
     def drain(self) -> int:
         """Read to the end (lets a decompressor check its trailer); returns bytes read."""
@@ -228,6 +222,19 @@ class Source:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def next_data(fd: int, pos: int) -> tuple[int | None, float]:
+    """(start, end) of the next stretch of a file at or after pos that may hold data,
+    by SEEK_DATA / SEEK_HOLE (moves the file position); start is None when only a hole
+    follows, end is infinite where the file system cannot tell."""
+    try:
+        start = os.lseek(fd, pos, os.SEEK_DATA)
+        return start, os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # nothing but a hole up to the end
+            return None, pos
+        return pos, float("inf")    # no SEEK_DATA here: read everything
 
 
 class _Prefixed(io.RawIOBase):

@@ -22,6 +22,11 @@ def human_size(n: int) -> str:
     return str(n)
 
 
+def add_verify_arg(p, what: str = "checksums") -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help=f"do not check {what} on the way")
+
+
 def add_sync_arg(p) -> None:
     p.add_argument("--no-sync", dest="sync", action="store_false",
                    help="do not fsync output before renaming it into place (faster; the "

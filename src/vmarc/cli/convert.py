@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import open as open_archive
 from ..ops.convert import OUTPUT_FORMATS, convert, parse_options
-from .common import add_progress_arg, add_source_args, add_sync_arg
+from .common import add_progress_arg, add_source_args, add_sync_arg, add_verify_arg
 
 
 def add_parser(sub):
@@ -18,8 +18,7 @@ def add_parser(sub):
                    "subformat=dynamic|fixed (vhd)")
     p.add_argument("--parent", help="parent of a differencing VHD (instead of its locators)")
     p.add_argument("--disk", help="disk id, name, device or index (needed with several disks)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="do not check chunk checksums on the way")
+    add_verify_arg(p, "chunk checksums")
     add_progress_arg(p)
     add_sync_arg(p)
     p.set_defaults(run=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..ops.create import CREATE_FORMATS, create
-from .common import add_progress_arg, add_sync_arg
+from .common import add_progress_arg, add_sync_arg, add_verify_arg
 
 
 def name_path(text: str) -> tuple[str | None, str]:
@@ -30,8 +30,7 @@ def add_parser(sub):
                    "(found by content if omitted; raw only with -f raw or a .raw/.img name)")
     p.add_argument("--compress", choices=["auto", "none", "zstd", "gzip", "lzop"],
                    default="auto", help="compression (default: from the output name)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="do not check the inputs' checksums on the way")
+    add_verify_arg(p, "the inputs' checksums")
     add_progress_arg(p)
     add_sync_arg(p)
     p.set_defaults(run=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import open as open_archive
 from ..ops.extract import extract
-from .common import add_progress_arg, add_source_args, add_sync_arg
+from .common import add_progress_arg, add_source_args, add_sync_arg, add_verify_arg
 
 
 def add_parser(sub):
@@ -14,7 +14,7 @@ def add_parser(sub):
     p.add_argument("-O", dest="out_format", default="raw", choices=["raw"])
     p.add_argument("--disk", action="append", dest="disks",
                    help="only this disk (id, name, device or index); may be repeated")
-    p.add_argument("--no-verify", dest="verify", action="store_false")
+    add_verify_arg(p)
     add_progress_arg(p)
     add_sync_arg(p)
     p.set_defaults(run=run)
