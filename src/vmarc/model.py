@@ -100,6 +100,23 @@ class Archive:
         item is requested. Raises CorruptError (or reports it to checks) on damage."""
         raise NotImplementedError
 
+    def settings(self):
+        """The VM's settings (vmsettings.VmSettings); a bare image gives its disks only."""
+        from .vmsettings import DiskSlot, VmSettings
+        return VmSettings(name=self.vm.get("name", ""), memory=self.vm.get("memory", 0),
+                          disks=[DiskSlot(d, size=d.size, label=d.name) for d in self.disks])
+
+    def stream_order(self) -> list[Disk]:
+        """The disks in the order stream() finishes them (writers that store disks one
+        after the other follow it to avoid reordering)."""
+        return list(self.disks)
+
+    def covered(self, disk: Disk) -> int | None:
+        """During stream(): the offset below which the disk's data has all been yielded
+        (the rest of it zero), or None when the reader cannot tell before the end.
+        Ordered readers need not say: their pieces come in ascending order."""
+        return None
+
     def select(self, selector: str | None) -> Disk:
         """One disk by id, name, device or index; required when there are several."""
         if selector is None:

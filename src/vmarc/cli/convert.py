@@ -1,23 +1,41 @@
-"""vmarc convert: one disk of an archive or image to raw (sparse), qcow2 or VHD."""
+"""vmarc convert: one disk to raw (sparse), qcow2 or VHD, or a whole VM to VMA or XVA."""
 
 from __future__ import annotations
 
+import sys
+
 from .. import open as open_archive
+from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import OUTPUT_FORMATS, convert, parse_options
+from ..ops.vmconvert import ARCHIVE_FORMATS, convert_vm
 from .common import add_progress_arg, add_source_args, add_sync_arg, add_verify_arg
 
 
 def add_parser(sub):
-    p = sub.add_parser("convert", help="write one disk as an image file (or - for stdout)")
+    p = sub.add_parser("convert", help="write one disk as an image file, or the whole VM as "
+                       "a VMA or XVA archive (or - for stdout)")
     add_source_args(p)
-    p.add_argument("output", help="output path, or - for stdout")
+    p.add_argument("output", help="output path, a directory (VMA/XVA: a vzdump-style or "
+                   "VM name is chosen), or - for stdout")
     p.add_argument("-O", dest="out_format", default="raw", type=lambda f: {"vpc": "vhd"}.get(f, f),
-                   choices=OUTPUT_FORMATS,
-                   help="output format (default raw)")
+                   choices=OUTPUT_FORMATS + ARCHIVE_FORMATS,
+                   help="output format (default raw); vma and xva carry the whole VM")
     p.add_argument("-o", dest="options", metavar="OPTS", help="output options, as qemu-img: "
-                   "subformat=dynamic|fixed (vhd)")
+                   "subformat=dynamic|fixed (vhd); checksum=xxhash|sha1, header=v7|ustar, "
+                   "compress=gzip|zstd|none (xva); compress=zstd|gzip|lzop|none (vma; "
+                   "default from the name)")
     p.add_argument("--parent", help="parent of a differencing VHD (instead of its locators)")
-    p.add_argument("--disk", help="disk id, name, device or index (needed with several disks)")
+    p.add_argument("--disk", help="disk id, name, device or index (needed with several disks; "
+                   "not with -O vma|xva, which carry every disk)")
+    vm = p.add_argument_group("VM settings (-O vma)")
+    vm.add_argument("--storage", default="local-lvm",
+                    help="Proxmox storage the restore puts the disks on (default local-lvm)")
+    vm.add_argument("--vmid", type=int, help="VM id in the config's volume names (default: "
+                    "from a vzdump-qemu-<vmid>- output name, else 100)")
+    vm.add_argument("--bus", choices=sorted(BUS_SLOTS), help="disk bus (default scsi with "
+                    "virtio-scsi, sata for Windows guests, which lack virtio drivers)")
+    vm.add_argument("--bridge", help="Proxmox bridge for every network interface (default: "
+                    "xenbrN becomes vmbrN)")
     add_verify_arg(p, "chunk checksums")
     add_progress_arg(p)
     add_sync_arg(p)
@@ -30,6 +48,19 @@ def run(args) -> int:
     def reopen():
         return open_archive(args.source, args.fmt, parent=args.parent)
     with reopen() as archive:
+        if args.out_format in ARCHIVE_FORMATS:
+            if args.disk:
+                print("vmarc: warning: --disk ignored: -O vma|xva carries every disk",
+                      file=sys.stderr)
+            path, warnings = convert_vm(
+                archive, args.output, args.out_format, options=options, storage=args.storage,
+                vmid=args.vmid, bus=args.bus, bridge=args.bridge, verify=args.verify,
+                progress=args.progress, sync=args.sync)
+            for text in warnings:
+                print(f"vmarc: warning: not carried: {text}", file=sys.stderr)
+            if path != args.output:
+                print(f"vmarc: wrote {path}", file=sys.stderr)
+            return 0
         convert(archive, args.output, args.out_format, args.disk, verify=args.verify,
                 progress=args.progress, sync=args.sync, options=options, reopen=reopen)
     return 0

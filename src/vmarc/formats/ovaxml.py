@@ -63,3 +63,95 @@ def to_int(value, what: str, where: str) -> int:
     if n < 0:
         raise FormatError(f"{where}: {what} is negative: {n}")
     return n
+
+
+def render(value) -> str:
+    """XML-RPC text for a value the way XAPI exports it: integers as strings, booleans as
+    <boolean>, dicts as <struct>, lists as <array>."""
+    from xml.sax.saxutils import escape
+    if isinstance(value, bool):
+        return f"<value><boolean>{int(value)}</boolean></value>"
+    if isinstance(value, dict):
+        return "<value><struct>" + "".join(
+            f"<member><name>{escape(str(k))}</name>{render(v)}</member>"
+            for k, v in value.items()) + "</struct></value>"
+    if isinstance(value, (list, tuple)):
+        return "<value><array><data>" + "".join(map(render, value)) + "</data></array></value>"
+    return f"<value>{escape(str(value))}</value>"
+
+
+def read_settings(top: dict, vm_id: str | None, disks, where: str):
+    """VmSettings of the VM object vm_id; disks are the archive's data disks in slot order."""
+    from ..vmsettings import (DiskSlot, Nic, VmSettings, boot_from_letters, mac_ok,
+                              ostype_from_template)
+    objs = {o["id"]: o for o in top["objects"]}
+    s = VmSettings()
+    vm = objs.get(vm_id, {}).get("snapshot", {}) if vm_id else {}
+    s.name = vm.get("name_label", "")
+    s.description = vm.get("name_description", "")
+    s.uuid = vm.get("uuid", "")
+    s.memory = to_int(vm.get("memory_static_max") or 0, "VM memory_static_max", where)
+    dyn_min = to_int(vm.get("memory_dynamic_min") or 0, "VM memory_dynamic_min", where)
+    if 0 < dyn_min < s.memory:
+        s.memory_min = dyn_min
+    vcpus = to_int(vm.get("VCPUs_max") or 1, "VCPUs_max", where) or 1
+    platform = vm.get("platform") if isinstance(vm.get("platform"), dict) else {}
+    per_socket = to_int(platform.get("cores-per-socket") or vcpus, "cores-per-socket", where)
+    if per_socket and vcpus % per_socket == 0:
+        s.cores, s.sockets = per_socket, vcpus // per_socket
+    else:
+        s.cores, s.sockets = vcpus, 1
+    startup = to_int(vm.get("VCPUs_at_startup") or vcpus, "VCPUs_at_startup", where)
+    if 0 < startup < vcpus:
+        s.vcpus = startup
+    params = vm.get("HVM_boot_params") if isinstance(vm.get("HVM_boot_params"), dict) else {}
+    s.firmware = "uefi" if params.get("firmware") == "uefi" else "bios"
+    s.boot = boot_from_letters(params.get("order", "")) or ["disk", "cdrom", "net"]
+    other = vm.get("other_config") if isinstance(vm.get("other_config"), dict) else {}
+    s.ostype = ostype_from_template(other.get("base_template_name", "")
+                                    or vm.get("reference_label", ""))
+    if vm.get("domain_type") == "pv" or (vm and not vm.get("HVM_boot_policy")
+                                         and vm.get("PV_bootloader")):
+        s.lost.append("PV guest: it booted through the Xen PV bootloader "
+                      f"({vm.get('PV_bootloader') or 'kernel'}); under Proxmox it boots its "
+                      "disk with the firmware, which needs a bootloader inside the disk")
+    if platform.get("secureboot") == "true":
+        s.lost.append("Secure Boot: the target starts with it off")
+    for key, what in (("NVRAM", "UEFI variables (NVRAM)"), ("VTPMs", "virtual TPM"),
+                      ("VGPUs", "virtual GPUs"), ("VUSBs", "USB passthrough"),
+                      ("attached_PCIs", "PCI passthrough"), ("tags", "tags")):
+        if vm.get(key):
+            s.lost.append(f"{what} not carried")
+    if vm.get("suspend_VDI") in objs:
+        s.lost.append("suspended state: the suspend image is not carried (the VM starts "
+                      "from a cold boot)")
+    s.disks = [DiskSlot(d, size=d.size, label=d.name, source_slot=d.device or d.id)
+               for d in disks if d.device != "suspend"]
+    vbd_ids = set(vm.get("VBDs") or [])
+    cds = [o["snapshot"] for o in top["objects"] if o["class"] == "VBD"
+           and (o["id"] in vbd_ids or o["snapshot"].get("VM") == vm_id)
+           and str(o["snapshot"].get("type", "")).lower() == "cd"]
+    for cd in sorted(cds, key=lambda b: _int_or(b.get("userdevice"))):
+        vdi = objs.get(cd.get("VDI"), {}).get("snapshot", {})
+        s.cdroms.append(DiskSlot(None, "cdrom", media=vdi.get("name_label", ""),
+                                 source_slot=f"userdevice {cd.get('userdevice')}"))
+    vif_ids = set(vm.get("VIFs") or [])
+    vifs = [o["snapshot"] for o in top["objects"] if o["class"] == "VIF"
+            and (o["id"] in vif_ids or o["snapshot"].get("VM") == vm_id)]
+    for vif in sorted(vifs, key=lambda v: _int_or(v.get("device"))):
+        net = objs.get(vif.get("network"), {}).get("snapshot", {})
+        mac = str(vif.get("MAC", ""))
+        if not mac_ok(mac):
+            s.lost.append(f"VIF {vif.get('device')}: no MAC address; not carried")
+            continue
+        mtu = _int_or(vif.get("MTU") or net.get("MTU"), None)
+        s.nics.append(Nic(mac.upper(), net.get("bridge") or net.get("name_label", ""),
+                          mtu=mtu))
+    return s
+
+
+def _int_or(value, default=1 << 30):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default

@@ -142,6 +142,22 @@ class VmaArchive(Archive):
         self.vm = pveconf.vm_summary(conf)
         self._streamed = False
 
+    def settings(self):
+        conf = self.configs.get("qemu-server.conf", b"").decode("utf-8", "replace")
+        return pveconf.read_settings(conf, self.disks)
+
+    def covered(self, disk: Disk) -> int:
+        """Disk offset below which every cluster has been read (see Archive.covered)."""
+        marks = self._seen[disk.meta["dev_id"]]
+        first = self._first_unseen.get(disk.id, 0)
+        while first < len(marks) and marks[first]:
+            first += 1
+        self._first_unseen[disk.id] = first
+        covered = min(first * CLUSTER, disk.size)
+        if self._pending and self._pending[0] == disk.id:
+            covered = min(covered, self._pending[1])
+        return covered
+
     def disk_filename(self, disk: Disk) -> str:
         return f"disk-{disk.id}.raw"  # what `vma extract` writes
 
@@ -190,6 +206,7 @@ class VmaArchive(Archive):
         name = src.name
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
         seen = {dev_id: bytearray(d.meta["clusters"]) for dev_id, d in self.devices.items()}
+        self._seen, self._first_unseen, self._pending = seen, {}, None
         next_state = 0  # vmstate clusters must arrive in order
         hdr = bytearray(EXTENT_HEADER)
         hview = memoryview(hdr)
@@ -268,11 +285,14 @@ class VmaArchive(Archive):
                                 and run[2] + run[3] == at:
                             run[3] += n
                         else:
+                            # marked seen but not yet yielded: covered() stays below it
+                            self._pending = (disk.id, start)
                             if run:
                                 yield self._run(run, base_at, dview if read else None)
                             run = [disk, start, at, n]
                 pos += mask.bit_count()
             if run:
+                self._pending = None
                 yield self._run(run, base_at, dview if read else None)
         for dev_id, disk in self.devices.items():
             marks = seen[dev_id]

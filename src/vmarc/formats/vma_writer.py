@@ -42,7 +42,10 @@ class VmaWriter:
     """
 
     def __init__(self, out, devices: list[tuple[str, int]], configs: dict[str, bytes],
-                 uuid: bytes | None = None, ctime: int | None = None):
+                 uuid: bytes | None = None, ctime: int | None = None, ordered: bool = False):
+        # ordered: each device's pieces come in ascending order, so a cluster skipped
+        # over is zero and is listed at once, as vzdump lists it (a reader can then tell
+        # how far a device is complete without waiting for the end)
         if len(devices) > MAX_DEVICES:
             raise UsageError(f"a VMA holds at most {MAX_DEVICES} devices, not {len(devices)}")
         self.out = out
@@ -56,6 +59,8 @@ class VmaWriter:
         self._pos = EXTENT_HEADER
         self._infos: list[int] = []
         self.extents = 0
+        self._ordered = ordered
+        self._next = [0] * len(self._assemblers)   # first cluster not listed yet
 
     # -- header --------------------------------------------------------------------------
     def _header(self, devices, configs, ctime) -> bytes:
@@ -95,6 +100,16 @@ class VmaWriter:
 
     def put_cluster(self, dev_id: int, cluster: int, data: memoryview) -> None:
         """One whole cluster (shorter only at the device's end); zero blocks left out."""
+        if self._ordered and cluster > self._next[dev_id]:
+            seen = self._assemblers[dev_id].seen
+            for skipped in range(self._next[dev_id], cluster):
+                if not seen[skipped]:
+                    seen[skipped] = 1
+                    self._store(dev_id, skipped, memoryview(b""))
+        self._next[dev_id] = max(self._next[dev_id], cluster + 1)
+        self._store(dev_id, cluster, data)
+
+    def _store(self, dev_id: int, cluster: int, data: memoryview) -> None:
         if len(self._infos) == CLUSTERS_PER_EXTENT:
             self._flush_extent()
         mask = 0
@@ -122,7 +137,7 @@ class VmaWriter:
         asm.flush()
         for cluster in list(asm.missing()):
             asm.seen[cluster] = 1
-            self.put_cluster(dev_id, cluster, memoryview(b""))
+            self._store(dev_id, cluster, memoryview(b""))
 
     def _flush_extent(self) -> None:
         ext = self._ext

@@ -71,6 +71,7 @@ class XvaArchive(Archive):
             by_class.setdefault(o["class"], []).append(o)
         vms = [o for o in by_class.get("VM", []) if not o["snapshot"].get("is_control_domain")]
         vm = vms[0] if vms else None
+        self._vm_id = vm["id"] if vm else None
         if vm:
             s = vm["snapshot"]
             self.vm = {
@@ -121,6 +122,13 @@ class XvaArchive(Archive):
         self.disks = disks
         self._by_id = {d.id: d for d in disks}
 
+    def settings(self):
+        return ovaxml.read_settings(self.ova, self._vm_id, self.disks,
+                                    f"{self.source.name}: ova.xml")
+
+    def stream_order(self):
+        return sorted(self.disks, key=lambda d: d.id)  # XAPI: string order of "Ref:N"
+
     # -- the streaming pass ----------------------------------------------------------
     def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
         checks = checks or Checks()
@@ -162,7 +170,7 @@ class XvaArchive(Archive):
         if self._streamed:
             raise RuntimeError("an XVA stream can be read once; open the archive again")
         self._streamed = True
-        order = sorted(self.disks, key=lambda d: d.id)  # XAPI: string order of "Ref:N"
+        order = self.stream_order()
         state = {d.id: _DiskState() for d in order}
         current = 0
         name = self.source.name

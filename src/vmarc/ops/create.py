@@ -7,12 +7,16 @@ import os
 
 from .. import open as open_archive
 from ..errors import SourceError, UsageError
+from ..formats import pveconf
 from ..formats.vma_writer import VmaWriter, device_name
+from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
 from ..model import Checks
+from ..sequencer import DiskSequencer
+from ..vmsettings import DiskSlot, VmSettings
 from ..output import StreamOutput, compression_for
 from ..progress import Progress
 
-CREATE_FORMATS = ("vma",)
+CREATE_FORMATS = ("vma", "xva")
 
 
 def read_configs(configs: list[tuple[str, str]]) -> dict[str, bytes]:
@@ -32,54 +36,116 @@ def read_configs(configs: list[tuple[str, str]]) -> dict[str, bytes]:
 
 def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple[str, str]],
            out_format: str = "vma", fmt: str | None = None, compression: str | None = "auto",
-           verify: bool = True, progress: bool = False, sync: bool = True) -> tuple[list[str], list[str]]:
-    """Write an archive of the given (name, path) disks; returns the device names and
+           verify: bool = True, progress: bool = False, sync: bool = True,
+           name: str | None = None, memory_mib: int | None = None, cpus: int | None = None,
+           options: dict | None = None) -> tuple[list[str], list[str]]:
+    """Write an archive of the given (name, path) disks; returns the disk names and
     warnings for the user.
 
     Each path is opened with vmarc.open (raw by -f raw or a .raw/.img name) and must hold
-    one disk. Names default to scsi0, scsi1... Compression "auto" follows the output name.
+    one disk. VMA names default to scsi0, scsi1...; XVA names are the disks' labels.
+    Compression "auto" follows the output name. name, memory_mib and cpus describe the VM
+    (XVA's ova.xml; VMA's qemu-server.conf when none is given).
     """
     if out_format not in CREATE_FORMATS:
         raise UsageError(f"unknown archive format {out_format!r} (known: "
                          f"{', '.join(CREATE_FORMATS)})")
     if not disks:
         raise UsageError("no disks given (--disk NAME=PATH)")
+    opts = dict(options or {})
+    allowed = {"xva": {"checksum", "header", "compress"}, "vma": {"compress"}}[out_format]
+    for key in opts:
+        if key not in allowed:
+            raise UsageError(f"-o {key}: not an option of {out_format} output")
+    if "compress" in opts:
+        compression = None if opts["compress"] in ("none", "") else opts["compress"]
     if compression == "auto":
         compression = compression_for(output) if output != "-" else None
+    if out_format == "xva" and compression == "lzop":
+        raise UsageError("XVA compression is gzip or zstd (XAPI reads no other)")
+    if out_format == "xva" and configs:
+        raise UsageError("--config belongs to VMA; an XVA's settings come from --name, "
+                         "--memory and --cpus")
     blobs = read_configs(configs)
+    warnings: list[str] = []
     with contextlib.ExitStack() as stack:
         inputs = []
         names = []
-        for i, (name, path) in enumerate(disks):
+        for i, (dname, path) in enumerate(disks):
             archive = stack.enter_context(open_archive(path, fmt))
             disk = archive.select(None) if len(archive.disks) == 1 else None
             if disk is None:
                 raise UsageError(f"{path}: holds {len(archive.disks)} disks; give a "
                                  "single disk image")
-            dev = device_name(name or f"scsi{i}")
-            if dev in names or dev == "vmstate":
-                raise UsageError(f"disk name {dev!r} used twice or reserved")
+            if out_format == "vma":
+                dev = device_name(dname or f"scsi{i}")
+                if dev in names or dev == "vmstate":
+                    raise UsageError(f"disk name {dev!r} used twice or reserved")
+            else:
+                dev = dname or os.path.basename(path)
             names.append(dev)
             inputs.append((archive, disk))
+        settings = VmSettings(name=name or "vm", memory=(memory_mib or 1024) << 20,
+                              cores=cpus or 1,
+                              disks=[DiskSlot(d, size=d.size, label=n)
+                                     for n, (_, d) in zip(names, inputs)])
         out = StreamOutput(output, compression)
         try:
-            writer = VmaWriter(out, [(n, d.size) for n, (_, d) in zip(names, inputs)], blobs)
-            for dev_id, (archive, disk) in enumerate(inputs, start=1):
-                bar = Progress(archive.source, progress, label=names[dev_id - 1])
-                try:
-                    for _, offset, data in archive.stream([disk], Checks(), verify=verify):
-                        writer.add(dev_id, offset, data)
-                        bar.update()
-                finally:
-                    bar.close()
-                writer.finish_device(dev_id)
+            if out_format == "xva":
+                refs = disk_refs(len(inputs))
+                writer = XvaWriter(out, ova_xml(settings, refs),
+                                   [(r, d.size) for r, (_, d) in zip(refs, inputs)],
+                                   checksum=opts.get("checksum", "xxhash"),
+                                   header=opts.get("header", "v7"))
+            else:
+                conf = None if "qemu-server.conf" in blobs else \
+                    _generated_conf(settings, names, warnings)
+                if conf:
+                    blobs["qemu-server.conf"] = conf
+                writer = VmaWriter(out, [(n, d.size) for n, (_, d) in zip(names, inputs)],
+                                   blobs, ordered=all(a.ordered for a, _ in inputs))
+            for k, (archive, disk) in enumerate(inputs):
+                _copy_disk(writer, k, archive, disk, out_format, verify,
+                           Progress(archive.source, progress, label=names[k]))
             writer.close()
             out.commit(sync=sync)
         except BaseException:
             out.abort()
             raise
-    warnings = []
-    if "qemu-server.conf" not in blobs:  # vma create allows it, qmrestore needs it
-        warnings.append("no qemu-server.conf given; a Proxmox restore needs one "
-                        "(--config qemu-server.conf=FILE)")
     return names, warnings
+
+
+def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar) -> None:
+    """One input disk into the archive as its k-th disk."""
+    if out_format == "xva":
+        feed = DiskSequencer(archive, [disk], lambda _i, n, data: writer.chunk(k, n, data),
+                             lambda _i: writer.finish_disk(k))
+        add = feed.add
+    else:
+        def add(_disk, offset, data):
+            writer.add(k + 1, offset, data)
+    try:
+        for d, offset, data in archive.stream([disk], Checks(), verify=verify):
+            add(d, offset, data)
+            bar.update()
+    finally:
+        bar.close()
+    if out_format == "xva":
+        feed.close()
+    else:
+        writer.finish_device(k + 1)
+
+
+def _generated_conf(settings: VmSettings, names: list[str], warnings: list[str]) -> bytes | None:
+    """A qemu-server.conf for disks named by Proxmox slot (drive-scsi0...), so that the
+    archive restores with qmrestore."""
+    keys = [n[6:] for n in names]
+    if not all(pveconf.DISK_KEY.fullmatch(k) for k in keys):
+        warnings.append("no qemu-server.conf given and the disk names are not Proxmox "
+                        "slots (scsi0, virtio0...); a Proxmox restore needs one "
+                        "(--config qemu-server.conf=FILE)")
+        return None
+    settings.boot = ["disk"]
+    conf, _ = pveconf.render(settings, pveconf.DISK_KEY.fullmatch(keys[0])[1], "local-lvm",
+                             100, disk_keys=keys)
+    return conf.encode()

@@ -1,0 +1,142 @@
+"""convert -O vma|xva: a whole VM (every disk and its settings) into a new archive, in one
+streaming pass.
+
+XVA -> VMA streams straight through (a VMA takes clusters in any order). Into an XVA each
+disk must come whole and in order, one after the other: disks are written in the order
+the source finishes them, so an XVA or a one-disk source streams straight through; what a
+source gives out of turn (a multi-disk VMA interleaves its disks) is held in a temporary
+file until its turn, and the command says so (sequencer.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from ..errors import UsageError
+from ..formats import pveconf
+from ..formats.vma_writer import VmaWriter
+from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
+from ..model import Archive, Checks
+from ..output import StreamOutput, compression_for
+from ..progress import Progress
+from ..sequencer import DiskSequencer
+
+ARCHIVE_FORMATS = ("vma", "xva")
+XVA_OPTIONS = {"checksum", "header", "compress"}
+VMA_OPTIONS = {"compress"}
+VZDUMP_NAME = re.compile(r"vzdump-qemu-(\d+)-")
+
+
+def output_name(output: str, out_format: str, vm_name: str, vmid: int,
+                compression: str | None) -> str:
+    """A directory gets the file name Proxmox (vzdump-qemu-<vmid>-<time>.vma.zst) or
+    XenServer (<name>.xva) would give it."""
+    if output == "-" or not os.path.isdir(output):
+        return output
+    if out_format == "vma":
+        ext = {"zstd": ".zst", "gzip": ".gz", "lzop": ".lzo", None: ""}[compression]
+        stamp = time.strftime("%Y_%m_%d-%H_%M_%S")
+        return os.path.join(output, f"vzdump-qemu-{vmid}-{stamp}.vma{ext}")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", vm_name).strip(".-") or "vm"
+    return os.path.join(output, f"{stem}.xva")
+
+
+def write_xva(out, archive: Archive, settings, *, checksum: str, header: str,
+              verify: bool, bar) -> None:
+    """The XVA of the archive's VM into out."""
+    data_disks = [slot.disk for slot in settings.disks]
+    if archive.format == "xva":
+        # a re-pack keeps ova.xml and the refs as they are
+        order = [d for d in archive.stream_order() if d in data_disks]
+        refs = [d.id for d in order]
+        xml = archive.configs["ova.xml"]
+    else:
+        rank = {d.id: i for i, d in enumerate(archive.stream_order())}
+        order = sorted(data_disks, key=lambda d: rank.get(d.id, 1 << 30))
+        by_written = dict(zip((d.id for d in order), disk_refs(len(order))))
+        refs = [by_written[d.id] for d in order]
+        xml = ova_xml(settings, [by_written[d.id] for d in data_disks])
+    writer = XvaWriter(out, xml, [(r, d.size) for r, d in zip(refs, order)],
+                       checksum=checksum, header=header)
+    seq = DiskSequencer(archive, order, writer.chunk, writer.finish_disk)
+    for disk, offset, data in archive.stream(order, Checks(), verify=verify):
+        seq.add(disk, offset, data)
+        bar.update()
+    seq.close()
+    writer.close()
+
+
+def write_vma(out, archive: Archive, settings, *, storage: str, vmid: int, bus: str,
+              bridge: str | None, verify: bool, bar) -> None:
+    data_disks = [slot.disk for slot in settings.disks]
+    if archive.format == "vma":
+        # a re-pack keeps the configs and device names as they are
+        configs = dict(archive.configs)
+        names = [d.id for d in data_disks]
+    else:
+        conf, keys = pveconf.render(settings, bus, storage, vmid, bridge)
+        configs = {"qemu-server.conf": conf.encode()}
+        names = [f"drive-{k}" for k in keys]
+    writer = VmaWriter(out, [(n, d.size) for n, d in zip(names, data_disks)], configs,
+                       ordered=archive.ordered)
+    dev_of = {d.id: i for i, d in enumerate(data_disks, start=1)}
+    for disk, offset, data in archive.stream(data_disks, Checks(), verify=verify):
+        writer.add(dev_of[disk.id], offset, data)
+        bar.update()
+    for dev_id in dev_of.values():
+        writer.finish_device(dev_id)
+    writer.close()
+
+
+def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict | None = None,
+               storage: str = "local-lvm", vmid: int | None = None, bus: str | None = None,
+               bridge: str | None = None, verify: bool = True, progress: bool = False,
+               sync: bool = True) -> tuple[str, list[str]]:
+    """Write the archive's whole VM as out_format; returns (path written, warnings)."""
+    if out_format not in ARCHIVE_FORMATS:
+        raise UsageError(f"unknown archive format {out_format!r}")
+    opts = dict(options or {})
+    allowed = XVA_OPTIONS if out_format == "xva" else VMA_OPTIONS
+    for key in opts:
+        if key not in allowed:
+            raise UsageError(f"-o {key}: not an option of {out_format} output "
+                             f"(known: {', '.join(sorted(allowed))})")
+    settings = archive.settings()
+    if not settings.disks and not settings.cdroms:
+        raise UsageError(f"{archive.source.name}: the archive has no disks to carry")
+    compression = opts.get("compress")
+    if compression in ("none", ""):
+        compression = None
+    elif compression is None and output != "-":
+        compression = compression_for(output) if not os.path.isdir(output) else (
+            "zstd" if out_format == "vma" else None)
+    if compression not in (None, "gzip", "zstd") + (("lzop",) if out_format == "vma" else ()):
+        raise UsageError(f"-o compress={compression}: {out_format} output takes "
+                         + ("gzip, zstd, lzop or none" if out_format == "vma"
+                            else "gzip, zstd or none"))
+    if vmid is None:
+        m = VZDUMP_NAME.search(os.path.basename(output))
+        vmid = int(m[1]) if m else 100
+    if bus is None:
+        bus = "sata" if settings.ostype.startswith("w") else "scsi"
+    path = output_name(output, out_format, settings.name, vmid, compression)
+    out = StreamOutput(path, compression)
+    bar = Progress(archive.source, progress, label=os.path.basename(path))
+    try:
+        if out_format == "xva":
+            write_xva(out, archive, settings, checksum=opts.get("checksum", "xxhash"),
+                             header=opts.get("header", "v7"), verify=verify, bar=bar)
+        else:
+            write_vma(out, archive, settings, storage=storage, vmid=vmid, bus=bus,
+                      bridge=bridge, verify=verify, bar=bar)
+        out.commit(sync=sync)
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        bar.close()
+    # a re-pack into the same format carries everything as it is
+    warnings = [] if archive.format == out_format else list(settings.lost)
+    return path, warnings

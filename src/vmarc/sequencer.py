@@ -1,0 +1,147 @@
+"""Pieces of several disks in source order in; whole chunks out, disk after disk, in
+ascending order (what an XVA needs: each disk's 1 MiB chunks in order, one disk after
+the other).
+
+Chunks of the disk being written go straight through a one-chunk buffer while the source
+gives them in order. Anything the writer cannot take yet (a later disk's data, a chunk the
+source gave ahead of its turn, as a live backup's copy-before-write does) is held in a
+sparse temporary file and read back when its turn comes. The source says how far it has
+given a disk: ordered readers by their order, VMA by Archive.covered(); a chunk is written
+only once the source can no longer add to it, so nothing is ever written twice or wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from .model import ZERO_CHUNK
+from .output import pwrite_all
+
+
+class _Track:
+    __slots__ = ("disk", "size", "chunks", "next", "buf", "dirty", "spool", "spooled", "covered")
+
+    def __init__(self, disk, chunk: int):
+        self.disk = disk
+        self.size = disk.size
+        self.chunks = -(-disk.size // chunk)
+        self.next = 0             # next chunk to hand to the writer
+        self.buf = None           # chunk `next` being assembled
+        self.dirty = False
+        self.spool = None         # temporary file of data held for later
+        self.spooled = bytearray(self.chunks)
+        self.covered = 0          # ordered sources: the end of the last piece
+
+
+class DiskSequencer:
+    def __init__(self, archive, disks, emit, finish, chunk: int = 1 << 20):
+        """disks in output order; emit(index, chunk number, view) for each chunk that may
+        hold data (skipped chunks are zero), finish(index) when a disk is complete."""
+        self.archive = archive
+        self.chunk = chunk
+        self.emit = emit
+        self.finish = finish
+        self.tracks = [_Track(d, chunk) for d in disks]
+        self.index = {d.id: i for i, d in enumerate(disks)}
+        self.current = 0
+        self.spooled_bytes = 0
+
+    def add(self, disk, offset: int, data) -> None:
+        i = self.index[disk.id]
+        t = self.tracks[i]
+        view = memoryview(data)
+        end = offset + len(view)
+        if end > t.covered:
+            t.covered = end
+        csize = self.chunk
+        while view:
+            j, within = divmod(offset, csize)
+            step = min(len(view), csize - within)
+            part = view[:step]
+            if i == self.current:
+                self._advance(i, min(j * csize, self._covered(t)))
+                if j < t.next:
+                    raise RuntimeError(f"{disk.id}: data for chunk {j} after it was written "
+                                       "(the reader broke its coverage promise)")
+            if i == self.current and j == t.next and not t.spooled[j]:
+                if within == 0 and step == min(csize, t.size - j * csize) and not t.dirty:
+                    self.emit(i, j, part)        # a whole chunk: no copy
+                    t.next = j + 1
+                else:
+                    if t.buf is None:
+                        t.buf = bytearray(csize)
+                    t.buf[within:within + step] = part
+                    t.dirty = True
+            else:
+                self._hold(t, j, offset, part)
+            view = view[step:]
+            offset += step
+        if i == self.current:
+            self._advance(i, self._covered(t))
+            self._next_disks()
+
+    def close(self) -> None:
+        """The source has ended: every disk is complete."""
+        for t in self.tracks:
+            t.covered = t.size
+        self._next_disks(end=True)
+        for t in self.tracks:
+            if t.spool is not None:
+                t.spool.close()
+
+    # -- internals ---------------------------------------------------------------------
+    def _covered(self, t) -> int:
+        if self.archive.ordered:
+            return t.covered
+        said = self.archive.covered(t.disk)
+        return 0 if said is None else said
+
+    def _next_disks(self, end: bool = False) -> None:
+        while self.current < len(self.tracks):
+            t = self.tracks[self.current]
+            self._advance(self.current, t.size if end else self._covered(t))
+            if t.next < t.chunks:
+                return
+            self.finish(self.current)
+            self.current += 1
+
+    def _advance(self, i: int, covered: int) -> None:
+        """Hand over every chunk of disk i that ends at or below `covered`."""
+        t = self.tracks[i]
+        csize = self.chunk
+        while t.next < t.chunks:
+            j = t.next
+            chunk_end = min((j + 1) * csize, t.size)
+            if chunk_end > covered:
+                return
+            length = chunk_end - j * csize
+            if t.spooled[j]:
+                buf = bytearray(length)
+                got = os.preadv(t.spool.fileno(), [buf], j * csize)
+                if got != length:
+                    raise OSError(f"temporary file: short read ({got} of {length} bytes)")
+                self.emit(i, j, memoryview(buf))
+            elif t.dirty:
+                self.emit(i, j, memoryview(t.buf)[:length])
+                t.buf[:] = ZERO_CHUNK[:csize] if csize <= len(ZERO_CHUNK) else bytes(csize)
+                t.dirty = False
+            else:
+                # nothing for this chunk: jump to the next held chunk or the coverage
+                nxt = t.spooled.find(1, j + 1)
+                limit = covered // csize
+                t.next = max(j + 1, min(limit, nxt if nxt >= 0 else t.chunks))
+                continue
+            t.next = j + 1
+
+    def _hold(self, t, j: int, offset: int, part) -> None:
+        if t.spool is None:
+            t.spool = tempfile.TemporaryFile(prefix="vmarc-hold-")
+            os.ftruncate(t.spool.fileno(), t.size)
+            print(f"vmarc: {t.disk.describe()}: the source does not give this disk in the "
+                  f"order the output needs; holding it in a temporary file in "
+                  f"{tempfile.gettempdir()} until its turn", file=sys.stderr)
+        pwrite_all(t.spool.fileno(), part, offset)
+        t.spooled[j] = 1
+        self.spooled_bytes += len(part)

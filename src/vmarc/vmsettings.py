@@ -1,0 +1,132 @@
+"""A VM's settings in neutral terms: what moves between XenServer/XCP-ng and Proxmox.
+
+Readers fill a VmSettings from ova.xml (formats/ovaxml.py) or qemu-server.conf
+(formats/pveconf.py); writers render one back into the other format. Whatever a source
+says that the neutral model cannot hold goes into `lost`, and a writer adds what its own
+format cannot hold: the command prints every line as a warning, nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .model import Disk
+
+MiB = 1 << 20
+BOOT_CLASSES = ("disk", "cdrom", "net")
+
+
+@dataclass
+class DiskSlot:
+    """A disk of the VM in slot order: data from the archive, or a CD drive."""
+    disk: Disk | None            # the archive's disk (None for a CD drive)
+    kind: str = "disk"           # disk | cdrom
+    size: int = 0
+    label: str = ""
+    media: str = ""              # a CD's image name (an ISO is never in the archive)
+    source_slot: str = ""        # where it was: xvda / userdevice 3 / scsi0 / ide2
+
+
+@dataclass
+class Nic:
+    mac: str
+    network: str = ""            # neutral name: the Proxmox bridge (vmbr0...)
+    model: str = ""              # virtio, e1000... ("" when the source cannot say)
+    mtu: int | None = None
+
+
+@dataclass
+class VmSettings:
+    name: str = ""
+    description: str = ""
+    uuid: str = ""               # SMBIOS uuid (XAPI: VM uuid; Proxmox: smbios1 uuid=)
+    memory: int = 0              # bytes
+    memory_min: int | None = None  # balloon floor (XAPI dynamic_min; Proxmox balloon)
+    sockets: int = 1
+    cores: int = 1               # per socket
+    vcpus: int | None = None     # vCPUs online at boot when fewer than sockets x cores
+    firmware: str = "bios"       # bios | uefi
+    boot: list[str] = field(default_factory=lambda: ["disk", "cdrom", "net"])
+    disks: list[DiskSlot] = field(default_factory=list)    # data disks, slot order
+    cdroms: list[DiskSlot] = field(default_factory=list)
+    nics: list[Nic] = field(default_factory=list)
+    ostype: str = "other"        # Proxmox's names: l26, win10, win11, other...
+    lost: list[str] = field(default_factory=list)
+
+    @property
+    def max_vcpus(self) -> int:
+        return self.sockets * self.cores
+
+    def summary(self) -> dict:
+        """What round trips must keep (tests and `info` compare this)."""
+        return {"name": self.name, "memory": self.memory, "memory_min": self.memory_min,
+                "sockets": self.sockets, "cores": self.cores, "vcpus": self.vcpus,
+                "firmware": self.firmware, "boot": self.boot, "ostype": self.ostype,
+                "uuid": self.uuid,
+                "disks": [(s.size, s.label) for s in self.disks],
+                "cdroms": len(self.cdroms),
+                "nics": [(n.mac.upper(), n.network) for n in self.nics]}
+
+
+# -- OS types --------------------------------------------------------------------------
+# Proxmox ostype -> the XAPI template name written as base_template_name (what XenCenter
+# and Xen Orchestra show as the OS; XAPI itself only stores it).
+XAPI_TEMPLATE_FOR = {
+    "win11": "Windows 11", "win10": "Windows 10 (64-bit)", "win8": "Windows 8.1 (64-bit)",
+    "win7": "Windows 7 (64-bit)", "wvista": "Windows Vista (32-bit)",
+    "w2k8": "Windows Server 2008 (64-bit)", "w2k3": "Windows Server 2003 (32-bit)",
+    "w2k": "Windows 2000", "wxp": "Windows XP SP3 (32-bit)",
+    "l26": "Generic Linux", "l24": "Generic Linux", "solaris": "Other install media",
+    "other": "Other install media",
+}
+# Template names -> Proxmox ostype, first match wins (Proxmox: win11 also means Server
+# 2022/2025, win10 Server 2016/2019, win8 Server 2012, win7 Server 2008 R2).
+_OSTYPE_PATTERNS = [
+    (r"windows 11|server 202[2-9]", "win11"),
+    (r"windows 10|server 201[69]", "win10"),
+    (r"windows 8|server 2012", "win8"),
+    (r"windows 7|server 2008 r2", "win7"),
+    (r"vista|server 2008", "w2k8"),
+    (r"server 2003", "w2k3"),
+    (r"windows xp", "wxp"),
+    (r"windows 2000", "w2k"),
+    (r"windows", "win10"),
+    (r"linux|debian|ubuntu|centos|red ?hat|rhel|suse|sles|oracle|rocky|alma|fedora|"
+     r"coreos|gentoo|mint|arch|alpine|scientific|neokylin|kylin|nixos", "l26"),
+]
+
+
+def ostype_from_template(name: str) -> str:
+    low = name.lower()
+    for pattern, ostype in _OSTYPE_PATTERNS:
+        if re.search(pattern, low):
+            return ostype
+    return "other"
+
+
+def is_windows(ostype: str) -> bool:
+    return ostype.startswith("w")
+
+
+# -- boot order --------------------------------------------------------------------------
+XAPI_BOOT_LETTER = {"disk": "c", "cdrom": "d", "net": "n"}
+
+
+def boot_from_letters(order: str) -> list[str]:
+    """XAPI's HVM_boot_params order ("cdn") as neutral classes."""
+    by_letter = {v: k for k, v in XAPI_BOOT_LETTER.items()}
+    out = []
+    for ch in order.lower():
+        cls = by_letter.get(ch)
+        if cls and cls not in out:
+            out.append(cls)
+    return out
+
+
+def mac_ok(mac: str) -> bool:
+    return re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac) is not None
+
+
+def is_uuid(text: str) -> bool:
+    return re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", text) is not None
