@@ -168,7 +168,7 @@ def ova_xml(spec: XvaSpec) -> bytes:
     objs.append({"class": "SR", "id": "Ref:900", "snapshot": {
         "uuid": "sr-1", "content_type": "user", "type": "lvm"}})
     objs.insert(0, {"class": "VM", "id": "Ref:0", "snapshot": {
-        "uuid": "vm-uuid", "name_label": spec.vm_name, "name_description": "made by tests",
+        "uuid": "0e3b2a5c-1111-4222-8333-944455556666", "name_label": spec.vm_name, "name_description": "made by tests",
         "memory_static_max": str(spec.memory), "VCPUs_max": str(spec.vcpus),
         "VBDs": vbds, "is_control_domain": False}})
     top = {"version": {"hostname": "test", "product_version": "8.2.1", "export_vsn": "2",

@@ -60,9 +60,11 @@ class VmSettings:
 
     def summary(self) -> dict:
         """What round trips must keep (tests and `info` compare this)."""
+        present = {"disk": self.disks, "cdrom": self.cdroms, "net": self.nics}
         return {"name": self.name, "memory": self.memory, "memory_min": self.memory_min,
                 "sockets": self.sockets, "cores": self.cores, "vcpus": self.vcpus,
-                "firmware": self.firmware, "boot": self.boot, "ostype": self.ostype,
+                "firmware": self.firmware, "ostype": self.ostype,
+                "boot": [c for c in self.boot if present[c]],
                 "uuid": self.uuid,
                 "disks": [(s.size, s.label) for s in self.disks],
                 "cdroms": len(self.cdroms),

@@ -160,7 +160,7 @@ def read_settings(conf: str, disks):
             continue
         mtu = int(opts["mtu"]) if opts.get("mtu", "").isdigit() else None
         s.nics.append(Nic(mac.upper(), opts.get("bridge", ""), model, mtu))
-        extra = [k for k in opts if k not in ("bridge", "mtu", "firewall")]
+        extra = [k for k in opts if k not in ("bridge", "mtu")]
         if extra:
             s.lost.append(f"{key}: {', '.join(f'{k}={opts[k]}' for k in extra)} not carried")
     s.boot = []

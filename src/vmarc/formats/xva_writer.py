@@ -212,7 +212,10 @@ def ova_xml(s: VmSettings, refs: list[str], network_names=None) -> bytes:
         objects.append(_vbd(vbd_ref, vm_ref, vdi_ref, userdevices[pos], "Disk",
                             bootable=pos == 0))
         vm["VBDs"].append(vbd_ref)
-    for k, _slot in enumerate(s.cdroms):
+    for k, slot in enumerate(s.cdroms):
+        if slot.media:
+            s.lost.append(f"CD {slot.media} ({slot.source_slot}) is not in the archive; the "
+                          "drive is left empty")
         vbd_ref = ref(2000)
         objects.append(_vbd(vbd_ref, vm_ref, NULL, userdevices[len(s.disks) + k], "CD",
                             bootable=False))
