@@ -256,18 +256,26 @@ def test_xva_repack_keeps_ova_and_recompresses(tmp_path):
 
 
 # -- order of the source -------------------------------------------------------------------
-def test_interleaved_vma_is_held_and_said(tmp_path):
+@pytest.mark.parametrize("memory", ["0", "65536", None])
+def test_interleaved_vma_is_held_and_said(memory, tmp_path, monkeypatch):
+    """Out-of-turn data is held in memory up to a bound, then in a temporary file (said);
+    0 and 64 KiB force the file, with whole chunks or a mix of both."""
+    if memory is not None:
+        monkeypatch.setenv("VMARC_HOLD_MEMORY", memory)
     src, want = sample_vma(tmp_path, order="shuffle")
     res = run("convert", src, tmp_path / "x.xva", "-O", "xva")
     assert res.code == 0, res
-    assert "temporary file" in res.errtext
+    assert ("temporary file" in res.errtext) == (memory is not None), res
     _, disks = xapimodel.import_xva((tmp_path / "x.xva").read_bytes())
     assert list(disks.values()) == [want["scsi0"], want["scsi1"]]
 
 
-def test_live_backup_order_streams_from_a_pipe(tmp_path):
+@pytest.mark.parametrize("memory", ["131072", None])
+def test_live_backup_order_streams_from_a_pipe(memory, tmp_path, monkeypatch):
     """Copy-before-write pulls clusters forward: they are held until their turn and the
     rest streams through; from a pipe, without reading anything twice."""
+    if memory is not None:
+        monkeypatch.setenv("VMARC_HOLD_MEMORY", memory)
     data = vmagen.disk_bytes(6 * MiB + 4096, seed=11)
     vma = vmagen.build([("drive-scsi0", data)], configs=[("qemu-server.conf", PVE_CONF)],
                        order="backup")

@@ -3,9 +3,10 @@ ascending order (what an XVA needs: each disk's 1 MiB chunks in order, one disk 
 the other).
 
 Chunks of the disk being written go straight through a one-chunk buffer while the source
-gives them in order. Anything the writer cannot take yet (a later disk's data, a chunk the
-source gave ahead of its turn, as a live backup's copy-before-write does) is held in a
-sparse temporary file and read back when its turn comes. The source says how far it has
+gives them in order. Anything the writer cannot take yet (a later disk's data, a cluster
+the source gave ahead of its turn, as a live backup's copy-before-write does) is held: in
+memory up to HOLD_MEMORY (a live backup pulls a few clusters forward at a time), beyond
+that in a sparse temporary file, and merged in when its chunk's turn comes. The source says how far it has
 given a disk: ordered readers by their order, VMA by Archive.covered(); a chunk is written
 only once the source can no longer add to it, so nothing is ever written twice or wrong.
 """
@@ -19,9 +20,14 @@ import tempfile
 from .model import ZERO_CHUNK
 from .output import pwrite_all
 
+# VMARC_HOLD_MEMORY (bytes) moves the bound; 0 sends everything held to the file
+HOLD_MEMORY = int(os.environ.get("VMARC_HOLD_MEMORY", 32 << 20))
+IN_MEMORY, IN_FILE = 1, 2   # values of _Track.held per chunk
+
 
 class _Track:
-    __slots__ = ("disk", "size", "chunks", "next", "buf", "dirty", "spool", "spooled", "covered")
+    __slots__ = ("disk", "size", "chunks", "next", "buf", "dirty", "spool", "held", "memory",
+                 "covered")
 
     def __init__(self, disk, chunk: int):
         self.disk = disk
@@ -31,7 +37,8 @@ class _Track:
         self.buf = None           # chunk `next` being assembled
         self.dirty = False
         self.spool = None         # temporary file of data held for later
-        self.spooled = bytearray(self.chunks)
+        self.held = bytearray(self.chunks)   # 0, IN_MEMORY or IN_FILE per chunk
+        self.memory: dict[int, list] = {}    # chunk -> [(offset in chunk, bytes)]
         self.covered = 0          # ordered sources: the end of the last piece
 
 
@@ -46,6 +53,7 @@ class DiskSequencer:
         self.tracks = [_Track(d, chunk) for d in disks]
         self.index = {d.id: i for i, d in enumerate(disks)}
         self.current = 0
+        self.memory_bytes = 0
         self.spooled_bytes = 0
 
     def add(self, disk, offset: int, data) -> None:
@@ -65,8 +73,9 @@ class DiskSequencer:
                 if j < t.next:
                     raise RuntimeError(f"{disk.id}: data for chunk {j} after it was written "
                                        "(the reader broke its coverage promise)")
-            if i == self.current and j == t.next and not t.spooled[j]:
-                if within == 0 and step == min(csize, t.size - j * csize) and not t.dirty:
+            if i == self.current and j == t.next and t.held[j] != IN_FILE:
+                if within == 0 and step == min(csize, t.size - j * csize) and not t.dirty \
+                        and not t.held[j]:
                     self.emit(i, j, part)        # a whole chunk: no copy
                     t.next = j + 1
                 else:
@@ -117,31 +126,47 @@ class DiskSequencer:
             if chunk_end > covered:
                 return
             length = chunk_end - j * csize
-            if t.spooled[j]:
+            if t.held[j] == IN_FILE:
                 buf = bytearray(length)
                 got = os.preadv(t.spool.fileno(), [buf], j * csize)
                 if got != length:
                     raise OSError(f"temporary file: short read ({got} of {length} bytes)")
                 self.emit(i, j, memoryview(buf))
-            elif t.dirty:
+            elif t.dirty or t.held[j]:
+                if t.buf is None:
+                    t.buf = bytearray(csize)
+                for at, data in t.memory.pop(j, ()):
+                    t.buf[at:at + len(data)] = data
+                    self.memory_bytes -= len(data)
                 self.emit(i, j, memoryview(t.buf)[:length])
                 t.buf[:] = ZERO_CHUNK[:csize] if csize <= len(ZERO_CHUNK) else bytes(csize)
                 t.dirty = False
             else:
                 # nothing for this chunk: jump to the next held chunk or the coverage
-                nxt = t.spooled.find(1, j + 1)
-                limit = covered // csize
-                t.next = max(j + 1, min(limit, nxt if nxt >= 0 else t.chunks))
+                found = [k for k in (t.held.find(IN_MEMORY, j + 1), t.held.find(IN_FILE, j + 1))
+                         if k >= 0]
+                t.next = max(j + 1, min(covered // csize, min(found, default=t.chunks)))
                 continue
+            t.held[j] = 0
             t.next = j + 1
 
     def _hold(self, t, j: int, offset: int, part) -> None:
+        csize = self.chunk
+        if t.held[j] != IN_FILE and self.memory_bytes + len(part) <= HOLD_MEMORY:
+            t.memory.setdefault(j, []).append((offset - j * csize, bytes(part)))
+            t.held[j] = IN_MEMORY
+            self.memory_bytes += len(part)
+            return
         if t.spool is None:
             t.spool = tempfile.TemporaryFile(prefix="vmarc-hold-")
             os.ftruncate(t.spool.fileno(), t.size)
-            print(f"vmarc: {t.disk.describe()}: the source does not give this disk in the "
-                  f"order the output needs; holding it in a temporary file in "
+            print(f"vmarc: {t.disk.describe()}: the source gives data of this disk before "
+                  f"the output can take it; holding that data in a temporary file in "
                   f"{tempfile.gettempdir()} until its turn", file=sys.stderr)
-        pwrite_all(t.spool.fileno(), part, offset)
-        t.spooled[j] = 1
+        fd = t.spool.fileno()
+        for at, data in t.memory.pop(j, ()):     # the whole chunk goes to one place
+            pwrite_all(fd, data, j * csize + at)
+            self.memory_bytes -= len(data)
+        pwrite_all(fd, part, offset)
+        t.held[j] = IN_FILE
         self.spooled_bytes += len(part)
