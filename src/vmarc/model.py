@@ -160,7 +160,19 @@ class Archive:
             "vm": self.vm,
             "disks": [d.as_dict() for d in self.disks],
             "configs": {k: v.decode("utf-8", "replace") for k, v in self.configs.items()},
+            "settings": self._settings_summary(),
         }
+
+    def _settings_summary(self) -> dict | None:
+        """The neutral settings (what convert -O vma|xva carries), None if unreadable."""
+        from .errors import FormatError
+        try:
+            s = self.settings()
+        except FormatError:
+            return None
+        out = s.summary()
+        out["not_carried"] = s.lost
+        return out
 
     def close(self):
         self.source.close()

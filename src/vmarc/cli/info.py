@@ -31,6 +31,12 @@ def run(args) -> int:
             print(f"  memory: {human_size(vm['memory'])}")
         if vm.get("vcpus"):
             print(f"  vcpus: {vm['vcpus']}")
+        st = data.get("settings")
+        if st:
+            print(f"  firmware: {st['firmware']}, ostype: {st['ostype']}, boot: "
+                  f"{', '.join(st['boot']) or '-'}, CD drives: {st['cdroms']}")
+            for mac, net in st["nics"]:
+                print(f"  nic: {mac} on {net or '?'}")
     print(f"disks: {len(data['disks'])}")
     for d in data["disks"]:
         dev = f" {d['device']}" if d.get("device") else ""
