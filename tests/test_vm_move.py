@@ -335,3 +335,20 @@ def test_damaged_source_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.xva", "vm.xva"]
     res = run("convert", tmp_path / "vm.xva", tmp_path / "o.xva", "-O", "xva", "-o", "bogus=1")
     assert_clean_failure(res, 1, "bogus")
+
+
+def test_vm_with_only_a_cd_drive(tmp_path):
+    """No disk data at all: the VM and its CD drive still move both ways."""
+    src = tmp_path / "cd.xva"
+    xvagen.write(src, xvagen.XvaSpec(disks=[]))
+    vma = tmp_path / "cd.vma"
+    res = run("convert", src, vma, "-O", "vma")
+    assert res.code == 0 and "install.iso" in res.errtext, res
+    assert "ide2: none,media=cdrom" in vma_conf(vma) and run("verify", vma).code == 0
+    back = tmp_path / "back.xva"
+    assert run("convert", vma, back, "-O", "xva").code == 0
+    top, disks = xapimodel.import_xva(back.read_bytes())
+    assert disks == {}
+    cds = [o for o in top["objects"] if o["class"] == "VBD" and o["snapshot"]["type"] == "CD"]
+    assert len(cds) == 1
+    assert settings_of(back)["cdroms"] == settings_of(src)["cdroms"] == 1
