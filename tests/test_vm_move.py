@@ -257,17 +257,32 @@ def test_xva_repack_keeps_ova_and_recompresses(tmp_path):
 
 # -- order of the source -------------------------------------------------------------------
 @pytest.mark.parametrize("memory", ["0", "65536", None])
-def test_interleaved_vma_is_held_and_said(memory, tmp_path, monkeypatch):
+def test_interleaved_vma_from_a_pipe_is_held_and_said(memory, tmp_path, monkeypatch):
     """Out-of-turn data is held in memory up to a bound, then in a temporary file (said);
     0 and 64 KiB force the file, with whole chunks or a mix of both."""
     if memory is not None:
         monkeypatch.setenv("VMARC_HOLD_MEMORY", memory)
     src, want = sample_vma(tmp_path, order="shuffle")
-    res = run("convert", src, tmp_path / "x.xva", "-O", "xva")
+    res = run("convert", "-", tmp_path / "x.xva", "-O", "xva", input=src.read_bytes())
     assert res.code == 0, res
     assert ("temporary file" in res.errtext) == (memory is not None), res
     _, disks = xapimodel.import_xva((tmp_path / "x.xva").read_bytes())
     assert list(disks.values()) == [want["scsi0"], want["scsi1"]]
+
+
+def test_interleaved_vma_file_is_read_disk_by_disk(tmp_path, monkeypatch):
+    """From a plain file the disks are read in turn through an index of the headers:
+    nothing held even with no memory allowed for it."""
+    monkeypatch.setenv("VMARC_HOLD_MEMORY", "0")
+    src, want = sample_vma(tmp_path, order="shuffle")
+    res = run("convert", src, tmp_path / "x.xva", "-O", "xva")
+    assert res.code == 0 and "temporary file" not in res.errtext, res
+    _, disks = xapimodel.import_xva((tmp_path / "x.xva").read_bytes())
+    assert list(disks.values()) == [want["scsi0"], want["scsi1"]]
+    cut = tmp_path / "cut.vma"                   # the index still finds what is missing
+    cut.write_bytes(src.read_bytes()[:-600000])
+    res = run("convert", cut, tmp_path / "y.xva", "-O", "xva")
+    assert res.code == 2 and not (tmp_path / "y.xva").exists(), res
 
 
 @pytest.mark.parametrize("memory", ["131072", None])

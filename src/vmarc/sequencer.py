@@ -43,10 +43,12 @@ class _Track:
 
 
 class DiskSequencer:
-    def __init__(self, archive, disks, emit, finish, chunk: int = 1 << 20):
+    def __init__(self, disks, emit, finish, covered=None, chunk: int = 1 << 20):
         """disks in output order; emit(index, chunk number, view) for each chunk that may
-        hold data (skipped chunks are zero), finish(index) when a disk is complete."""
-        self.archive = archive
+        hold data (skipped chunks are zero), finish(index) when a disk is complete.
+        covered(disk) says how far the source has given a disk (Archive.covered); None
+        when each disk's pieces come in ascending order."""
+        self.covered = covered
         self.chunk = chunk
         self.emit = emit
         self.finish = finish
@@ -102,9 +104,9 @@ class DiskSequencer:
 
     # -- internals ---------------------------------------------------------------------
     def _covered(self, t) -> int:
-        if self.archive.ordered:
+        if self.covered is None:
             return t.covered
-        said = self.archive.covered(t.disk)
+        said = self.covered(t.disk)
         return 0 if said is None else said
 
     def _next_disks(self, end: bool = False) -> None:

@@ -240,9 +240,9 @@ class VmaArchive(Archive):
                                   f"but block_count is {block_count}")
             base_at = where + EXTENT_HEADER  # archive offset of this extent's data
             if read:
-                src.readinto_exact(dview[:block_count * BLOCK], f"extent data at offset {where}")
+                src.readinto_exact(dview[:block_count * BLOCK], f"the data of the extent at {where}")
             else:
-                src.skip(block_count * BLOCK, f"extent data at offset {where}")
+                src.skip(block_count * BLOCK, f"the data of the extent at {where}")
             pos = 0  # next unread block of this extent's data
             run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
             for bi in infos:

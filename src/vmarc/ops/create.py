@@ -118,8 +118,9 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
 def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar) -> None:
     """One input disk into the archive as its k-th disk."""
     if out_format == "xva":
-        feed = DiskSequencer(archive, [disk], lambda _i, n, data: writer.chunk(k, n, data),
-                             lambda _i: writer.finish_disk(k))
+        feed = DiskSequencer([disk], lambda _i, n, data: writer.chunk(k, n, data),
+                             lambda _i: writer.finish_disk(k),
+                             None if archive.ordered else archive.covered)
         add = feed.add
     else:
         def add(_disk, offset, data):

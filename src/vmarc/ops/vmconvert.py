@@ -27,6 +27,7 @@ ARCHIVE_FORMATS = ("vma", "xva")
 XVA_OPTIONS = {"checksum", "header", "compress"}
 VMA_OPTIONS = {"compress"}
 VZDUMP_NAME = re.compile(r"vzdump-qemu-(\d+)-")
+READ_STEP = 4 << 20
 
 
 def output_name(output: str, out_format: str, vm_name: str, vmid: int,
@@ -60,12 +61,47 @@ def write_xva(out, archive: Archive, settings, *, checksum: str, header: str,
         xml = ova_xml(settings, [by_written[d.id] for d in data_disks])
     writer = XvaWriter(out, xml, [(r, d.size) for r, d in zip(refs, order)],
                        checksum=checksum, header=header)
-    seq = DiskSequencer(archive, order, writer.chunk, writer.finish_disk)
-    for disk, offset, data in archive.stream(order, Checks(), verify=verify):
+    if _interleaved_file(archive, order):
+        pieces, covered = _indexed_pieces(archive, order), None
+    else:
+        pieces = archive.stream(order, Checks(), verify=verify)
+        covered = None if archive.ordered else archive.covered
+    seq = DiskSequencer(order, writer.chunk, writer.finish_disk, covered)
+    for disk, offset, data in pieces:
         seq.add(disk, offset, data)
         bar.update()
     seq.close()
     writer.close()
+
+
+def _interleaved_file(archive: Archive, order) -> bool:
+    """Several disks whose data interleaves (VMA) in a plain file: read each disk in turn
+    through an index of the archive's headers instead of holding the others back."""
+    src = archive.source
+    return (len(order) > 1 and not archive.ordered and hasattr(archive, "scan")
+            and src.path is not None and src.compression is None and src.seekable)
+
+
+def _indexed_pieces(archive: Archive, order):
+    """(disk, offset, data) of each disk in turn, in disk order: scan() checks every
+    header and structure rule and maps where each disk's data lies in the file, then the
+    data is read from there (nothing read twice, nothing held)."""
+    from ..access import DiskMap, FileStore
+    maps = {d.id: DiskMap() for d in order}
+    for disk, start, n, at in archive.scan(Checks()):
+        if disk.id in maps:
+            maps[disk.id].add(start, n, at)
+    store = FileStore(archive.source.path)
+    try:
+        for disk in order:
+            for start, length, at in maps[disk.id].finish().pieces(0, disk.size):
+                if at is None:
+                    continue
+                for step in range(0, length, READ_STEP):
+                    n = min(READ_STEP, length - step)
+                    yield disk, start + step, memoryview(store.pread(n, at + step))
+    finally:
+        store.close()
 
 
 def write_vma(out, archive: Archive, settings, *, storage: str, vmid: int, bus: str,
