@@ -61,7 +61,8 @@ class OutputFile:
             raise UsageError(f"{path}: already exists")
         self.tmp = _tmp_name(path)
         try:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # read-write: the qcow2 writer reads back tables it wrote
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
             raise SourceError(f"{path}: cannot create: {e.strerror}") from None
 

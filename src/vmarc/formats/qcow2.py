@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
+from array import array
+from collections import OrderedDict
 
 from ..errors import FormatError, SourceError, UnsupportedError, UsageError
 from ..model import Archive, Checks, Disk, is_zero
@@ -287,6 +290,7 @@ class Qcow2Archive(Archive):
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
 L2_ENTRIES = CLUSTER // 8
+L2_CACHE = 16        # L2 tables held in memory while writing (64 KiB each)
 REFCOUNTS_PER_BLOCK = CLUSTER // 2   # refcount_order 4: 16-bit counts
 
 
@@ -294,8 +298,11 @@ class Qcow2Writer:
     """qcow2 version 3, 64 KiB clusters, only non-zero clusters allocated.
 
     Data clusters are appended as they come (any order; the pieces of one cluster
-    together); L2 tables, refcounts and the header are written at the end, when the file's
-    layout is known. Every cluster has refcount 1, so every table entry carries COPIED.
+    together). An L2 table gets its cluster in the file when its first data cluster
+    arrives; a few tables are kept in memory (L2_CACHE, least recently used written back),
+    so memory stays flat whatever the disk size. Refcounts, the L1 table and the header are
+    written at the end, when the file's layout is known. Every cluster has refcount 1, so
+    every table entry carries COPIED.
     """
 
     def __init__(self, out, size: int):
@@ -307,7 +314,8 @@ class Qcow2Writer:
         self.l1_size = -(-size // (CLUSTER * L2_ENTRIES))
         self.l1_clusters = max(1, -(-self.l1_size * 8 // CLUSTER))
         self.next_cluster = 1 + self.l1_clusters
-        self.l2: dict[int, list] = {}
+        self.l2_host: dict[int, int] = {}            # L2 index -> file offset of its table
+        self.l2_cache: OrderedDict[int, array] = OrderedDict()
         self.asm = ClusterAssembler(CLUSTER, size, self._put)
 
     def write(self, offset: int, data) -> None:
@@ -316,25 +324,47 @@ class Qcow2Writer:
     def _pwrite(self, data, offset: int) -> None:
         pwrite_all(self.fd, data, offset)
 
+    def _table(self, i: int) -> array:
+        table = self.l2_cache.get(i)
+        if table is not None:
+            self.l2_cache.move_to_end(i)
+            return table
+        table = array("Q")
+        if i in self.l2_host:                        # written back before: read it again
+            table.frombytes(os.pread(self.fd, CLUSTER, self.l2_host[i]))
+            if sys.byteorder == "little":
+                table.byteswap()
+        else:
+            table.frombytes(bytes(CLUSTER))
+            self.l2_host[i] = self.next_cluster * CLUSTER
+            self.next_cluster += 1
+        self.l2_cache[i] = table
+        if len(self.l2_cache) > L2_CACHE:
+            self._write_table(*self.l2_cache.popitem(last=False))
+        return table
+
+    def _write_table(self, i: int, table: array) -> None:
+        out = array("Q", table)
+        if sys.byteorder == "little":
+            out.byteswap()                           # qcow2 tables are big-endian
+        self._pwrite(out.tobytes(), self.l2_host[i])
+
     def _put(self, index: int, data) -> None:
         if is_zero(data):
             return
         host = self.next_cluster * CLUSTER
         self._pwrite(data, host)
         self.next_cluster += 1
-        table = self.l2.get(index // L2_ENTRIES)
-        if table is None:
-            table = self.l2[index // L2_ENTRIES] = [0] * L2_ENTRIES
-        table[index % L2_ENTRIES] = host | COPIED
+        self._table(index // L2_ENTRIES)[index % L2_ENTRIES] = host | COPIED
 
     def finish(self) -> None:
         self.asm.flush()
+        while self.l2_cache:
+            self._write_table(*self.l2_cache.popitem(last=False))
         l1 = [0] * self.l1_size
+        for i, host in self.l2_host.items():
+            l1[i] = host | COPIED
         cluster = self.next_cluster
-        for i in sorted(self.l2):
-            self._pwrite(struct.pack(f">{L2_ENTRIES}Q", *self.l2[i]), cluster * CLUSTER)
-            l1[i] = cluster * CLUSTER | COPIED
-            cluster += 1
         # Refcount blocks and table go last; they count themselves too.
         blocks = table = 0
         while True:
