@@ -6,8 +6,7 @@ import sys
 
 from .. import open as open_archive
 from ..formats.pveconf import BUS_SLOTS
-from ..ops.convert import OUTPUT_FORMATS, convert, parse_options
-from ..ops.vmconvert import ARCHIVE_FORMATS, convert_vm
+from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
 from .common import add_progress_arg, add_source_args, add_sync_arg, add_verify_arg
 
 
@@ -49,6 +48,7 @@ def run(args) -> int:
         return open_archive(args.source, args.fmt, parent=args.parent)
     with reopen() as archive:
         if args.out_format in ARCHIVE_FORMATS:
+            from ..ops.vmconvert import convert_vm  # on demand: the writers' imports
             if args.disk:
                 print("vmarc: warning: --disk ignored: -O vma|xva carries every disk",
                       file=sys.stderr)

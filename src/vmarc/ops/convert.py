@@ -15,6 +15,7 @@ from ..output import OutputFile, pwrite_all
 from ..progress import Progress
 
 OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
+ARCHIVE_FORMATS = ("vma", "xva")   # whole-VM outputs: ops/vmconvert.py
 SUBFORMATS = ("dynamic", "fixed")
 
 

@@ -19,11 +19,11 @@ from ..formats import pveconf
 from ..formats.vma_writer import VmaWriter
 from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
 from ..model import Archive, Checks
+from .convert import ARCHIVE_FORMATS
 from ..output import StreamOutput, compression_for
 from ..progress import Progress
 from ..sequencer import DiskSequencer
 
-ARCHIVE_FORMATS = ("vma", "xva")
 XVA_OPTIONS = {"checksum", "header", "compress"}
 VMA_OPTIONS = {"compress"}
 VZDUMP_NAME = re.compile(r"vzdump-qemu-(\d+)-")
