@@ -127,6 +127,12 @@ def test_every_disk_reads_identically_through_nbd(case, tmp_path, serve):
         out = tmp_path / "copy.raw"
         subprocess.run(["nbdcopy", s.url(name or ""), str(out)], check=True)
         assert out.read_bytes() == data, (case, name)
+        # every byte asked for, holes included (hole chunks, sendfile data chunks), with
+        # 128 KiB requests (not the 1 MiB chunk or 2 MiB block boundaries)
+        out.unlink()
+        subprocess.run(["nbdcopy", "--no-extents", "--request-size=131072",
+                        s.url(name or ""), str(out)], check=True)
+        assert out.read_bytes() == data, (case, name, "no extents")
         size = json.loads(subprocess.run(["nbdinfo", "--json", s.url(name or "")],
                                          capture_output=True, check=True).stdout)
         assert size["exports"][0]["export-size"] == len(data)
