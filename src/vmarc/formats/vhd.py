@@ -362,9 +362,10 @@ class VhdArchive(Archive):
                                         f"offsets {a} and {b})"))
 
     # -- reading -------------------------------------------------------------------------
-    def block_layers(self, index: int, bs: int):
+    def block_layers(self, index: int, bs: int, buf: bytearray | None = None):
         """(bitmap, data) of block index (of bs bytes) in this layer, or None when not
-        allocated here."""
+        allocated here. With buf (bitmap + block sized) a dynamic block is read into it:
+        the streaming pass reuses one buffer instead of faulting in a fresh 2 MiB a block."""
         if self.header is None:  # fixed: all data, read straight
             start = index * bs
             n = min(bs, self.size - start)
@@ -374,6 +375,10 @@ class VhdArchive(Archive):
         if index >= len(self.bat) or self.bat[index] == UNALLOCATED:
             return None
         off = self.bat[index] * SECTOR
+        if buf is not None:
+            view = memoryview(buf)
+            self.source.preadinto(view, off, f"VHD block {index}")
+            return bytes(view[:self.bitmap_size]), view[self.bitmap_size:]
         raw = self.source.pread(self.bitmap_size + self.header.block_size, off,
                                 f"VHD block {index}")
         return raw[:self.bitmap_size], memoryview(raw)[self.bitmap_size:]
@@ -419,16 +424,18 @@ class VhdArchive(Archive):
     def _stream_blocks(self, disk):
         """By block index, merging each block with the parents' for differencing disks."""
         layers = self._layers()
+        buf = bytearray(self.bitmap_size + self.header.block_size)
         for index in range(-(-disk.size // self.header.block_size)):
-            yield from ((disk, off, data) for off, data in self._block_pieces(index, layers))
+            yield from ((disk, off, data) for off, data in self._block_pieces(index, layers, buf))
 
-    def _block_pieces(self, index: int, layers: list):
-        """(disk offset, data) of every stretch of block index that some layer stores."""
+    def _block_pieces(self, index: int, layers: list, buf: bytearray | None = None):
+        """(disk offset, data) of every stretch of block index that some layer stores;
+        buf: a reusable buffer for this layer's block (one reader only: not read_at)."""
         bs = self.header.block_size
         spb = self.sectors_per_block
         base = index * bs
         limit = min(bs, self.size - base)
-        mine = self.block_layers(index, bs)
+        mine = self.block_layers(index, bs, buf)
         if mine is not None and len(layers) == 1:
             for first, count in bitmap_runs(mine[0], min(spb, -(-limit // SECTOR))):
                 a, b = first * SECTOR, min((first + count) * SECTOR, limit)
