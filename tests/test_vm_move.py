@@ -367,3 +367,22 @@ def test_vm_with_only_a_cd_drive(tmp_path):
     cds = [o for o in top["objects"] if o["class"] == "VBD" and o["snapshot"]["type"] == "CD"]
     assert len(cds) == 1
     assert settings_of(back)["cdroms"] == settings_of(src)["cdroms"] == 1
+
+
+def test_vma_repack_keeps_every_device(tmp_path):
+    """VMA -> VMA (recompression) keeps the EFI disk and the memory state as they are."""
+    d0 = vmagen.disk_bytes(MiB, seed=1)
+    efi = vmagen.disk_bytes(128 * 1024, seed=2)
+    state = vmagen.disk_bytes(200000, seed=3)
+    src = tmp_path / "a.vma"
+    src.write_bytes(vmagen.build([("drive-scsi0", d0), ("drive-efidisk0", efi)],
+                                 configs=[("qemu-server.conf", PVE_CONF)], vmstate=state))
+    out = tmp_path / "a.vma.zst"
+    res = run("convert", src, out, "-O", "vma")
+    assert res.code == 0 and res.errtext == "", res
+    assert run("verify", out).code == 0
+    assert vma_conf(out) == PVE_CONF.decode()
+    assert run("extract", out, tmp_path / "x").code == 0
+    assert (tmp_path / "x" / "disk-drive-efidisk0.raw").read_bytes() == efi
+    assert (tmp_path / "x" / "vmstate.bin").read_bytes() == state
+    assert (tmp_path / "x" / "disk-drive-scsi0.raw").read_bytes() == d0

@@ -59,7 +59,8 @@ class VmaWriter:
         self._pos = EXTENT_HEADER
         self._infos: list[int] = []
         self.extents = 0
-        self._ordered = ordered
+        # the memory state is always given in order, and readers require it in order
+        self._in_order = [False] + [ordered or name == "vmstate" for name, _ in devices]
         self._next = [0] * len(self._assemblers)   # first cluster not listed yet
 
     # -- header --------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class VmaWriter:
 
     def put_cluster(self, dev_id: int, cluster: int, data: memoryview) -> None:
         """One whole cluster (shorter only at the device's end); zero blocks left out."""
-        if self._ordered and cluster > self._next[dev_id]:
+        if self._in_order[dev_id] and cluster > self._next[dev_id]:
             seen = self._assemblers[dev_id].seen
             for skipped in range(self._next[dev_id], cluster):
                 if not seen[skipped]:

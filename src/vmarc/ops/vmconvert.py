@@ -49,8 +49,9 @@ def write_xva(out, archive: Archive, settings, *, checksum: str, header: str,
     """The XVA of the archive's VM into out."""
     data_disks = [slot.disk for slot in settings.disks]
     if archive.format == "xva":
-        # a re-pack keeps ova.xml and the refs as they are
-        order = [d for d in archive.stream_order() if d in data_disks]
+        # a re-pack keeps ova.xml and the refs as they are, so every disk it streams
+        # (a suspend image too) goes along
+        order = archive.stream_order()
         refs = [d.id for d in order]
         xml = archive.configs["ova.xml"]
     else:
@@ -108,7 +109,9 @@ def write_vma(out, archive: Archive, settings, *, storage: str, vmid: int, bus: 
               bridge: str | None, verify: bool, bar) -> None:
     data_disks = [slot.disk for slot in settings.disks]
     if archive.format == "vma":
-        # a re-pack keeps the configs and device names as they are
+        # a re-pack keeps the configs and every device as they are (EFI and TPM state,
+        # the memory state of a snapshot backup)
+        data_disks = list(archive.disks) + [d for d, _ in archive.extra_streams()]
         configs = dict(archive.configs)
         names = [d.id for d in data_disks]
     else:
