@@ -65,12 +65,18 @@ def to_int(value, what: str, where: str) -> int:
     return n
 
 
+class DateTime(str):
+    """A date XAPI reads as <dateTime.iso8601> ("19700101T00:00:00Z")."""
+
+
 def render(value) -> str:
     """XML-RPC text for a value the way XAPI exports it: integers as strings, booleans as
     <boolean>, dicts as <struct>, lists as <array>."""
     from xml.sax.saxutils import escape
     if isinstance(value, bool):
         return f"<value><boolean>{int(value)}</boolean></value>"
+    if isinstance(value, DateTime):
+        return f"<value><dateTime.iso8601>{escape(value)}</dateTime.iso8601></value>"
     if isinstance(value, dict):
         return "<value><struct>" + "".join(
             f"<member><name>{escape(str(k))}</name>{render(v)}</member>"

@@ -24,6 +24,7 @@ from . import ovaxml
 CHUNK = 1 << 20
 BLOCK = 512
 NULL = "OpaqueRef:NULL"
+EPOCH = ovaxml.DateTime("19700101T00:00:00Z")
 CHECKSUMS = {"xxhash": (".xxhash", xxh64_text), "sha1": (".checksum", sha1_text)}
 HEADERS = ("v7", "ustar")
 
@@ -143,7 +144,7 @@ def _vm_snapshot(s: VmSettings, vm_uuid: str) -> dict:
         "suspend_VDI": NULL, "suspend_SR": NULL, "resident_on": NULL, "affinity": NULL,
         "scheduled_to_be_resident_on": NULL, "appliance": NULL, "protection_policy": NULL,
         "snapshot_schedule": NULL, "metrics": NULL, "guest_metrics": NULL, "parent": NULL,
-        "snapshot_of": NULL, "snapshot_time": "19700101T00:00:00Z", "snapshot_info": {},
+        "snapshot_of": NULL, "snapshot_time": EPOCH, "snapshot_info": {},
         "snapshot_metadata": "", "transportable_snapshot_id": "", "snapshots": [],
         "children": [], "memory_overhead": "0", "memory_target": memory,
         "memory_static_max": memory, "memory_dynamic_max": memory,
@@ -205,7 +206,7 @@ def ova_xml(s: VmSettings, refs: list[str], network_names=None) -> bytes:
             "type": "user", "sharable": False, "read_only": False, "other_config": {},
             "storage_lock": False, "location": "", "managed": True, "missing": False,
             "parent": NULL, "xenstore_data": {}, "sm_config": {}, "is_a_snapshot": False,
-            "snapshot_of": NULL, "snapshots": [], "snapshot_time": "19700101T00:00:00Z",
+            "snapshot_of": NULL, "snapshots": [], "snapshot_time": EPOCH,
             "tags": [], "allow_caching": False, "on_boot": "persist", "metadata_of_pool": NULL,
             "metadata_latest": False, "is_tools_iso": False, "cbt_enabled": False}})
         sr["VDIs"].append(vdi_ref)
