@@ -6,7 +6,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
+# The real Proxmox sample: ../shared/fixtures beside the checkout when it is there,
+# else the copy kept in tests/fixtures (a CI clone may live anywhere).
+_SHARED = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
+SHARED_FIXTURES = (_SHARED if os.path.exists(os.path.join(_SHARED, "proxmox-test.vma.gz"))
+                   else os.path.join(ROOT, "tests", "fixtures"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 
