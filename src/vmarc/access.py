@@ -171,6 +171,9 @@ class _Unclosed:
         return getattr(self._f, name)
 
 
+ZEROS = "zeros"  # DiskAccess.in_place(): the range is a hole
+
+
 # -- per-disk access -------------------------------------------------------------------------
 class DiskAccess:
     """Random reads of one disk. pieces() yields (offset, length, is_data)."""
@@ -188,6 +191,18 @@ class DiskAccess:
         length = self.size - offset if length is None else min(length, self.size - offset)
         for start, n, at in self.map.pieces(offset, length):
             yield start, n, at is not None
+
+    def in_place(self, offset: int, n: int):
+        """Where [offset, offset + n) can be read without Python touching the bytes:
+        ZEROS when it is all hole, (fd, position) when it is one stored run of a plain
+        file, else None. Lets FUSE hand the copy to libfuse."""
+        first = next(iter(self.map.pieces(offset, n)), None)
+        if first is None or first[1] != n:
+            return None
+        if first[2] is None:
+            return ZEROS
+        fd = getattr(getattr(self, "store", None), "fd", None)
+        return None if fd is None else (fd, first[2])
 
 
 class MappedDisk(DiskAccess):

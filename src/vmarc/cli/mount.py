@@ -3,6 +3,7 @@ through FUSE (mfusepy, imported only here)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -10,12 +11,13 @@ import subprocess
 import sys
 import time
 
-from ..access import open_disks
+from ..access import ZEROS, open_disks
 from ..model import Archive
 from ..errors import SourceError, UnsupportedError, UsageError
 from ..partitions import partitions
 from .common import add_random_access_args
 
+BLKSIZE = 1 << 20  # st_blksize: cat and cp then read a MiB at a time (one FUSE request)
 DETACHED = "VMARC_MOUNT_DETACHED"  # set for the background child of `mount`
 
 
@@ -26,6 +28,9 @@ def add_parser(sub):
     p.add_argument("mountpoint")
     p.add_argument("-F", "--foreground", action="store_true",
                    help="stay in the foreground until unmounted (default: background)")
+    p.add_argument("--kernel-cache", action="store_true",
+                   help="let the kernel cache what was read: repeated reads of the same "
+                   "places get faster, a first read slower (default: direct I/O)")
     p.add_argument("-o", dest="options", default="", help="extra FUSE mount options, "
                    "e.g. allow_other")
     p.set_defaults(run=run)
@@ -41,6 +46,9 @@ class _Slice:
         n = max(0, min(n, self.size - offset))
         return self.disk.read(self.offset + offset, n)
 
+    def in_place(self, offset: int, n: int):
+        return self.disk.in_place(self.offset + offset, n)
+
 
 class _Blob:
     def __init__(self, data: bytes):
@@ -48,6 +56,9 @@ class _Blob:
 
     def read(self, offset: int, n: int) -> bytes:
         return self.data[offset:offset + n]
+
+    def in_place(self, offset: int, n: int):
+        return None
 
 
 def tree(opened) -> dict:
@@ -71,6 +82,7 @@ def run(args) -> int:
         raise UsageError(f"{args.mountpoint}: not a directory")
     if not args.foreground:
         return _background(args)
+    _prefer_libfuse3()
     try:
         import mfusepy
     except ImportError as e:
@@ -84,9 +96,17 @@ def run(args) -> int:
     with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
         files = tree(opened)
         ops = _operations(mfusepy, files, os.stat(args.source))
-        # kernel_cache: the archive does not change under a read-only mount, so the
-        # kernel may keep what it read (a second `cat` then costs no Python call).
-        opts = {"ro": True, "fsname": "vmarc", "subtype": "vmarc", "kernel_cache": True}
+        opts = {"ro": True, "fsname": "vmarc", "subtype": "vmarc"}
+        if args.kernel_cache:
+            # the archive does not change under a read-only mount, so the kernel may
+            # keep what it read: a second read of the same place costs no Python call
+            opts["kernel_cache"] = True
+        else:
+            # reads go straight into the reader's buffer: no copy into fresh page-cache
+            # pages, which cost more than the read itself (a file read once, or a loop
+            # device or file system above that keeps its own cache)
+            opts["direct_io"] = True
+
         for o in filter(None, args.options.split(",")):
             key, _, value = o.partition("=")
             opts[key] = value or True
@@ -99,6 +119,8 @@ def run(args) -> int:
 
 
 def _operations(mfusepy, files: dict, st):
+    zero_fd = os.open("/dev/zero", os.O_RDONLY)  # holes, read by libfuse like a file
+
     class Ops(mfusepy.Operations):
         use_ns = True
 
@@ -110,7 +132,7 @@ def _operations(mfusepy, files: dict, st):
             f = files.get(path[1:])
             if f is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
-            return dict(base, st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=f.size,
+            return dict(base, st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=f.size, st_blksize=BLKSIZE,
                         st_blocks=-(-f.size // 512))
 
         def readdir(self, path, fh):
@@ -135,6 +157,34 @@ def _operations(mfusepy, files: dict, st):
                 print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
                 raise mfusepy.FuseOSError(errno.EIO) from None
 
+        def read_buf(self, path, bufpp, size, offset, fh):
+            """libfuse reads what it can itself: a stored run of a plain archive is
+            handed over as (archive fd, position) and a hole as /dev/zero, so libfuse
+            preads them outside Python and the GIL; the rest is read() into one buffer."""
+            f = files.get(path[1:])
+            if f is None:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            n = max(0, min(size, f.size - offset))
+            where = f.in_place(offset, n) if n else None
+            data = b""
+            if n and where is None:
+                data = self.read(path, n, offset, fh)
+            vec = _BufVec.new()
+            buf = vec.buf
+            if where is ZEROS:
+                buf.size, buf.flags, buf.fd, buf.pos = n, _FD_FLAGS, zero_fd, 0
+            elif where is not None:
+                buf.size, buf.flags, buf.fd, buf.pos = n, _FD_FLAGS, where[0], where[1]
+            elif data:
+                buf.mem = _libc.malloc(len(data))   # libfuse free()s it after replying
+                if not buf.mem:
+                    _libc.free(ctypes.addressof(vec))
+                    raise mfusepy.FuseOSError(errno.ENOMEM)
+                ctypes.memmove(buf.mem, data, len(data))
+                buf.size = len(data)
+            ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = ctypes.addressof(vec)
+            return 0
+
         def init(self, path):
             if os.environ.get(DETACHED):  # mounted: the parent has gone, so has its stderr
                 null = os.open(os.devnull, os.O_WRONLY)
@@ -147,10 +197,59 @@ def _operations(mfusepy, files: dict, st):
     return Ops()
 
 
+# libfuse's struct fuse_buf / fuse_bufvec (fuse_common.h). We always hand over a
+# single buffer, so only the leading fields' layout matters; the allocation is padded
+# for fields later libfuse versions may append.
+class _Buf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int),
+                ("mem", ctypes.c_void_p), ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _BufVec(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t),
+                ("off", ctypes.c_size_t), ("buf", _Buf)]
+
+    @classmethod
+    def new(cls) -> "_BufVec":
+        """A zeroed one-buffer vector from malloc's heap: libfuse free()s it."""
+        at = _libc.calloc(1, 4 * ctypes.sizeof(cls))
+        if not at:
+            raise MemoryError("calloc")
+        vec = cls.from_address(at)
+        vec.count = 1
+        vec.buf.fd = -1
+        return vec
+
+
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = _libc.calloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+_FD_FLAGS = (1 << 1) | (1 << 2) | (1 << 3)  # FUSE_BUF_IS_FD | FD_SEEK | FD_RETRY
+
+
+def _prefer_libfuse3() -> None:
+    """mfusepy takes libfuse 2 when both are installed (libvhdi-utils pulls it in); 3
+    negotiates 1 MiB requests where 2 stays at 128 KiB."""
+    if not os.environ.get("FUSE_LIBRARY_PATH"):
+        from ctypes.util import find_library
+        lib = find_library("fuse3")
+        if lib:
+            os.environ["FUSE_LIBRARY_PATH"] = lib
+    # libfuse allocates a reply buffer per request: keep those in the heap, already
+    # faulted in, instead of a fresh mmap (and 256 page faults) per MiB
+    if hasattr(_libc, "mallopt"):
+        _libc.mallopt(-3, 64 << 20)    # M_MMAP_THRESHOLD
+        _libc.mallopt(-1, 256 << 20)   # M_TRIM_THRESHOLD
+
+
 def _background(args) -> int:
     """Run the mount in a detached child (`-F`) and return once it is mounted. A child
     process, not a fork: decompressor and index threads do not survive fork()."""
     argv = [sys.executable, "-m", "vmarc", "mount", "-F", args.source, args.mountpoint]
+    if args.kernel_cache:
+        argv.append("--kernel-cache")
     for opt, value in (("-f", args.fmt), ("--index", args.index), ("--parent", args.parent),
                        ("-o", args.options or None)):
         if value:
