@@ -82,7 +82,7 @@ def run(args) -> int:
         raise UsageError(f"{args.mountpoint}: not a directory")
     if not args.foreground:
         return _background(args)
-    _prefer_libfuse3()
+    _prepare_libfuse()
     try:
         import mfusepy
     except ImportError as e:
@@ -229,7 +229,7 @@ _libc.free.argtypes = [ctypes.c_void_p]
 _FD_FLAGS = (1 << 1) | (1 << 2) | (1 << 3)  # FUSE_BUF_IS_FD | FD_SEEK | FD_RETRY
 
 
-def _prefer_libfuse3() -> None:
+def _prepare_libfuse() -> None:
     """mfusepy takes libfuse 2 when both are installed (libvhdi-utils pulls it in); 3
     negotiates 1 MiB requests where 2 stays at 128 KiB."""
     if not os.environ.get("FUSE_LIBRARY_PATH"):
