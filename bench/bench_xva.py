@@ -24,6 +24,9 @@ import xvagen  # noqa: E402  (the tests' independent generator)
 
 MiB = 1 << 20
 VMARC = [sys.executable, "-m", "vmarc"]
+# An installed vmarc runs from compiled bytecode (pip writes it); a shell that forbids
+# writing .pyc files would charge every command ~40 ms of recompiling instead.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def make_disk(size_mib: int) -> xvagen.XDisk:
