@@ -83,6 +83,18 @@ def timed(cmd, shell=False) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss
 
 
+def warm_memory(mib: int = 2048) -> None:
+    """Touch and free memory just before a timed job. On this project's VMs the guest
+    hands freed pages back to the host (free page reporting, a 2 s delay); a job that
+    writes its output into such pages pays a host fault per page, 0.5 s to 1.5 s per
+    GiB at random. Pages freed a moment ago are still the guest's, so every job (the
+    baselines alike) writes at memory speed and only its own cost is measured."""
+    # in a child: a fork of a process that once held 2 GiB would report that as the
+    # peak RSS of every command timed after it
+    subprocess.run([sys.executable, "-c", f"n = {mib << 20}; b = bytearray(n); "
+                    "b[::4096] = bytes([1]) * len(range(0, n, 4096))"], check=True)
+
+
 def interleaved(jobs: dict, runs: int, cleanup) -> dict:
     """Run every job once per round, rounds repeated: disk and page-cache weather on a
     shared machine then hits every job alike. Returns {name: (median s, min s, peak RSS KiB)}."""
@@ -92,6 +104,7 @@ def interleaved(jobs: dict, runs: int, cleanup) -> dict:
         for name, cmd in jobs.items():
             cleanup()
             os.sync()  # no dirty pages left by the previous run
+            warm_memory()
             t, r = timed(cmd, isinstance(cmd, str))
             times[name].append(t)
             rss[name] = max(rss[name], r)
