@@ -59,16 +59,22 @@ class HashRing:
             fut = self._pool.submit(func, self._views[i][:length])
         self._pending[i] = (fut, expected, where)
 
+    def check_now(self, data, func, expected: str, where: str) -> None:
+        """Hash data at once and compare (for data that is not in a ring buffer)."""
+        self._compare(func(data), expected, where)
+
+    def _compare(self, got: str, expected: str, where: str) -> None:
+        if got != expected:
+            self.checks.fail(IntegrityError(f"{where}: checksum mismatch (stored {expected}, "
+                                            f"computed {got})"))
+
     def _settle(self, i: int) -> None:
         item = self._pending[i]
         if item is None:
             return
         self._pending[i] = None
         fut, expected, where = item
-        got = fut.result()
-        if got != expected:
-            self.checks.fail(IntegrityError(f"{where}: checksum mismatch (stored {expected}, "
-                                            f"computed {got})"))
+        self._compare(fut.result(), expected, where)
 
     def finish(self) -> None:
         """Settle every pending hash, oldest first."""

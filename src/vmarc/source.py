@@ -54,7 +54,23 @@ class Source:
         """Announce a sequential pass: a plain file is then read ahead on a thread (pipes
         and decompressors always are). Random-access readers never call this."""
         if self.seekable and self._ahead is None and self._raw_file is not None:
-            self._stream = self._ahead = _Prefetch(self._raw_file)
+            # 4 MiB buffers: most 1 MiB XVA chunks then lie inside one (take_view)
+            self._stream = self._ahead = _Prefetch(self._raw_file, size=4 * BLOCK)
+
+    def take_view(self, n: int) -> memoryview | None:
+        """The next n bytes without a copy, as a view of the read-ahead buffer holding
+        them, when a read-ahead is running and they lie inside one buffer; else None.
+        The view stays valid until release_views()."""
+        if not isinstance(self._ahead, _Prefetch) or self._pending:
+            return None
+        view = self._ahead.view(n)
+        if view is not None:
+            self.offset += n
+        return view
+
+    def release_views(self) -> None:
+        if isinstance(self._ahead, _Prefetch):
+            self._ahead.release()
 
     # -- reading ---------------------------------------------------------------------
     def _readinto(self, view: memoryview) -> int:
@@ -363,6 +379,8 @@ class _Prefetch(io.RawIOBase):
             self._free.put(bytearray(size))
         self._buf = None            # the buffer being consumed, its fill and read position
         self._fill = self._pos = 0
+        self._holding = False       # a view() is out: finished buffers wait in _held
+        self._held: list = []
         self._done = False
         self._stop = False
         self._thread = threading.Thread(target=self._pump, name="vmarc-prefetch", daemon=True)
@@ -391,21 +409,49 @@ class _Prefetch(io.RawIOBase):
     def readable(self):
         return True
 
-    def readinto(self, view):
-        if self._pos == self._fill:
-            if self._done:
-                return 0
-            if self._buf is not None:
+    def _next_buffer(self) -> bool:
+        """Move to the next filled buffer; False at the end of the input."""
+        if self._done:
+            return False
+        if self._buf is not None:
+            if self._holding:
+                self._held.append(self._buf)
+            else:
                 self._free.put(self._buf)
-                self._buf = None
-            item = self._full.get()
-            if item is None or isinstance(item, BaseException):
-                self._done = True
-                if item is None:
-                    return 0
-                raise item
-            self._buf, self._fill = item
-            self._pos = 0
+            self._buf = None
+        item = self._full.get()
+        if item is None or isinstance(item, BaseException):
+            self._done = True
+            if item is None:
+                return False
+            raise item
+        self._buf, self._fill = item
+        self._pos = 0
+        return True
+
+    def view(self, n: int) -> memoryview | None:
+        """The next n bytes as a view of the buffer they were read into, consumed, when
+        they lie inside one buffer; else None (read them with readinto). The buffer is
+        not refilled before release()."""
+        if self._pos == self._fill and not self._next_buffer():
+            return None
+        if self._fill - self._pos < n:
+            return None
+        view = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
+        self._holding = True
+        return view
+
+    def release(self) -> None:
+        """The views handed out are no longer used: their buffers may be refilled."""
+        self._holding = False
+        for buf in self._held:
+            self._free.put(buf)
+        self._held.clear()
+
+    def readinto(self, view):
+        if self._pos == self._fill and not self._next_buffer():
+            return 0
         n = min(len(view), self._fill - self._pos)
         view[:n] = memoryview(self._buf)[self._pos:self._pos + n]
         self._pos += n

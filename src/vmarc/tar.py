@@ -158,6 +158,14 @@ class TarReader:
         self.src.readinto_exact(view, f"tar member {member.name}")
         self._left -= len(view)
 
+    def view(self, member: Member) -> memoryview | None:
+        """All of the current member's data without a copy (Source.take_view), or None:
+        then readinto()."""
+        view = self.src.take_view(self._left)
+        if view is not None:
+            self._left = 0
+        return view
+
     def read(self, member: Member) -> bytes:
         buf = bytearray(self._left)
         self.readinto(memoryview(buf), member)

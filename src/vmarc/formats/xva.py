@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..errors import FormatError, TruncatedError
-from ..hashing import HashRing, sha1_text, xxh64_text
+from ..hashing import INLINE, HashRing, sha1_text, xxh64_text
 from ..model import Archive, Checks, Disk
 from ..tar import TarReader
 from . import ovaxml
@@ -136,20 +136,31 @@ class XvaArchive(Archive):
         ring = HashRing(checks)
         name = self.source.name
         self.source.read_ahead()
+        inline = not verify  # hashes run at once, so a chunk may be used where it was read
         try:
             for disk, start, m in self._chunks(checks):
                 keep = disk.id in wanted
-                i, buf = ring.take()
-                data = buf[:m.size]
-                if keep or verify:
-                    self.tar.readinto(data, m)
+                # no copy when the read-ahead buffer holds the whole chunk and its hash
+                # (XXH64) is computed at once; else into a ring buffer (SHA-1 on the pool)
+                data = self.tar.view(m) if inline and (keep or verify) else None
+                viewed = data is not None
+                if not viewed:
+                    i, buf = ring.take()
+                    data = buf[:m.size]
+                    if keep or verify:
+                        self.tar.readinto(data, m)
                 func, expected = self._read_checksum(m, disk)
                 if verify:
-                    ring.check(i, m.size, func, expected,
-                               f"{name}: {disk.describe()}, chunk {m.name} (disk offset "
-                               f"{start}, archive offset {m.data_offset})")
+                    where = (f"{name}: {disk.describe()}, chunk {m.name} (disk offset "
+                             f"{start}, archive offset {m.data_offset})")
+                    if viewed:
+                        ring.check_now(data, func, expected, where)
+                    else:
+                        ring.check(i, m.size, func, expected, where)
+                    inline = func in INLINE
                 if keep and m.size and start < disk.size:
                     yield disk, start, data[:min(m.size, disk.size - start)]
+                self.source.release_views()  # the consumer is done with the chunk
             ring.finish()
             if self.source.compression:
                 self.source.drain()  # let the decompressor check its own trailer
