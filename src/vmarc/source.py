@@ -54,23 +54,23 @@ class Source:
         """Announce a sequential pass: a plain file is then read ahead on a thread (pipes
         and decompressors always are). Random-access readers never call this."""
         if self.seekable and self._ahead is None and self._raw_file is not None:
-            # 4 MiB buffers: most 1 MiB XVA chunks then lie inside one (take_view)
-            self._stream = self._ahead = _Prefetch(self._raw_file, size=4 * BLOCK)
+            self._stream = self._ahead = _Prefetch(self._raw_file)
 
     def take_view(self, n: int) -> memoryview | None:
         """The next n bytes without a copy, as a view of the read-ahead buffer holding
-        them, when a read-ahead is running and they lie inside one buffer; else None.
+        them (a plain file read ahead, or a decompressor's output), when they lie inside
+        one buffer; else None.
         The view stays valid until release_views()."""
-        if not isinstance(self._ahead, _Prefetch) or self._pending:
+        if not isinstance(self._stream, _Prefetch) or self._pending:
             return None
-        view = self._ahead.view(n)
+        view = self._stream.view(n)
         if view is not None:
             self.offset += n
         return view
 
     def release_views(self) -> None:
-        if isinstance(self._ahead, _Prefetch):
-            self._ahead.release()
+        if isinstance(self._stream, _Prefetch):
+            self._stream.release()
 
     # -- reading ---------------------------------------------------------------------
     def _readinto(self, view: memoryview) -> int:
@@ -371,7 +371,8 @@ class _Prefetch(io.RawIOBase):
     that showed in bench/ (zstd XVA -> raw took twice as long).
     """
 
-    def __init__(self, reader, count: int = 8, size: int = BLOCK):
+    # 4 MiB buffers: most 1 MiB XVA chunks then lie inside one (view())
+    def __init__(self, reader, count: int = 8, size: int = 4 * BLOCK):
         self._reader = reader       # has readinto(view) and close()
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
