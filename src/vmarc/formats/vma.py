@@ -54,6 +54,28 @@ def probe(head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
+class _ExtentData:
+    """One extent's data, consumed in order a run at a time: each run is a view of the
+    read-ahead buffer it lies in (no copy), or read into the extent buffer when it
+    straddles two; the data of devices not wanted is skipped."""
+
+    def __init__(self, src, buf: memoryview, size: int, what: str):
+        self.src, self.buf, self.size, self.what = src, buf, size, what
+        self.pos = 0  # bytes of the extent's data consumed
+
+    def take(self, at: int, n: int) -> memoryview:
+        self.src.skip(at - self.pos, self.what)
+        view = self.src.take_view(n)
+        if view is None:
+            view = self.buf[at:at + n]
+            self.src.readinto_exact(view, self.what)
+        self.pos = at + n
+        return view
+
+    def finish(self) -> None:
+        self.src.skip(self.size - self.pos, self.what)
+
+
 class VmaArchive(Archive):
     format = "vma"
     ordered = False  # clusters come as the backup job wrote them
@@ -176,9 +198,9 @@ class VmaArchive(Archive):
         return d
 
     @staticmethod
-    def _run(run, base_at: int, view):
+    def _run(run, base_at: int, extent):
         disk, start, at, n = run
-        return disk, start, n, base_at + at, None if view is None else view[at:at + n]
+        return disk, start, n, base_at + at, None if extent is None else extent.take(at, n)
 
     def _at(self, disk: Disk, cluster: int, where: int) -> str:
         return f"{self.source.name}: {disk.id}, cluster {cluster} (extent at offset {where})"
@@ -188,6 +210,7 @@ class VmaArchive(Archive):
         self.source.read_ahead()
         for disk, start, n, _, data in self._runs(disks, checks or Checks(), read=True):
             yield disk, start, data
+            self.source.release_views()  # the consumer is done with the run
 
     def scan(self, checks: Checks | None = None):
         """(disk, disk offset, length, archive offset) of every stored run, reading the
@@ -239,9 +262,11 @@ class VmaArchive(Archive):
                 raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
                                   f"but block_count is {block_count}")
             base_at = where + EXTENT_HEADER  # archive offset of this extent's data
-            if read:
-                src.readinto_exact(dview[:block_count * BLOCK], f"the data of the extent at {where}")
+            if read:  # read run by run as they are yielded, in order
+                extent = _ExtentData(src, dview, block_count * BLOCK,
+                                     f"the data of the extent at {where}")
             else:
+                extent = None
                 src.skip(block_count * BLOCK, f"the data of the extent at {where}")
             pos = 0  # next unread block of this extent's data
             run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
@@ -288,12 +313,14 @@ class VmaArchive(Archive):
                             # marked seen but not yet yielded: covered() stays below it
                             self._pending = (disk.id, start)
                             if run:
-                                yield self._run(run, base_at, dview if read else None)
+                                yield self._run(run, base_at, extent)
                             run = [disk, start, at, n]
                 pos += mask.bit_count()
             if run:
                 self._pending = None
-                yield self._run(run, base_at, dview if read else None)
+                yield self._run(run, base_at, extent)
+            if extent is not None:
+                extent.finish()
         for dev_id, disk in self.devices.items():
             marks = seen[dev_id]
             missing = len(marks) - marks.count(1)
