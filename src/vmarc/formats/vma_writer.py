@@ -116,8 +116,10 @@ class VmaWriter:
         mask = 0
         if not is_zero(data):
             ext, pos = self._view, self._pos
-            if len(data) == CLUSTER and not any(
-                    ZERO_CHUNK.startswith(data[b:b + BLOCK]) for b in range(0, CLUSTER, BLOCK)):
+            # a zero block starts with a zero byte: when no block does (one strided
+            # copy of 16 bytes), every block holds data and none needs a full look
+            if len(data) == CLUSTER and (0 not in bytes(data[::BLOCK]) or not any(
+                    ZERO_CHUNK.startswith(data[b:b + BLOCK]) for b in range(0, CLUSTER, BLOCK))):
                 ext[pos:pos + CLUSTER] = data  # the common case: every block holds data
                 mask, pos = 0xFFFF, pos + CLUSTER
             else:
