@@ -103,8 +103,8 @@ def main() -> int:
     pairs = [("vma: vmarc convert --no-sync", "cat > file"),
              ("vma.zst: vmarc convert --no-sync", "zstd -dc > /dev/null"),
              ("vma.zst: vmarc convert --no-sync", "zstd -dc > file"),
-             ("create: vmarc create --no-sync", "cat raw > file"),
-             ("create .zst: vmarc create --no-sync", "zstd -T0 raw > file")]
+             ("create: vmarc create --no-sync", "cat raw > file", 1.5),
+             ("create .zst: vmarc create --no-sync", "zstd -T0 raw > file", 1.5)]
     if args.worst:
         worst = os.path.join(args.work, "worst.vma")
         jobs["worst: cat > file"] = f"cat {worst} > {out}"
