@@ -30,7 +30,8 @@ def add_parser(sub):
                    help="stay in the foreground until unmounted (default: background)")
     p.add_argument("--kernel-cache", action="store_true",
                    help="let the kernel cache what was read: repeated reads of the same "
-                   "places get faster, a first read slower (default: direct I/O)")
+                   "places get faster, a first read slower, and shared mmap() works "
+                   "(default: direct I/O)")
     p.add_argument("-o", dest="options", default="", help="extra FUSE mount options, "
                    "e.g. allow_other")
     p.set_defaults(run=run)
