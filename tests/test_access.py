@@ -2,6 +2,7 @@
 FUSE (a real mount, read with ordinary file reads)."""
 
 import json
+import mmap
 import os
 import random
 import signal
@@ -357,6 +358,12 @@ def test_fuse_mount_reads_byte_for_byte(case, extra, tmp_path, mounted):
                 n = rnd.choice([1, 4096, 70000, 1 << 20])  # inside a run, across runs
                 assert os.pread(f.fileno(), n, off) == data[off:off + n]
             assert os.pread(f.fileno(), 4096, len(data)) == b""
+            if "--kernel-cache" in extra:  # shared maps need the page cache
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    assert m[:] == data
+            with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
+                assert m[len(data) // 3:len(data) // 3 + 70000] == \
+                    data[len(data) // 3:len(data) // 3 + 70000]
     with pytest.raises(OSError):
         open(mnt / files[0], "r+b")
 
