@@ -183,6 +183,7 @@ class DiskAccess:
         self.size = disk.size
 
     map: DiskMap  # the stretches that hold data (for MappedDisk also where they lie)
+    store_fd: int | None = None  # the plain file the stored runs are read from, if any
 
     def read(self, offset: int, n: int) -> bytes:
         raise NotImplementedError
@@ -201,14 +202,14 @@ class DiskAccess:
             return None
         if first[2] is None:
             return ZEROS
-        fd = getattr(getattr(self, "store", None), "fd", None)
-        return None if fd is None else (fd, first[2])
+        return None if self.store_fd is None else (self.store_fd, first[2])
 
 
 class MappedDisk(DiskAccess):
     def __init__(self, disk: Disk, store, dmap: DiskMap):
         super().__init__(disk)
         self.store = store
+        self.store_fd = getattr(store, "fd", None)  # a FileStore; not gzip checkpoints
         self.map = dmap
 
     def read(self, offset: int, n: int) -> bytes:

@@ -198,7 +198,7 @@ class _Client(socketserver.BaseRequestHandler):
             elif offset + length > disk.size or (cmd == CMD_READ and length > MAX_REQUEST):
                 self._error(handle, EINVAL, "request outside the disk or too large")
             elif cmd == CMD_READ and self.structured and not flags & CMD_FLAG_DF \
-                    and getattr(getattr(disk, "store", None), "fd", None) is not None:
+                    and disk.store_fd is not None:
                 self._read_in_place(disk, handle, offset, length)
             elif cmd == CMD_READ:
                 try:
@@ -231,7 +231,7 @@ class _Client(socketserver.BaseRequestHandler):
                                    8 + n, start))
             sent = 0
             while sent < n:
-                got = os.sendfile(out, disk.store.fd, at + sent, n - sent)
+                got = os.sendfile(out, disk.store_fd, at + sent, n - sent)
                 if got == 0:   # the archive file shrank under us: the reply cannot finish
                     raise ConnectionError("archive file ends inside indexed data")
                 sent += got

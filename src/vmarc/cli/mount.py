@@ -133,8 +133,8 @@ def _operations(mfusepy, files: dict, st):
             f = files.get(path[1:])
             if f is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
-            return dict(base, st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=f.size, st_blksize=BLKSIZE,
-                        st_blocks=-(-f.size // 512))
+            return dict(base, st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=f.size,
+                        st_blksize=BLKSIZE, st_blocks=-(-f.size // 512))
 
         def readdir(self, path, fh):
             if path != "/":
