@@ -219,23 +219,26 @@ class _Client(socketserver.BaseRequestHandler):
     def _read_in_place(self, disk, handle: int, offset: int, length: int):
         """A read from a plain file: a data chunk per stretch, sent by the kernel straight
         from the archive's page cache (sendfile), and a hole chunk per zero stretch (no
-        zeros on the wire); then the final chunk."""
+        zeros on the wire). The last chunk carries the DONE flag: no empty final chunk."""
         sock, out = self.sock, self.sock.fileno()
         head = struct.Struct(">IHHQIQ")
-        for start, n, at in disk.map.pieces(offset, length):
+        pieces = list(disk.map.pieces(offset, length))
+        for i, (start, n, at) in enumerate(pieces):
+            flags = REPLY_FLAG_DONE if i == len(pieces) - 1 else 0
             if at is None:
-                sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_HOLE,
+                sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE,
                                        handle, 12, start) + struct.pack(">I", n))
                 continue
-            sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, 0, REPLY_TYPE_OFFSET_DATA, handle,
-                                   8 + n, start))
+            sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA,
+                                   handle, 8 + n, start))
             sent = 0
             while sent < n:
                 got = os.sendfile(out, disk.store_fd, at + sent, n - sent)
                 if got == 0:   # the archive file shrank under us: the reply cannot finish
                     raise ConnectionError("archive file ends inside indexed data")
                 sent += got
-        self._done(handle)
+        if not pieces:
+            self._done(handle)
 
     def _read_reply(self, handle: int, offset: int, data: bytes):
         if self.structured:
