@@ -7,6 +7,7 @@ Uses the XVA of bench_xva.py (built if missing). Usage: bench/bench_access.py [-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -19,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 sys.path.insert(0, HERE)
-from bench_xva import MiB, VMARC, bench_args, build  # noqa: E402
+from bench_xva import MiB, VMARC, bench_args, build, warm_memory  # noqa: E402
 
 from vmarc.access import open_disks  # noqa: E402
 
@@ -97,64 +98,203 @@ def main() -> int:
     print(f"4 KiB random reads/s (Python API):  plain XVA {rps_plain:8.0f}, .xva.gz "
           f"{rps_gz:8.0f}, raw file {rps_raw:8.0f}")
 
+    try:
+        sequential(args, plain, raw, size, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return 0
+
+
+# -- sequential reads: NBD and FUSE against cat of the raw file -------------------------------
+DIRECT = ("cat raw file > /dev/null", "dd bs=1M raw file > /dev/null")  # the baselines
+
+
+def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
+    """Whole-disk reads, interleaved, each after the memory warm-up: with the page cache
+    warm (archive and raw file both cached: the transports' own cost) and, as root, cold
+    (caches dropped before each read: what reading a backup from its disk costs).
+    References no one tuned for vmarc show what the kernel's transports allow here."""
     sock = os.path.join(cache, "nbd.sock")
     server = subprocess.Popen(VMARC + ["serve", plain, "--socket", sock],
                               stderr=subprocess.DEVNULL)
     mnt = tempfile.mkdtemp(prefix="vmarc-bench-mnt-")
-    nbdkit = None
+    helpers, rss = [], {}
     try:
-        while not os.path.exists(sock):
-            time.sleep(0.05)
+        wait_for(lambda: os.path.exists(sock))
         url = f"nbd+unix:///?socket={sock}"
-        subprocess.run(VMARC + ["mount", plain, mnt], check=True)
         fuse_file = os.path.join(mnt, "xvda")
-        rows = {"cat raw file > /dev/null": [], "nbdcopy (skips holes) > null": [],
-                "nbdcopy --no-extents > null": [], "cat FUSE file > /dev/null": [],
-                "cat FUSE --kernel-cache, 1st read": []}
-        # the same read from nbdkit's C file plugin serving the converted raw file: what an
-        # NBD server reaches on this machine, whatever it is written in
-        ksock = os.path.join(cache, "nbdkit.sock")
-        if shutil.which("nbdkit"):
-            nbdkit = subprocess.Popen(["nbdkit", "-f", "-r", "-U", ksock, "file", raw],
-                                      stderr=subprocess.DEVNULL)
-            while not os.path.exists(ksock):
-                time.sleep(0.05)
-            rows["nbdcopy from nbdkit file (raw)"] = []
-        for _ in range(args.runs):
-            if nbdkit:
-                rows["nbdcopy from nbdkit file (raw)"].append(
-                    seconds(["nbdcopy", f"nbd+unix:///?socket={ksock}", "null:"]))
-            rows["cat raw file > /dev/null"].append(seconds(f"cat {raw} > /dev/null", True))
-            rows["nbdcopy (skips holes) > null"].append(seconds(["nbdcopy", url, "null:"]))
-            rows["nbdcopy --no-extents > null"].append(
-                seconds(["nbdcopy", "--no-extents", url, "null:"]))
-            # a fresh mount for each first read: with --kernel-cache a second cat of the
-            # same mount is served by the page cache and would not measure vmarc at all
-            for row, extra in (("cat FUSE file > /dev/null", []),
-                               ("cat FUSE --kernel-cache, 1st read", ["--kernel-cache"])):
-                subprocess.run(["fusermount3", "-u", mnt], check=True)
-                subprocess.run(VMARC + ["mount", plain, mnt, *extra], check=True)
-                rows[row].append(seconds(f"cat {fuse_file} > /dev/null", True))
-        base = statistics.median(rows["cat raw file > /dev/null"])
-        print("\nsequential read of the whole disk (acceptance: >= 50% of the raw file's speed)")
-        for name, ts in rows.items():
-            med = statistics.median(ts)
-            print(f"  {name:32} {med:6.2f} s  {size / med / MiB:7.0f} MiB/s  "
-                  f"{base / med * 100:5.0f}% of raw")
-        subprocess.run(["fusermount3", "-u", mnt], check=True)
-        subprocess.run(VMARC + ["mount", plain, mnt], check=True)  # direct I/O: no cache
-        with open(fuse_file, "rb") as f:
-            rps_fuse = random_reads(lambda off: os.pread(f.fileno(), 4096, off), size)
+
+        def fuse_read(*extra):
+            def run():
+                proc = mount(plain, mnt, *extra)
+                try:
+                    return read_timed(f"cat {fuse_file} > /dev/null")
+                finally:
+                    rss["mount"] = max(rss.get("mount", 0), peak_rss(proc.pid))
+                    unmount(mnt, proc)
+            return run
+
+        def nbd_read(url_, *extra):
+            return lambda: read_timed(["nbdcopy", *extra, url_, "null:"])
+
+        rows = {"cat raw file > /dev/null": lambda: read_timed(f"cat {raw} > /dev/null"),
+                "dd bs=1M raw file > /dev/null": lambda: read_timed(
+                    ["dd", f"if={raw}", "of=/dev/null", "bs=1M", "status=none"]),
+                "vmarc serve: nbdcopy > null": nbd_read(url),
+                "vmarc serve: nbdcopy --no-extents": nbd_read(url, "--no-extents"),
+                "vmarc mount: cat > /dev/null": fuse_read(),
+                "vmarc mount --kernel-cache: cat": fuse_read("--kernel-cache")}
+        refs = references(raw, cache, helpers)
+        cold_rows = (*DIRECT, "vmarc serve: nbdcopy > null",
+                     "vmarc mount: cat > /dev/null")
+        print(f"\nsequential read of the whole disk, median of {args.runs} "
+              "(acceptance: >= 50% of reading the raw file directly)")
+        table(interleave({**rows, **refs}, args.runs, cold=False), size,
+              "page cache warm (archive and raw file both cached)")
+        if os.access("/proc/sys/vm/drop_caches", os.W_OK):
+            table(interleave({k: rows[k] for k in cold_rows}, args.runs, cold=True), size,
+                  "page cache cold (dropped before each read: a backup read from disk)")
+        else:
+            print("  (cold-cache reads need root to drop the page cache: not measured)")
+        rss["serve"] = peak_rss(server.pid)
+        print("peak RSS: " + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in rss.items()))
+
+        proc = mount(plain, mnt)  # direct I/O: no page cache between reads
+        try:
+            with open(fuse_file, "rb") as f:
+                rps_fuse = random_reads(lambda off: os.pread(f.fileno(), 4096, off), size)
+        finally:
+            unmount(mnt, proc)
         print(f"4 KiB random reads/s through FUSE:  {rps_fuse:8.0f}")
     finally:
-        if nbdkit:
-            nbdkit.terminate()
-            nbdkit.wait()
+        for h in helpers:
+            h.terminate()
+            h.wait()
         subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
         server.terminate()
         server.wait()
-        shutil.rmtree(cache, ignore_errors=True)
         os.rmdir(mnt)
+
+
+def references(raw: str, cache: str, helpers: list) -> dict:
+    """Rows no vmarc code runs in: nbdkit's C file plugin serving the raw file (a C NBD
+    server), nbdkit's null plugin (NBD with no data read at all: the transport's floor)
+    and fuse_floor.c serving the raw file (FUSE with nothing but the kernel's copy)."""
+    refs = {}
+    if shutil.which("nbdkit"):
+        for plugin, args_, extra in (("file", [raw], []),
+                                     ("null", [f"{os.path.getsize(raw)}"], ["--no-extents"])):
+            ksock = os.path.join(cache, f"nbdkit-{plugin}.sock")
+            helpers.append(subprocess.Popen(["nbdkit", "-f", "-r", "-U", ksock, plugin, *args_],
+                                            stderr=subprocess.DEVNULL))
+            wait_for(lambda: os.path.exists(ksock))
+            refs[f"ref: nbdkit {plugin}, nbdcopy {' '.join(extra)}".rstrip()] = \
+                (lambda u=f"nbd+unix:///?socket={ksock}", e=extra:
+                 read_timed(["nbdcopy", *e, u, "null:"]))
+    else:
+        print("(nbdkit not installed: no NBD reference rows)")
+    floor = build_fuse_floor(cache)
+    if floor:
+        fmnt = tempfile.mkdtemp(prefix="vmarc-bench-floor-", dir=cache)
+
+        def floor_read():
+            # its best case: a pipe that holds a whole 1 MiB reply, so it can splice
+            with sysctl("/proc/sys/fs/pipe-max-size", 2 << 20):
+                proc = subprocess.Popen([floor, fmnt, raw], stderr=subprocess.DEVNULL)
+                wait_for(lambda: os.path.ismount(fmnt), proc)  # it sizes its pipe first
+            try:
+                return read_timed(f"cat {fmnt}/f > /dev/null")
+            finally:
+                unmount(fmnt, proc)
+        refs["ref: fuse_floor.c (C, splice): cat"] = floor_read
+    return refs
+
+
+def build_fuse_floor(cache: str) -> str | None:
+    if os.geteuid() != 0 or not shutil.which("cc"):
+        print("(fuse_floor reference needs root and a C compiler: not measured)")
+        return None
+    exe = os.path.join(cache, "fuse_floor")
+    r = subprocess.run(["cc", "-O2", "-o", exe, os.path.join(HERE, "fuse_floor.c")],
+                       capture_output=True, text=True)
+    if r.returncode:
+        print(f"(fuse_floor.c did not build: {r.stderr.strip().splitlines()[-1:]})")
+        return None
+    return exe
+
+
+@contextlib.contextmanager
+def sysctl(path: str, value: int):
+    """A kernel setting raised for a moment (the pipe size is fixed when it is set)."""
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write(str(max(value, int(old))))
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def interleave(rows: dict, runs: int, cold: bool) -> dict:
+    """Every row once per round, rounds repeated, so machine weather hits all alike."""
+    times = {k: [] for k in rows}
+    for _ in range(runs):
+        for name, run in rows.items():
+            os.sync()
+            if cold:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3")
+            times[name].append(run())
+    return times
+
+
+def read_timed(cmd) -> float:
+    warm_memory()  # see bench_xva.warm_memory: page-cache fills pay no host faults
+    return seconds(cmd, isinstance(cmd, str))
+
+
+def table(times: dict, size: int, title: str) -> None:
+    """Ratios against the faster of the direct reads (1 MiB reads beat cat's 128 KiB)."""
+    base = min(statistics.median(times[k]) for k in DIRECT)
+    print(f" {title}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:38} {med:6.2f} s  {size / med / MiB:7.0f} MiB/s  "
+              f"{base / med * 100:5.0f}% of direct")
+
+
+def mount(archive: str, mnt: str, *extra) -> subprocess.Popen:
+    """vmarc mount in the foreground, as a child whose peak RSS can be read."""
+    proc = subprocess.Popen(VMARC + ["mount", "-F", archive, mnt, *extra],
+                            stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.ismount(mnt), proc)
+    return proc
+
+
+def unmount(mnt: str, proc: subprocess.Popen) -> None:
+    subprocess.run(["umount", mnt] if os.geteuid() == 0 else ["fusermount3", "-u", mnt],
+                   capture_output=True)
+    proc.wait()
+
+
+def wait_for(ready, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        if time.monotonic() > end:
+            raise RuntimeError("timed out waiting for a server or mount")
+        time.sleep(0.02)
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a live process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
     return 0
 
 
