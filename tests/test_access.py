@@ -231,6 +231,9 @@ def test_index_is_saved_and_reused(tmp_path):
             assert second.how.endswith("(reused)"), (case, second.how)
             for d in second.disks:
                 assert d.read(0, d.size) == got[d.disk.id] == disks[d.disk.id]
+    # gzip checkpoints are saved in gztool's format: sparse, compressed windows
+    saved = list((tmp_path / "cache" / "vmarc").glob("*.gzidx"))
+    assert len(saved) == 1 and saved[0].read_bytes()[:16] == bytes(8) + b"gzipindx"
     # a changed archive is indexed again, not misread through the old index
     source, _ = xva_case(tmp_path)
     os.utime(source, ns=(1, 1))
