@@ -304,6 +304,13 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     assert_clean_failure(run("serve", "-", "--socket", tmp_path / "s", input=bytes(blob)), 1,
                          "pipe")
     assert_clean_failure(run("mount", source, tmp_path / "nowhere"), 1, "not a directory")
+    # libfuse refuses these options during INIT, when the background child no longer has
+    # a stderr: the parent still says so in one line
+    need("fusermount3")
+    (tmp_path / "mnt").mkdir()
+    assert_clean_failure(run("mount", source, tmp_path / "mnt", "-o", "max_read=524288"), 1,
+                         "FUSE mount failed")
+    assert not os.path.ismount(tmp_path / "mnt")
 
 
 def _mbr_disk(size: int, parts) -> bytearray:

@@ -19,6 +19,8 @@ from .common import add_random_access_args
 
 BLKSIZE = 1 << 20  # st_blksize: cat and cp then read a MiB at a time (one FUSE request)
 DETACHED = "VMARC_MOUNT_DETACHED"  # set for the background child of `mount`
+# libfuse 3.14's fuse_main() prints this on every mount (a bug of that release)
+LIBFUSE_NOISE = "Ignoring invalid max threads value"
 
 
 def add_parser(sub):
@@ -264,6 +266,12 @@ def _background(args) -> int:
             return 0
         rc = child.poll()
         if rc is not None:
-            sys.stderr.write(child.stderr.read().decode(errors="replace"))
+            said = "".join(line for line in child.stderr.read().decode(errors="replace")
+                           .splitlines(keepends=True) if not line.startswith(LIBFUSE_NOISE))
+            sys.stderr.write(said)
+            if not any(line.startswith("vmarc") for line in said.splitlines()):
+                # libfuse refused during INIT, after the child's stderr was let go
+                print(f"vmarc: {args.mountpoint}: FUSE mount failed (exit {rc}); run with "
+                      "-F to see libfuse's reason", file=sys.stderr)
             return rc or 1
         time.sleep(0.05)
