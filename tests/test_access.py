@@ -404,3 +404,67 @@ def test_fuse_partitions_from_gpt(tmp_path, mounted):
     raw.write_bytes(data)
     mnt = mounted(raw)
     assert (mnt / "disk-part1").read_bytes() == data[1 * MiB:2 * MiB]
+
+
+def _damaged_xva(tmp_path, checksum="xxhash", compress=False):
+    """A one-disk XVA whose chunk 1 has a byte flipped (its checksum member intact)."""
+    from vmarc.access import open_disks
+    data = g.pattern_disk(4 * MiB, zero_chunks={2})
+    path = tmp_path / "vm.xva"
+    g.write(path, g.XvaSpec(disks=[g.XDisk("Ref:10", data, "root", "0")], checksum=checksum))
+    with open_disks(str(path), quiet=True, verify=False) as o:
+        at = next(o.disks[0].map.pieces(MiB + 100, 1))[2]
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0xFF
+    path.write_bytes(blob)
+    if compress:
+        subprocess.run(["gzip", "-1", str(path)], check=True)
+        path = tmp_path / "vm.xva.gz"
+    return path, data
+
+
+@pytest.mark.parametrize("checksum,compress", [("xxhash", False), ("sha1", False),
+                                               ("xxhash", True)])
+def test_random_reads_check_xva_chunk_checksums(tmp_path, checksum, compress):
+    from vmarc.access import open_disks
+    from vmarc.errors import IntegrityError
+    path, data = _damaged_xva(tmp_path, checksum, compress)
+    for _ in range(2):  # the index is built, then reused: both keep the checksums
+        with open_disks(str(path), quiet=True) as o:
+            d = o.disks[0]
+            assert d.read(0, 4096) == data[:4096]
+            with pytest.raises(IntegrityError, match="disk offset 1048576 fails its"):
+                d.read(MiB + 5000, 10)
+            with pytest.raises(IntegrityError):  # a failed chunk stays failed
+                d.in_place(MiB, 4096)
+            assert d.read(3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
+    assert o.how.endswith("(reused)")
+    with open_disks(str(path), quiet=True, verify=False) as o:  # --no-verify: as stored
+        assert o.disks[0].read(MiB + 100, 1) != data[MiB + 100:MiB + 101]
+
+
+def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
+    need("qemu-io")
+    path, data = _damaged_xva(tmp_path)
+    s = serve(path)
+
+    def qemu_read(offset, n):
+        return subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read {offset} {n}",
+                               s.url()], capture_output=True, text=True)
+    assert "read 4096/4096 bytes" in qemu_read(0, 4096).stdout
+    bad = qemu_read(MiB, 4096)
+    assert "read 4096/4096 bytes" not in bad.stdout, bad
+    assert "Input/output error" in bad.stdout + bad.stderr, bad
+    assert "read 4096/4096 bytes" in qemu_read(3 * MiB, 4096).stdout  # still serving
+    assert s.proc.poll() is None
+
+    mnt = mounted(path)
+    with open(mnt / "xvda", "rb") as f:
+        assert os.pread(f.fileno(), 4096, 0) == data[:4096]
+        with pytest.raises(OSError) as err:
+            os.pread(f.fileno(), 4096, MiB)
+        assert err.value.errno == 5
+        assert os.pread(f.fileno(), 4096, 3 * MiB) == data[3 * MiB:3 * MiB + 4096]
+    s.proc.send_signal(signal.SIGTERM)
+    said = s.proc.communicate(timeout=20)[1].decode()
+    assert "disk offset 1048576 fails its xxh64 checksum" in said, said

@@ -24,15 +24,16 @@ import sys
 import threading
 from array import array
 
-from .errors import SourceError, UsageError, VmarcError
+from .errors import IntegrityError, SourceError, UsageError, VmarcError
 from . import open as open_archive
 from .formats import reader_for
 from .formats.raw import RawWriter
+from .hashing import DIGESTS
 from .model import Checks, Disk
 from .output import OutputFile
 from .source import BLOCK, Source, next_data
 
-INDEX_MAGIC = b"vmarc-index 1\n"
+INDEX_MAGIC = b"vmarc-index 2\n"  # 2: chunk checksums
 INDEXED_FORMATS = ("xva", "vma")
 
 
@@ -46,10 +47,11 @@ class DiskMap:
     """Where each stored stretch of one disk lies in its store: sorted, merged runs of
     (disk offset, length, store offset). Everything else reads as zeros."""
 
-    def __init__(self, starts=None, lengths=None, offsets=None):
+    def __init__(self, starts=None, lengths=None, offsets=None, checks=None):
         self.starts = starts or array("Q")
         self.lengths = lengths or array("Q")
         self.offsets = offsets or array("Q")
+        self.checks: ChunkChecks | None = checks  # XVA: each chunk's checksum
 
     def add(self, start: int, length: int, offset: int) -> None:
         if self.starts:  # extend the last run when this one follows it on disk and in store
@@ -73,6 +75,8 @@ class DiskMap:
         for i in range(1, len(self.starts)):
             if self.starts[i - 1] + self.lengths[i - 1] > self.starts[i]:
                 raise VmarcError(f"two stored runs overlap at disk offset {self.starts[i]}")
+        if self.checks is not None:
+            self.checks.finish()
         return self
 
     def pieces(self, offset: int, length: int):
@@ -94,6 +98,52 @@ class DiskMap:
             stop = min(s + self.lengths[i], end)
             yield pos, stop - pos, self.offsets[i] + (pos - s)
             pos = stop
+            i += 1
+
+
+class ChunkChecks:
+    """The stored checksum of every chunk of one disk (XVA: XXH64 or SHA-1 per 1 MiB
+    chunk). Random reads check a chunk the first time they touch it, so serve and mount
+    never hand out damaged data even when `verify` was never run; a chunk is hashed once."""
+
+    WIDTH = 20  # bytes kept per digest: SHA-1's; XXH64 uses the first 8
+    ALGOS = tuple(DIGESTS)  # the index stores a digest's position in this tuple
+
+    def __init__(self, starts=None, sizes=None, algos=None, digests=None):
+        self.starts = starts or array("Q")    # disk offset of each chunk
+        self.sizes = sizes or array("Q")      # the member's size (what the digest covers)
+        self.algos = algos or array("B")
+        self.digests = digests or bytearray()
+        self.checked = bytearray(len(self.starts))
+
+    def add(self, start: int, algo: str, text: str, size: int) -> None:
+        self.starts.append(start)
+        self.sizes.append(size)
+        self.algos.append(self.ALGOS.index(algo))
+        self.digests += bytes.fromhex(text).ljust(self.WIDTH, b"\0")
+
+    def finish(self) -> None:
+        if any(self.starts[i] >= self.starts[i + 1] for i in range(len(self.starts) - 1)):
+            raise VmarcError("chunk checksums out of disk order")  # XVA chunks ascend
+        self.checked = bytearray(len(self.starts))
+
+    def check(self, offset: int, n: int, read_chunk, where: str) -> None:
+        """Hash every chunk [offset, offset + n) touches that was not checked yet; two
+        threads may hash one chunk at once, which costs time, never correctness."""
+        end = offset + n
+        i = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        while i < len(self.starts) and self.starts[i] < end:
+            if not self.checked[i] and self.starts[i] + self.sizes[i] > offset:
+                name = self.ALGOS[self.algos[i]]
+                got = DIGESTS[name](read_chunk(self.starts[i], self.sizes[i]))
+                size = len(got) // 2
+                stored = self.digests[i * self.WIDTH:i * self.WIDTH + size]
+                if bytes.fromhex(got) != stored:
+                    raise IntegrityError(
+                        f"{where}: the chunk at disk offset {self.starts[i]} fails its "
+                        f"{name} checksum (stored {stored.hex()}, computed {got.lower()}); "
+                        "the archive is damaged")
+                self.checked[i] = 1
             i += 1
 
 
@@ -199,6 +249,10 @@ class DiskAccess:
     def read(self, offset: int, n: int) -> bytes:
         raise NotImplementedError
 
+    def verify(self, offset: int, n: int) -> None:
+        """Check what [offset, offset + n) holds against its stored checksums before the
+        bytes are handed out another way than read() (only XVA chunks have them)."""
+
     def pieces(self, offset: int = 0, length: int | None = None):
         length = self.size - offset if length is None else min(length, self.size - offset)
         for start, n, at in self.map.pieces(offset, length):
@@ -217,14 +271,31 @@ class DiskAccess:
 
 
 class MappedDisk(DiskAccess):
-    def __init__(self, disk: Disk, store, dmap: DiskMap):
+    def __init__(self, disk: Disk, store, dmap: DiskMap, where: str, verify: bool = True):
         super().__init__(disk)
         self.store = store
         self.store_fd = getattr(store, "fd", None)  # a FileStore; not gzip checkpoints
         self.map = dmap
+        self.where = f"{where}: {disk.describe()}"
+        self.checks = dmap.checks if verify else None
+
+    def verify(self, offset: int, n: int) -> None:
+        """Check the chunks of [offset, offset + n) not checked before (IntegrityError):
+        call before handing out bytes that bypass read() (NBD sendfile, FUSE fd)."""
+        if self.checks is not None:
+            self.checks.check(offset, n, self._chunk, self.where)
+
+    def _chunk(self, start: int, size: int) -> bytes:
+        at = next(iter(self.map.pieces(start, 1)))[2]
+        return self.store.pread(size, at)  # a chunk's member data is contiguous
+
+    def in_place(self, offset: int, n: int):
+        self.verify(offset, n)
+        return super().in_place(offset, n)
 
     def read(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.size - offset))
+        self.verify(offset, n)
         parts = []
         for _, length, at in self.map.pieces(offset, n):
             parts.append(bytes(length) if at is None else self.store.pread(length, at))
@@ -305,19 +376,29 @@ def _index_path(ident: dict, explicit: str | None) -> str:
 
 
 def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap]) -> None:
-    """magic, a JSON header line, then each disk's three arrays (little-endian u64)."""
+    """magic, a JSON header line, then per disk: its three run arrays (little-endian
+    u64) and, when it has chunk checksums, their offsets and sizes (u64), algorithms
+    (u8) and digests (ChunkChecks.WIDTH bytes each)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    head = {"identity": ident, "format": fmt, "store": how,
-            "disks": [{"id": k, "runs": len(m.starts)} for k, m in maps.items()]}
+    head = {"identity": ident, "format": fmt, "store": how, "digests": ChunkChecks.ALGOS,
+            "disks": [{"id": k, "runs": len(m.starts),
+                       "chunks": len(m.checks.starts) if m.checks else None}
+                      for k, m in maps.items()]}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(INDEX_MAGIC + json.dumps(head).encode() + b"\n")
         for m in maps.values():
-            for arr in (m.starts, m.lengths, m.offsets):
+            arrays = [m.starts, m.lengths, m.offsets]
+            if m.checks:
+                arrays += [m.checks.starts, m.checks.sizes]
+            for arr in arrays:
                 a = array("Q", arr)
                 if sys.byteorder != "little":
                     a.byteswap()
                 f.write(a.tobytes())
+            if m.checks:
+                f.write(m.checks.algos.tobytes())
+                f.write(m.checks.digests)
     os.replace(tmp, path)
 
 
@@ -328,46 +409,58 @@ def load_index(path: str, ident: dict):
             if f.read(len(INDEX_MAGIC)) != INDEX_MAGIC:
                 return None
             head = json.loads(f.readline())
-            if head.get("identity") != ident:
+            if head.get("identity") != ident or head.get("digests") != list(ChunkChecks.ALGOS):
                 return None
+
+            def read_exact(n: int) -> bytes:
+                raw = f.read(n)
+                if len(raw) != n:
+                    raise ValueError("index ends early")
+                return raw
+
+            def u64s(n: int) -> array:
+                a = array("Q")
+                a.frombytes(read_exact(8 * n))
+                if sys.byteorder != "little":
+                    a.byteswap()
+                return a
+
             maps = {}
             for d in head["disks"]:
-                arrs = []
-                for _ in range(3):
-                    a = array("Q")
-                    raw = f.read(8 * d["runs"])
-                    if len(raw) != 8 * d["runs"]:
-                        return None
-                    a.frombytes(raw)
-                    if sys.byteorder != "little":
-                        a.byteswap()
-                    arrs.append(a)
-                maps[d["id"]] = DiskMap(*arrs)
+                dmap = DiskMap(*(u64s(d["runs"]) for _ in range(3)))
+                n = d["chunks"]
+                if n is not None:
+                    starts, sizes = u64s(n), u64s(n)
+                    algos = array("B", read_exact(n))
+                    dmap.checks = ChunkChecks(starts, sizes, algos,
+                                              bytearray(read_exact(n * ChunkChecks.WIDTH)))
+                maps[d["id"]] = dmap
             return head["format"], head["store"], maps
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
-               parent: str | None = None, quiet: bool = False) -> Opened:
+               parent: str | None = None, quiet: bool = False, verify: bool = True) -> Opened:
     """Open a file for random reads of its disks (see the module docstring)."""
     if path in ("-", None):
         raise UsageError("random access needs a file, not a pipe")
     archive = open_archive(path, fmt, parent=parent)
     try:
-        return _open_disks(archive, path, index, quiet)
+        return _open_disks(archive, path, index, quiet, verify)
     except BaseException:
         archive.close()
         raise
 
 
-def _open_disks(archive, path: str, index: str | None, quiet: bool) -> Opened:
+def _open_disks(archive, path: str, index: str | None, quiet: bool,
+                verify: bool) -> Opened:
     fmt = archive.format
     comp = archive.compression
     if comp is None and fmt == "raw":
         store = FileStore(path)
         maps = {archive.disks[0].id: _data_map(store.fd, archive.disks[0].size)}
-        return Opened(archive, _mapped(archive, store, maps), [store], "file")
+        return Opened(archive, _mapped(archive, store, maps, verify), [store], "file")
     if comp is None and hasattr(archive, "read_at") and archive.source.seekable:
         return Opened(archive, [ImageDisk(d, archive) for d in archive.disks], [], "tables")
 
@@ -379,7 +472,8 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool) -> Opened:
         _, how, maps = found
         stores = _reuse_stores(path, idx, how)
         if stores is not None:
-            return Opened(archive, _mapped(archive, stores[0], maps), stores, how + " (reused)")
+            return Opened(archive, _mapped(archive, stores[0], maps, verify), stores,
+                          how + " (reused)")
 
     if comp is None and fmt in INDEXED_FORMATS:
         store = FileStore(path)
@@ -390,21 +484,27 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool) -> Opened:
         scan_archive = reader_for(fmt)(store.source(archive.source.name))
         how = "gzip-index"
     else:
-        return _spool(archive, path, idx, ident, quiet)
+        return _spool(archive, path, idx, ident, quiet, verify)
     try:
         maps = _scan(scan_archive)
         _try_save(idx, ident, fmt, how, maps, quiet, store if gz else None)
     except BaseException:
         store.close()
         raise
-    return Opened(archive, _mapped(archive, store, maps), [store], how)
+    return Opened(archive, _mapped(archive, store, maps, verify), [store], how)
 
 
 def _scan(scan_archive) -> dict[str, DiskMap]:
     maps = {d.id: DiskMap() for d in scan_archive.disks}
-    for disk, start, n, at in scan_archive.scan(Checks()):
-        if disk.id in maps:
-            maps[disk.id].add(start, n, at)
+    for disk, start, n, at, checksum in scan_archive.scan(Checks()):
+        m = maps.get(disk.id)
+        if m is None:
+            continue
+        m.add(start, n, at)
+        if checksum is not None:
+            if m.checks is None:
+                m.checks = ChunkChecks()
+            m.checks.add(start, *checksum)
     return {k: m.finish() for k, m in maps.items()}
 
 
@@ -420,8 +520,9 @@ def _reuse_stores(path, idx, how):
     return None
 
 
-def _mapped(archive, store, maps) -> list[DiskAccess]:
-    return [MappedDisk(d, store, maps[d.id]) for d in archive.disks]
+def _mapped(archive, store, maps, verify: bool) -> list[DiskAccess]:
+    return [MappedDisk(d, store, maps[d.id], archive.source.name, verify)
+            for d in archive.disks]
 
 
 def _have_rapidgzip() -> bool:
@@ -443,7 +544,7 @@ def _try_save(idx, ident, fmt, how, maps, quiet, gzip_store=None) -> None:
                   "again next time", file=sys.stderr)
 
 
-def _spool(archive, path, idx, ident, quiet) -> Opened:
+def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
     """Every disk, one after the other, into one sparse spool file next to the index."""
     spool = idx + ".spool"
     what = archive.compression or f"{archive.format} in this form"
@@ -477,7 +578,7 @@ def _spool(archive, path, idx, ident, quiet) -> Opened:
     # the archive was streamed: open it again for its metadata
     fresh = open_archive(path, archive.format)
     archive.close()
-    return Opened(fresh, _mapped(fresh, store, maps), [store], "spool")
+    return Opened(fresh, _mapped(fresh, store, maps, verify), [store], "spool")
 
 
 def _data_map(fd: int, size: int, base: int = 0) -> DiskMap:

@@ -18,7 +18,6 @@ from .errors import IntegrityError
 from .model import Checks
 
 
-
 def xxh64_text(data) -> str:
     """XAPI's form: XXH64 seed 0 as 16 uppercase hex digits (printf %016LX)."""
     return xxhash.xxh64_hexdigest(data).upper()
@@ -30,6 +29,11 @@ def sha1_text(data) -> str:
 
 def md5_digest(data) -> bytes:
     return hashlib.md5(data).digest()
+
+
+# the chunk digests an index keeps, by the name it stores
+DIGESTS = {"xxh64": xxh64_text, "sha1": sha1_text}
+DIGEST_NAME = {f: name for name, f in DIGESTS.items()}
 
 
 class HashRing:

@@ -199,14 +199,17 @@ class _Client(socketserver.BaseRequestHandler):
                 self._error(handle, EINVAL, "request outside the disk or too large")
             elif cmd == CMD_READ and self.structured and not flags & CMD_FLAG_DF \
                     and disk.store_fd is not None:
+                try:
+                    disk.verify(offset, length)  # sendfile bypasses read()'s check
+                except Exception as e:
+                    self._read_failed(disk, handle, offset, e)
+                    continue
                 self._read_in_place(disk, handle, offset, length)
             elif cmd == CMD_READ:
                 try:
                     data = disk.read(offset, length)
                 except Exception as e:
-                    print(f"vmarc serve: {disk.disk.describe()}: read at {offset}: {e}",
-                          file=sys.stderr)
-                    self._error(handle, EIO, "read error")
+                    self._read_failed(disk, handle, offset, e)
                     continue
                 self._read_reply(handle, offset, data)
             elif cmd == CMD_FLUSH:
@@ -215,6 +218,11 @@ class _Client(socketserver.BaseRequestHandler):
                 self._block_status(disk, handle, offset, length, flags & CMD_FLAG_REQ_ONE)
             else:
                 self._error(handle, ENOTSUP if self.structured else EINVAL, "unsupported")
+
+    def _read_failed(self, disk, handle: int, offset: int, err: Exception):
+        """The client gets EIO; the server says why and goes on serving."""
+        print(f"vmarc serve: {disk.disk.describe()}: read at {offset}: {err}", file=sys.stderr)
+        self._error(handle, EIO, "read error")
 
     def _read_in_place(self, disk, handle: int, offset: int, length: int):
         """A read from a plain file: a data chunk per stretch, sent by the kernel straight

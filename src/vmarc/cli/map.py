@@ -64,6 +64,10 @@ def _runs(disk, in_place: bool):
 
 
 def _dmsetup(disk, device: str) -> None:
+    if disk.map.checks is not None:
+        print(f"vmarc: {disk.disk.describe()}: device-mapper reads the archive as it is: "
+              "chunk checksums are not checked through this table (run vmarc verify)",
+              file=sys.stderr)
     for start, n, at in disk.store_pieces():
         if start % SECTOR or (n % SECTOR and start + n != disk.size) or \
                 (at is not None and at % SECTOR):

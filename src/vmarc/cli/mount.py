@@ -15,7 +15,7 @@ from ..access import ZEROS, open_disks
 from ..model import Archive
 from ..errors import SourceError, UnsupportedError, UsageError
 from ..partitions import partitions
-from .common import add_random_access_args
+from .common import add_random_access_args, add_verify_arg
 
 BLKSIZE = 1 << 20  # st_blksize: cat and cp then read a MiB at a time (one FUSE request)
 DETACHED = "VMARC_MOUNT_DETACHED"  # set for the background child of `mount`
@@ -36,6 +36,7 @@ def add_parser(sub):
                    "(default: direct I/O)")
     p.add_argument("-o", dest="options", default="", help="extra FUSE mount options, "
                    "e.g. allow_other")
+    add_verify_arg(p, "each XVA chunk's checksum the first time a read touches it")
     p.set_defaults(run=run)
 
 
@@ -96,7 +97,8 @@ def run(args) -> int:
     if not os.path.exists("/dev/fuse"):
         raise UnsupportedError("mount needs /dev/fuse (load the fuse module or give the "
                                "container the device)")
-    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
+    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent,
+                    verify=args.verify) as opened:
         files = tree(opened)
         ops = _operations(mfusepy, files, os.stat(args.source))
         opts = {"ro": True, "fsname": "vmarc", "subtype": "vmarc"}
@@ -168,7 +170,11 @@ def _operations(mfusepy, files: dict, st):
             if f is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
             n = max(0, min(size, f.size - offset))
-            where = f.in_place(offset, n) if n else None
+            try:
+                where = f.in_place(offset, n) if n else None  # checks XVA chunks first
+            except Exception as e:
+                print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
+                raise mfusepy.FuseOSError(errno.EIO) from None
             data = b""
             if n and where is None:
                 data = self.read(path, n, offset, fh)
@@ -253,6 +259,8 @@ def _background(args) -> int:
     argv = [sys.executable, "-m", "vmarc", "mount", "-F", args.source, args.mountpoint]
     if args.kernel_cache:
         argv.append("--kernel-cache")
+    if not args.verify:
+        argv.append("--no-verify")
     for opt, value in (("-f", args.fmt), ("--index", args.index), ("--parent", args.parent),
                        ("-o", args.options or None)):
         if value:

@@ -10,7 +10,7 @@ import threading
 from ..access import open_disks
 from ..errors import SourceError
 from ..nbd import Exports, make_server
-from .common import add_random_access_args, human_size
+from .common import add_random_access_args, add_verify_arg, human_size
 
 
 def add_parser(sub):
@@ -22,11 +22,13 @@ def add_parser(sub):
                    "loopback only)")
     p.add_argument("--port", type=int, default=10809)
     p.add_argument("--socket", help="listen on this Unix socket instead of TCP")
+    add_verify_arg(p, "each XVA chunk's checksum the first time a read touches it")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
+    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent,
+                    verify=args.verify) as opened:
         disks = {d.disk.id: d for d in opened.disks}
         default = opened.select(args.disk) if args.disk or len(disks) == 1 else \
             (opened.disks[0] if opened.disks else None)

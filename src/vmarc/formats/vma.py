@@ -213,10 +213,11 @@ class VmaArchive(Archive):
             self.source.release_views()  # the consumer is done with the run
 
     def scan(self, checks: Checks | None = None):
-        """(disk, disk offset, length, archive offset) of every stored run, reading the
-        extent headers only (the index of `map`/`serve`/`mount`)."""
+        """(disk, disk offset, length, archive offset, None) of every stored run, reading
+        the extent headers only (the index of `map`/`serve`/`mount`). VMA keeps no
+        checksum of the data: the None is where XVA's scan gives a chunk's."""
         for disk, start, n, at, _ in self._runs(None, checks or Checks(), read=False):
-            yield disk, start, n, at
+            yield disk, start, n, at, None
 
     def _runs(self, disks, checks: Checks, read: bool):
         """(disk, disk offset, length, archive offset, data or None) of every stored run

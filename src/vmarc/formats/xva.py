@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..errors import FormatError, TruncatedError
-from ..hashing import INLINE, HashRing, sha1_text, xxh64_text
+from ..hashing import DIGEST_NAME, INLINE, HashRing, sha1_text, xxh64_text
 from ..model import Archive, Checks, Disk
 from ..tar import TarReader
 from . import ovaxml
@@ -168,12 +168,15 @@ class XvaArchive(Archive):
             ring.close()
 
     def scan(self, checks: Checks | None = None):
-        """(disk, disk offset, length, archive offset) of every chunk, reading headers
-        only: the data is seeked over on a plain file (the index of `map`/`serve`/`mount`)."""
+        """(disk, disk offset, length, archive offset, checksum) of every chunk, reading
+        headers only: the data is seeked over on a plain file (the index of
+        `map`/`serve`/`mount`). checksum is (digest name, digest text, member size):
+        random reads check each chunk against it the first time they touch it."""
         for disk, start, m in self._chunks(checks or Checks()):
-            self._read_checksum(m, disk)  # the member must be there; its data is not read
+            func, text = self._read_checksum(m, disk)
             if m.size and start < disk.size:
-                yield disk, start, min(m.size, disk.size - start), m.data_offset
+                yield (disk, start, min(m.size, disk.size - start), m.data_offset,
+                       (DIGEST_NAME[func], text, m.size))
 
     def _chunks(self, checks: Checks):
         """(disk, disk offset, member) of every chunk member, with every placement rule

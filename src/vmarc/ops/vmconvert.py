@@ -89,7 +89,7 @@ def _indexed_pieces(archive: Archive, order):
     data is read from there (nothing read twice, nothing held)."""
     from ..access import DiskMap, FileStore
     maps = {d.id: DiskMap() for d in order}
-    for disk, start, n, at in archive.scan(Checks()):
+    for disk, start, n, at, _ in archive.scan(Checks()):
         if disk.id in maps:
             maps[disk.id].add(start, n, at)
     store = FileStore(archive.source.path)
