@@ -115,15 +115,14 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
     (caches dropped before each read: what reading a backup from its disk costs).
     References no one tuned for vmarc show what the kernel's transports allow here."""
     sock = os.path.join(cache, "nbd.sock")
-    server = subprocess.Popen(VMARC + ["serve", plain, "--socket", sock],
-                              stderr=subprocess.DEVNULL)
     mnt = tempfile.mkdtemp(prefix="vmarc-bench-mnt-")
     helpers, rss = [], {}
     try:
-        wait_for(lambda: os.path.exists(sock))
-        url = f"nbd+unix:///?socket={sock}"
         fuse_file = os.path.join(mnt, "xvda")
 
+        # a fresh server or mount for every read: each measures a first read, chunk
+        # checksums included (a long-running one checks each chunk once, then never again;
+        # with --kernel-cache a second cat would be served by the page cache)
         def fuse_read(*extra):
             def run():
                 proc = mount(plain, mnt, *extra)
@@ -134,14 +133,27 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
                     unmount(mnt, proc)
             return run
 
-        def nbd_read(url_, *extra):
-            return lambda: read_timed(["nbdcopy", *extra, url_, "null:"])
+        def nbd_read(*extra):
+            def run():
+                if os.path.exists(sock):  # a server killed before it could remove it
+                    os.unlink(sock)
+                server = subprocess.Popen(VMARC + ["serve", plain, "--socket", sock],
+                                          stderr=subprocess.DEVNULL)
+                try:
+                    wait_for(lambda: os.path.exists(sock), server)
+                    return read_timed(["nbdcopy", *extra, f"nbd+unix:///?socket={sock}",
+                                       "null:"])
+                finally:
+                    rss["serve"] = max(rss.get("serve", 0), peak_rss(server.pid))
+                    server.terminate()
+                    server.wait()
+            return run
 
         rows = {"cat raw file > /dev/null": lambda: read_timed(f"cat {raw} > /dev/null"),
                 "dd bs=1M raw file > /dev/null": lambda: read_timed(
                     ["dd", f"if={raw}", "of=/dev/null", "bs=1M", "status=none"]),
-                "vmarc serve: nbdcopy > null": nbd_read(url),
-                "vmarc serve: nbdcopy --no-extents": nbd_read(url, "--no-extents"),
+                "vmarc serve: nbdcopy > null": nbd_read(),
+                "vmarc serve: nbdcopy --no-extents": nbd_read("--no-extents"),
                 "vmarc mount: cat > /dev/null": fuse_read(),
                 "vmarc mount --kernel-cache: cat": fuse_read("--kernel-cache")}
         refs = references(raw, cache, helpers)
@@ -156,7 +168,6 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
                   "page cache cold (dropped before each read: a backup read from disk)")
         else:
             print("  (cold-cache reads need root to drop the page cache: not measured)")
-        rss["serve"] = peak_rss(server.pid)
         print("peak RSS: " + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in rss.items()))
 
         proc = mount(plain, mnt)  # direct I/O: no page cache between reads
@@ -171,8 +182,6 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
             h.terminate()
             h.wait()
         subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-        server.terminate()
-        server.wait()
         os.rmdir(mnt)
 
 

@@ -468,3 +468,41 @@ def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
     s.proc.send_signal(signal.SIGTERM)
     said = s.proc.communicate(timeout=20)[1].decode()
     assert "disk offset 1048576 fails its xxh64 checksum" in said, said
+
+
+def test_a_chunk_is_hashed_once_however_many_threads_read_it():
+    import threading
+    import xxhash
+    from vmarc.access import ChunkChecks
+    from vmarc.errors import IntegrityError
+    data = random.Random(4).randbytes(MiB)
+    good, bad = ChunkChecks(), ChunkChecks()
+    good.add(0, "xxh64", xxhash.xxh64_hexdigest(data).upper(), MiB)
+    bad.add(0, "xxh64", "0123456789ABCDEF", MiB)
+    reads, errors = [], []
+
+    def read_chunk(start, size):
+        reads.append(start)
+        time.sleep(0.2)  # the other threads arrive while this one hashes
+        return data
+
+    def reader(checks, k):
+        try:
+            checks.check(4096 * k, 4096, read_chunk, "vm.xva: xvda")
+        except IntegrityError as e:
+            errors.append(str(e))
+
+    def four_readers(checks):
+        checks.finish()
+        reads.clear()
+        threads = [threading.Thread(target=reader, args=(checks, k)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(reads)
+
+    assert four_readers(good) == 1 and good.checked[0] and not errors
+    # a bad chunk fails every reader: a waiter hashes it again rather than pass it
+    assert four_readers(bad) >= 1 and not bad.checked[0]
+    assert len(errors) == 4 and all("fails its xxh64 checksum" in e for e in errors)

@@ -115,6 +115,8 @@ class ChunkChecks:
         self.algos = algos or array("B")
         self.digests = digests or bytearray()
         self.checked = bytearray(len(self.starts))
+        self._lock = threading.Lock()
+        self._busy: dict[int, threading.Event] = {}  # chunks being hashed right now
 
     def add(self, start: int, algo: str, text: str, size: int) -> None:
         self.starts.append(start)
@@ -128,23 +130,42 @@ class ChunkChecks:
         self.checked = bytearray(len(self.starts))
 
     def check(self, offset: int, n: int, read_chunk, where: str) -> None:
-        """Hash every chunk [offset, offset + n) touches that was not checked yet; two
-        threads may hash one chunk at once, which costs time, never correctness."""
+        """Hash every chunk [offset, offset + n) touches that was not checked yet."""
         end = offset + n
         i = max(bisect.bisect_right(self.starts, offset) - 1, 0)
         while i < len(self.starts) and self.starts[i] < end:
             if not self.checked[i] and self.starts[i] + self.sizes[i] > offset:
-                name = self.ALGOS[self.algos[i]]
-                got = DIGESTS[name](read_chunk(self.starts[i], self.sizes[i]))
-                size = len(got) // 2
-                stored = self.digests[i * self.WIDTH:i * self.WIDTH + size]
-                if bytes.fromhex(got) != stored:
-                    raise IntegrityError(
-                        f"{where}: the chunk at disk offset {self.starts[i]} fails its "
-                        f"{name} checksum (stored {stored.hex()}, computed {got.lower()}); "
-                        "the archive is damaged")
-                self.checked[i] = 1
+                self._check_once(i, read_chunk, where)
             i += 1
+
+    def _check_once(self, i: int, read_chunk, where: str) -> None:
+        """One thread hashes chunk i; others reading it meanwhile (nbdcopy's connections
+        read neighbouring pieces of one chunk at once) wait for its verdict."""
+        with self._lock:
+            if self.checked[i]:
+                return
+            busy = self._busy.get(i)
+            if busy is None:
+                self._busy[i] = threading.Event()
+        if busy is not None:
+            busy.wait()
+            if self.checked[i]:
+                return
+            # it failed there: fail here too, with the same message
+        try:
+            name = self.ALGOS[self.algos[i]]
+            got = DIGESTS[name](read_chunk(self.starts[i], self.sizes[i]))
+            stored = self.digests[i * self.WIDTH:i * self.WIDTH + len(got) // 2]
+            if bytes.fromhex(got) != stored:
+                raise IntegrityError(
+                    f"{where}: the chunk at disk offset {self.starts[i]} fails its "
+                    f"{name} checksum (stored {stored.hex()}, computed {got.lower()}); "
+                    "the archive is damaged")
+            self.checked[i] = 1
+        finally:
+            if busy is None:
+                with self._lock:
+                    self._busy.pop(i).set()
 
 
 # -- stores: where the bytes are read from ---------------------------------------------------
