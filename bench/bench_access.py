@@ -133,12 +133,12 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
                     unmount(mnt, proc)
             return run
 
-        def nbd_read(*extra):
+        def nbd_read(*extra, serve_args=()):
             def run():
                 if os.path.exists(sock):  # a server killed before it could remove it
                     os.unlink(sock)
-                server = subprocess.Popen(VMARC + ["serve", plain, "--socket", sock],
-                                          stderr=subprocess.DEVNULL)
+                server = subprocess.Popen(VMARC + ["serve", plain, "--socket", sock,
+                                                   *serve_args], stderr=subprocess.DEVNULL)
                 try:
                     wait_for(lambda: os.path.exists(sock), server)
                     return read_timed(["nbdcopy", *extra, f"nbd+unix:///?socket={sock}",
@@ -154,7 +154,9 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
                     ["dd", f"if={raw}", "of=/dev/null", "bs=1M", "status=none"]),
                 "vmarc serve: nbdcopy > null": nbd_read(),
                 "vmarc serve: nbdcopy --no-extents": nbd_read("--no-extents"),
+                "vmarc serve --no-verify: nbdcopy": nbd_read(serve_args=["--no-verify"]),
                 "vmarc mount: cat > /dev/null": fuse_read(),
+                "vmarc mount --no-verify: cat": fuse_read("--no-verify"),
                 "vmarc mount --kernel-cache: cat": fuse_read("--kernel-cache")}
         refs = references(raw, cache, helpers)
         cold_rows = (*DIRECT, "vmarc serve: nbdcopy > null",
