@@ -506,3 +506,20 @@ def test_a_chunk_is_hashed_once_however_many_threads_read_it():
     # a bad chunk fails every reader: a waiter hashes it again rather than pass it
     assert four_readers(bad) >= 1 and not bad.checked[0]
     assert len(errors) == 4 and all("fails its xxh64 checksum" in e for e in errors)
+
+
+def test_a_damaged_index_is_built_again_not_trusted(tmp_path):
+    from vmarc.access import open_disks
+    source, disks = vma_case(tmp_path)  # VMA: no chunk checksums would catch a bad offset
+    with open_disks(str(source), quiet=True) as o:
+        assert o.how == "index"
+    idx = next((tmp_path / "cache" / "vmarc").glob("*.idx"))
+    blob = bytearray(idx.read_bytes())
+    blob[-9] ^= 0x01  # a store offset in the body; the header (and identity) intact
+    idx.write_bytes(blob)
+    with open_disks(str(source), quiet=True) as o:
+        assert o.how == "index", "a damaged index was reused"
+        for d in o.disks:
+            assert d.read(0, d.size) == disks[d.disk.id]
+    with open_disks(str(source), quiet=True) as o:  # the rebuilt one is saved and reused
+        assert o.how == "index (reused)"

@@ -28,7 +28,7 @@ from .errors import IntegrityError, SourceError, UsageError, VmarcError
 from . import open as open_archive
 from .formats import reader_for
 from .formats.raw import RawWriter
-from .hashing import DIGESTS
+from .hashing import DIGESTS, xxh64_text
 from .model import Checks, Disk
 from .output import OutputFile
 from .source import BLOCK, Source, next_data
@@ -399,27 +399,30 @@ def _index_path(ident: dict, explicit: str | None) -> str:
 def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap]) -> None:
     """magic, a JSON header line, then per disk: its three run arrays (little-endian
     u64) and, when it has chunk checksums, their offsets and sizes (u64), algorithms
-    (u8) and digests (ChunkChecks.WIDTH bytes each)."""
+    (u8) and digests (ChunkChecks.WIDTH bytes each). The header holds the body's XXH64:
+    a cache file damaged on disk is built again, never trusted."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    body = bytearray()
+    for m in maps.values():
+        arrays = [m.starts, m.lengths, m.offsets]
+        if m.checks:
+            arrays += [m.checks.starts, m.checks.sizes]
+        for arr in arrays:
+            a = array("Q", arr)
+            if sys.byteorder != "little":
+                a.byteswap()
+            body += a.tobytes()
+        if m.checks:
+            body += m.checks.algos.tobytes() + m.checks.digests
     head = {"identity": ident, "format": fmt, "store": how, "digests": ChunkChecks.ALGOS,
             "disks": [{"id": k, "runs": len(m.starts),
                        "chunks": len(m.checks.starts) if m.checks else None}
-                      for k, m in maps.items()]}
+                      for k, m in maps.items()],
+            "body_xxh64": xxh64_text(body)}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(INDEX_MAGIC + json.dumps(head).encode() + b"\n")
-        for m in maps.values():
-            arrays = [m.starts, m.lengths, m.offsets]
-            if m.checks:
-                arrays += [m.checks.starts, m.checks.sizes]
-            for arr in arrays:
-                a = array("Q", arr)
-                if sys.byteorder != "little":
-                    a.byteswap()
-                f.write(a.tobytes())
-            if m.checks:
-                f.write(m.checks.algos.tobytes())
-                f.write(m.checks.digests)
+        f.write(body)
     os.replace(tmp, path)
 
 
@@ -432,32 +435,37 @@ def load_index(path: str, ident: dict):
             head = json.loads(f.readline())
             if head.get("identity") != ident or head.get("digests") != list(ChunkChecks.ALGOS):
                 return None
+            body = memoryview(f.read())
+        if xxh64_text(body) != head["body_xxh64"]:
+            return None
+        pos = 0
 
-            def read_exact(n: int) -> bytes:
-                raw = f.read(n)
-                if len(raw) != n:
-                    raise ValueError("index ends early")
-                return raw
+        def take(n: int) -> memoryview:
+            nonlocal pos
+            if pos + n > len(body):
+                raise ValueError("index ends early")
+            pos += n
+            return body[pos - n:pos]
 
-            def u64s(n: int) -> array:
-                a = array("Q")
-                a.frombytes(read_exact(8 * n))
-                if sys.byteorder != "little":
-                    a.byteswap()
-                return a
+        def u64s(n: int) -> array:
+            a = array("Q")
+            a.frombytes(take(8 * n))
+            if sys.byteorder != "little":
+                a.byteswap()
+            return a
 
-            maps = {}
-            for d in head["disks"]:
-                dmap = DiskMap(*(u64s(d["runs"]) for _ in range(3)))
-                n = d["chunks"]
-                if n is not None:
-                    starts, sizes = u64s(n), u64s(n)
-                    algos = array("B", read_exact(n))
-                    dmap.checks = ChunkChecks(starts, sizes, algos,
-                                              bytearray(read_exact(n * ChunkChecks.WIDTH)))
-                maps[d["id"]] = dmap
-            return head["format"], head["store"], maps
-    except (OSError, ValueError, KeyError, TypeError):
+        maps = {}
+        for d in head["disks"]:
+            dmap = DiskMap(*(u64s(d["runs"]) for _ in range(3)))
+            n = d["chunks"]
+            if n is not None:
+                starts, sizes = u64s(n), u64s(n)
+                algos = array("B", bytes(take(n)))
+                dmap.checks = ChunkChecks(starts, sizes, algos,
+                                          bytearray(take(n * ChunkChecks.WIDTH)))
+            maps[d["id"]] = dmap.finish()  # refuses runs out of order or overlapping
+        return head["format"], head["store"], maps
+    except (OSError, ValueError, KeyError, TypeError, VmarcError):
         return None
 
 
