@@ -523,3 +523,26 @@ def test_a_damaged_index_is_built_again_not_trusted(tmp_path):
             assert d.read(0, d.size) == disks[d.disk.id]
     with open_disks(str(source), quiet=True) as o:  # the rebuilt one is saved and reused
         assert o.how == "index (reused)"
+
+
+def test_a_damaged_spool_file_is_caught_when_reused(tmp_path):
+    from vmarc.access import open_disks
+    from vmarc.errors import IntegrityError
+    source, disks = vma_case(tmp_path, "zstd")
+    with open_disks(str(source), quiet=True) as o:
+        assert o.how == "spool"
+        d = o.disks[0]
+        assert d.read(0, d.size) == disks[d.disk.id]
+        pos, _, at = next(p for p in d.map.pieces(MiB, d.size - MiB) if p[2] is not None)
+    spool = next((tmp_path / "cache" / "vmarc").glob("*.spool"))
+    with open(spool, "r+b") as f:  # a bit rots in the cached spool
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with open_disks(str(source), quiet=True) as o:
+        assert o.how == "spool (reused)"
+        d = o.disks[0]
+        assert d.read(0, 4096) == disks[d.disk.id][:4096]
+        with pytest.raises(IntegrityError, match="fails its xxh64 checksum"):
+            d.read(pos, 1)

@@ -602,12 +602,30 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
         for start, n, at in _data_map(store.fd, d.size, bases[d.id]).pieces(0, d.size):
             if at is not None:
                 m.add(start, n, at)
+        m.checks = _spool_checks(store, m)
         maps[d.id] = m
     _try_save(idx, ident, archive.format, "spool", maps, quiet)
     # the archive was streamed: open it again for its metadata
     fresh = open_archive(path, archive.format)
     archive.close()
     return Opened(fresh, _mapped(fresh, store, maps, verify), [store], "spool")
+
+
+def _spool_checks(store: FileStore, dmap: DiskMap) -> ChunkChecks:
+    """XXH64 of each 1 MiB-aligned stretch of a spool's data, taken just after it was
+    written from the checked stream. The spool is a cache file on a disk that can fail:
+    when it is reused, its stretches are checked as an archive's chunks are."""
+    checks = ChunkChecks()
+    for start, length, at in zip(dmap.starts, dmap.lengths, dmap.offsets):
+        pos = start
+        while pos < start + length:
+            stop = min(start + length, (pos // BLOCK + 1) * BLOCK)
+            data = store.pread(stop - pos, at + pos - start)
+            checks.add(pos, "xxh64", xxh64_text(data), stop - pos)
+            pos = stop
+    checks.finish()
+    checks.checked[:] = b"\1" * len(checks.checked)  # hashed from what was just written
+    return checks
 
 
 def _data_map(fd: int, size: int, base: int = 0) -> DiskMap:
