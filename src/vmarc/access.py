@@ -129,16 +129,17 @@ class ChunkChecks:
             raise VmarcError("chunk checksums out of disk order")  # XVA chunks ascend
         self.checked = bytearray(len(self.starts))
 
-    def check(self, offset: int, n: int, read_chunk, where: str) -> None:
-        """Hash every chunk [offset, offset + n) touches that was not checked yet."""
+    def check(self, offset: int, n: int, read_chunk, where: str, damaged: str) -> None:
+        """Hash every chunk [offset, offset + n) touches that was not checked yet; a
+        mismatch says where, then `damaged` (which file, what to do)."""
         end = offset + n
         i = max(bisect.bisect_right(self.starts, offset) - 1, 0)
         while i < len(self.starts) and self.starts[i] < end:
             if not self.checked[i] and self.starts[i] + self.sizes[i] > offset:
-                self._check_once(i, read_chunk, where)
+                self._check_once(i, read_chunk, where, damaged)
             i += 1
 
-    def _check_once(self, i: int, read_chunk, where: str) -> None:
+    def _check_once(self, i: int, read_chunk, where: str, damaged: str) -> None:
         """One thread hashes chunk i; others reading it meanwhile (nbdcopy's connections
         read neighbouring pieces of one chunk at once) wait for its verdict."""
         with self._lock:
@@ -160,7 +161,7 @@ class ChunkChecks:
                 raise IntegrityError(
                     f"{where}: the chunk at disk offset {self.starts[i]} fails its "
                     f"{name} checksum (stored {stored.hex()}, computed {got.lower()}); "
-                    "the archive is damaged")
+                    f"{damaged}")
             self.checked[i] = 1
         finally:
             if busy is None:
@@ -292,19 +293,21 @@ class DiskAccess:
 
 
 class MappedDisk(DiskAccess):
-    def __init__(self, disk: Disk, store, dmap: DiskMap, where: str, verify: bool = True):
+    def __init__(self, disk: Disk, store, dmap: DiskMap, where: str, verify: bool = True,
+                 damaged: str = "the archive is damaged"):
         super().__init__(disk)
         self.store = store
         self.store_fd = getattr(store, "fd", None)  # a FileStore; not gzip checkpoints
         self.map = dmap
         self.where = f"{where}: {disk.describe()}"
+        self.damaged = damaged
         self.checks = dmap.checks if verify else None
 
     def verify(self, offset: int, n: int) -> None:
         """Check the chunks of [offset, offset + n) not checked before (IntegrityError):
         call before handing out bytes that bypass read() (NBD sendfile, FUSE fd)."""
         if self.checks is not None:
-            self.checks.check(offset, n, self._chunk, self.where)
+            self.checks.check(offset, n, self._chunk, self.where, self.damaged)
 
     def _chunk(self, start: int, size: int) -> bytes:
         at = next(iter(self.map.pieces(start, 1)))[2]
@@ -550,7 +553,10 @@ def _reuse_stores(path, idx, how):
 
 
 def _mapped(archive, store, maps, verify: bool) -> list[DiskAccess]:
-    return [MappedDisk(d, store, maps[d.id], archive.source.name, verify)
+    # a spool is vmarc's own cache file, not the user's archive: say which is damaged
+    damaged = ("the archive is damaged" if store.path == archive.source.path else
+               f"the spool file {store.path} is damaged (delete it: it is built again)")
+    return [MappedDisk(d, store, maps[d.id], archive.source.name, verify, damaged)
             for d in archive.disks]
 
 
