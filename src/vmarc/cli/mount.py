@@ -126,6 +126,15 @@ def run(args) -> int:
 def _operations(mfusepy, files: dict, st):
     zero_fd = os.open("/dev/zero", os.O_RDONLY)  # holes, read by libfuse like a file
 
+    def _or_eio(call, path, offset, n):
+        """A failed read (a damaged chunk, an I/O error) is EIO for the reader and one
+        line for the mount's stderr."""
+        try:
+            return call(offset, n)
+        except Exception as e:
+            print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
     class Ops(mfusepy.Operations):
         use_ns = True
 
@@ -156,11 +165,7 @@ def _operations(mfusepy, files: dict, st):
             f = files.get(path[1:])
             if f is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
-            try:
-                return f.read(offset, size)
-            except Exception as e:
-                print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
-                raise mfusepy.FuseOSError(errno.EIO) from None
+            return _or_eio(f.read, path, offset, size)
 
         def read_buf(self, path, bufpp, size, offset, fh):
             """libfuse reads what it can itself: a stored run of a plain archive is
@@ -170,11 +175,7 @@ def _operations(mfusepy, files: dict, st):
             if f is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
             n = max(0, min(size, f.size - offset))
-            try:
-                where = f.in_place(offset, n) if n else None  # checks XVA chunks first
-            except Exception as e:
-                print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
-                raise mfusepy.FuseOSError(errno.EIO) from None
+            where = _or_eio(f.in_place, path, offset, n) if n else None  # checks chunks
             data = b""
             if n and where is None:
                 data = self.read(path, n, offset, fh)
