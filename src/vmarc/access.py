@@ -593,7 +593,7 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
         total += -(-d.size // BLOCK) * BLOCK
     out = OutputFile(spool)
     try:
-        writer = RawWriter(out, total)
+        writer = RawWriter(out, total, hole_size=BLOCK)  # holes of whole MiBs: a short map
         for disk, offset, data in archive.stream(None, Checks()):
             writer.write(bases[disk.id] + offset, data)
         writer.finish()

@@ -20,6 +20,10 @@ class SourceError(VmarcError):
     """The input cannot be opened or read (missing file, permission, I/O error)."""
 
 
+class OutputError(VmarcError):
+    """The output cannot be created or written (disk full, read-only, permission)."""
+
+
 class UnknownFormatError(VmarcError):
     """The input is not an archive or image vmarc knows."""
 

@@ -24,6 +24,41 @@ def is_zero(view: memoryview) -> bool:
     return all(ZERO_CHUNK.startswith(view[i:i + step]) for i in range(0, len(view), step))
 
 
+HOLE = 4096  # the smallest hole an output leaves: qemu-img convert's default -S 4k
+
+
+def data_runs(view: memoryview, offset: int, block: int = HOLE):
+    """(start, end) within view of the stretches worth writing: view is cut into blocks
+    aligned on the disk (view[0] lies at disk offset `offset`) and the all-zero blocks
+    are left out. A strided look at the first and last byte of every block rules most
+    blocks out before any of them is compared whole, so data costs almost nothing."""
+    n = len(view)
+    if n == 0 or is_zero(view):
+        return
+    first = min(n, (-offset) % block)      # the partial block before the first boundary
+    firsts = bytes(view[first::block])
+    lasts = bytes(view[first + block - 1::block])
+    if b"\0" not in firsts and b"\0" not in lasts[:len(firsts)] and len(firsts) == len(lasts):
+        yield 0, n                         # no block can be all zeros
+        return
+    run = None
+    pos = 0
+    while pos < n:
+        end = min(n, first if pos == 0 and first else pos + block)
+        k = (pos - first) // block if pos >= first else -1
+        empty = (k < 0 or (k < len(firsts) and firsts[k] == 0 and
+                           (k >= len(lasts) or lasts[k] == 0))) and is_zero(view[pos:end])
+        if empty:
+            if run is not None:
+                yield run, pos
+                run = None
+        elif run is None:
+            run = pos
+        pos = end
+    if run is not None:
+        yield run, n
+
+
 class Disk:
     def __init__(self, id: str, name: str, size: int, device: str | None = None,
                  index: int = 0, meta: dict | None = None):

@@ -41,3 +41,13 @@ def add_random_access_args(p) -> None:
     p.add_argument("--index", help="index file to use or create (default: in "
                    "~/.cache/vmarc, keyed by the archive's size, mtime and head)")
     p.add_argument("--parent", help="parent of a differencing VHD (overrides its locators)")
+
+
+def add_target_args(p) -> None:
+    """How an existing output is written (as qemu-img convert's -n and --target-is-zero)."""
+    p.add_argument("-n", "--no-create", action="store_true",
+                   help="write into an existing file or device in place, without creating "
+                   "it or cutting it short (qemu-img convert -n)")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="the target device or -n file already reads as zeros: skip zeroing "
+                   "what the disk leaves empty")

@@ -7,7 +7,8 @@ import sys
 from .. import open as open_archive
 from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
-from .common import add_progress_arg, add_source_args, add_sync_arg, add_verify_arg
+from .common import (add_progress_arg, add_source_args, add_sync_arg, add_target_args,
+                     add_verify_arg)
 
 
 def add_parser(sub):
@@ -15,7 +16,10 @@ def add_parser(sub):
                        "a VMA or XVA archive (or - for stdout)")
     add_source_args(p)
     p.add_argument("output", help="output path, a directory (VMA/XVA: a vzdump-style or "
-                   "VM name is chosen), or - for stdout")
+                   "VM name is chosen), or - for stdout. A new or existing regular file is "
+                   "written under a temporary name and renamed into place when complete; a "
+                   "block device, a character device (/dev/null), a FIFO, or a symlink "
+                   "(its target) is written in place, never replaced")
     p.add_argument("-O", dest="out_format", default="raw", type=lambda f: {"vpc": "vhd"}.get(f, f),
                    choices=OUTPUT_FORMATS + ARCHIVE_FORMATS,
                    help="output format (default raw); vma and xva carry the whole VM")
@@ -35,6 +39,7 @@ def add_parser(sub):
                     "virtio-scsi, sata for Windows guests, which lack virtio drivers)")
     vm.add_argument("--bridge", help="Proxmox bridge for every network interface (default: "
                     "xenbrN becomes vmbrN)")
+    add_target_args(p)
     add_verify_arg(p, "chunk checksums")
     add_progress_arg(p)
     add_sync_arg(p)
@@ -55,12 +60,13 @@ def run(args) -> int:
             path, warnings = convert_vm(
                 archive, args.output, args.out_format, options=options, storage=args.storage,
                 vmid=args.vmid, bus=args.bus, bridge=args.bridge, verify=args.verify,
-                progress=args.progress, sync=args.sync)
+                progress=args.progress, sync=args.sync, no_create=args.no_create)
             for text in warnings:
                 print(f"vmarc: warning: not carried: {text}", file=sys.stderr)
             if path != args.output:
                 print(f"vmarc: wrote {path}", file=sys.stderr)
             return 0
         convert(archive, args.output, args.out_format, args.disk, verify=args.verify,
-                progress=args.progress, sync=args.sync, options=options, reopen=reopen)
+                progress=args.progress, sync=args.sync, options=options, reopen=reopen,
+                no_create=args.no_create, target_is_zero=args.target_is_zero)
     return 0

@@ -306,9 +306,10 @@ class Qcow2Writer:
     """
 
     def __init__(self, out, size: int):
-        if out.is_stdout:
-            raise UsageError("qcow2 cannot be streamed to stdout (its tables are written "
-                             "last); give a file")
+        if out.is_stream:
+            raise UsageError(f"{out.path}: qcow2 cannot be written as a stream (its tables "
+                             "are written last); give a file or a block device")
+        self.out = out
         self.fd = out.fd
         self.size = size
         self.l1_size = -(-size // (CLUSTER * L2_ENTRIES))
@@ -389,4 +390,4 @@ class Qcow2Writer:
         header = struct.pack(">4sIQIIQIIQQIIQQQQII", MAGIC, 3, 0, 0, CLUSTER_BITS, self.size, 0,
                              self.l1_size, CLUSTER, table_off, table, 0, 0, 0, 0, 0, 4, 104)
         self._pwrite(header + bytes(8), 0)  # then the end-of-extensions marker
-        os.ftruncate(self.fd, total * CLUSTER)
+        self.out.set_size(total * CLUSTER)

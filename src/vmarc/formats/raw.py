@@ -6,32 +6,43 @@ from __future__ import annotations
 import os
 
 from ..errors import UsageError
-from ..model import Archive, Disk, is_zero
+from ..model import HOLE, Archive, Disk, data_runs
 from ..output import OutputFile, pwrite_all, write_all, write_zeros
 
 READ_SIZE = 4 << 20
 
 
 class RawWriter:
-    """Writes a disk given as (offset, data) pieces; zero pieces become holes.
+    """Writes a disk given as (offset, data) pieces, sparse: every all-zero 4 KiB block
+    (hole_size) is left out, as `qemu-img convert` leaves it out.
 
-    To a file the pieces may come in any order (pwrite) and the size is set at the end,
-    so untouched ranges stay unallocated. To stdout they must come in ascending order
-    and gaps are written out as zeros.
+    To a file or a device the pieces may come in any order (pwrite). On a target that
+    held data (a device, or a file written in place with -n) what is left out is zeroed:
+    everything between the highest byte written so far and the next data, and the rest
+    at the end. A piece below that mark lands on bytes already zeroed (a reader gives
+    each byte once), so any order works with one pass. To a stream (stdout, /dev/null,
+    a FIFO) the pieces must come in ascending order and gaps are written out as zeros.
     """
 
-    def __init__(self, out: OutputFile, size: int):
+    def __init__(self, out: OutputFile, size: int, hole_size: int = HOLE):
+        out.reserve(size)
         self.out = out
         self.size = size
         self.fd = out.fd
-        self.pos = 0  # stdout only: bytes written so far
+        self.hole_size = hole_size
+        self.pos = 0  # stream: bytes written so far; else: everything below is settled
 
     def write(self, offset: int, data: memoryview) -> None:
-        if self.out.is_stdout:
+        if self.out.is_stream:
             self._write_stream(offset, data)
             return
-        if not is_zero(data):
-            pwrite_all(self.fd, data, offset)
+        fresh = self.out.fresh
+        for a, b in data_runs(data, offset, self.hole_size):
+            at = offset + a
+            if not fresh and at > self.pos:
+                self.out.zero(self.pos, at - self.pos)
+            pwrite_all(self.fd, data[a:b], at)
+            self.pos = max(self.pos, offset + b)
 
     def _write_stream(self, offset: int, data: memoryview) -> None:
         if offset < self.pos:
@@ -41,10 +52,12 @@ class RawWriter:
         self.pos = offset + len(data)
 
     def finish(self) -> None:
-        if self.out.is_stdout:
+        if self.out.is_stream:
             write_zeros(self.fd, self.size - self.pos)
-        else:
-            os.ftruncate(self.fd, self.size)
+            return
+        if not self.out.fresh:
+            self.out.zero(self.pos, self.size - self.pos)
+        self.out.set_size(self.size)
 
 
 class RawArchive(Archive):

@@ -17,7 +17,7 @@ import urllib.parse
 import uuid as uuidlib
 
 from ..errors import FormatError, IntegrityError, SourceError, UnsupportedError, UsageError
-from ..model import ZERO_CHUNK, Archive, Checks, Disk, is_zero
+from ..model import HOLE, ZERO_CHUNK, Archive, Checks, Disk, data_runs, is_zero
 from ..output import pwrite_all, write_all, write_zeros
 from ..source import Source, open_source
 from ..tar import TarReader, parse_header
@@ -561,6 +561,12 @@ class VhdWriter:
     qemu-img write them) or fixed. The size is kept exact (current_size; creator 'qem2'
     so qemu reads current_size, a geometry that covers it for CHS readers).
 
+    Each block's data starts on a 4 KiB boundary of the file (its bitmap sector just
+    before), so that the all-zero 4 KiB runs inside a block stay holes in a new file, as
+    qemu-img leaves them. On a target that held data (a device, -n) blocks are written
+    whole instead. On a device the footer also goes to the device's last sector, where
+    readers look for it.
+
     To a file: blocks are appended as they complete and the BAT written at the end. To a
     stream: the BAT comes first, so the allocated blocks must be known in advance
     (allocated=set of block indexes, from a first pass).
@@ -578,9 +584,10 @@ class VhdWriter:
         self.uid = uuidlib.uuid4().bytes
         self.ts = max(0, int(time.time()) - VHD_EPOCH)
         self.fd = out.fd
-        self.stream = out.is_stdout
-        self.pos = 0  # stdout: bytes written so far
+        self.stream = out.is_stream
+        self.pos = 0  # stream: bytes written so far
         if self.fixed:  # raw data then the footer
+            out.reserve(size + FOOTER)
             self.raw = RawWriter(out, size)
             self.footer = make_footer(size, FIXED, 0xFFFFFFFFFFFFFFFF, self.uid, self.ts)
             return
@@ -590,18 +597,25 @@ class VhdWriter:
         self.data_start = 3 * SECTOR + bat_bytes
         self.footer = make_footer(size, DYNAMIC, SECTOR, self.uid, self.ts)
         self.bitmap = b"\xff" * SECTOR  # 4096 sectors of a 2 MiB block, all present
-        self.next_block = self.data_start
+        self.next_block = self._aligned(self.data_start)
+        self.data_end = self.data_start
         self.asm = ClusterAssembler(BLOCK_SIZE, size, self._put_block)
         self.last_index = -1
         if self.stream:
             if allocated is None:
                 raise UsageError("streaming a dynamic VHD needs the allocated blocks first")
             self.allocated = allocated
-            pos = self.data_start
+            pos = self.next_block
             for i in sorted(allocated):
                 self.bat[i] = pos // SECTOR
-                pos += SECTOR + BLOCK_SIZE
+                pos = self._aligned(pos + SECTOR + BLOCK_SIZE)
+            self.end = pos
             self._write(self._head())
+
+    @staticmethod
+    def _aligned(pos: int) -> int:
+        """Where the next block's bitmap goes: its data then starts on a 4 KiB boundary."""
+        return -(-(pos + SECTOR) // HOLE) * HOLE - SECTOR
 
     def _head(self) -> bytes:
         bat = struct.pack(f">{self.entries}I", *self.bat)
@@ -636,16 +650,23 @@ class VhdWriter:
             self._write(data)
             self._zeros(BLOCK_SIZE - len(data))
             return
-        if is_zero(data):
+        runs = list(data_runs(data, 0))
+        if not runs:
             return
-        self.bat[index] = self.next_block // SECTOR
-        parts = [self.bitmap, data]
-        if len(data) < BLOCK_SIZE:
-            parts.append(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)])
-        want = SECTOR + BLOCK_SIZE
-        if os.pwritev(self.fd, parts, self.next_block) != want:  # one call per block
-            pwrite_all(self.fd, b"".join(bytes(p) for p in parts), self.next_block)
-        self.next_block += want
+        at = self.next_block
+        self.bat[index] = at // SECTOR
+        if not self.out.fresh or runs == [(0, BLOCK_SIZE)]:  # the whole block, one call
+            parts = [self.bitmap, data]
+            if len(data) < BLOCK_SIZE:
+                parts.append(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)])
+            if os.pwritev(self.fd, parts, at) != SECTOR + BLOCK_SIZE:
+                pwrite_all(self.fd, b"".join(bytes(p) for p in parts), at)
+        else:  # a new file: zero 4 KiB runs stay holes
+            pwrite_all(self.fd, self.bitmap, at)
+            for a, b in runs:
+                pwrite_all(self.fd, data[a:b], at + SECTOR + a)
+        self.data_end = at + SECTOR + BLOCK_SIZE
+        self.next_block = self._aligned(self.data_end)
 
     def finish(self) -> None:
         if self.fixed:
@@ -653,17 +674,23 @@ class VhdWriter:
             if self.stream:
                 write_all(self.fd, self.footer)
             else:
-                pwrite_all(self.fd, self.footer, self.size)
+                self._put_footer(self.size)
             return
         self.asm.flush()
         if self.stream:
-            end = self.data_start + len(self.allocated) * (SECTOR + BLOCK_SIZE)
-            self._zeros(end - self.pos)
+            self._zeros(self.end - self.pos)
             self._write(self.footer)
             return
         pwrite_all(self.fd, self._head(), 0)
-        pwrite_all(self.fd, self.footer, self.next_block)
-        os.ftruncate(self.fd, self.next_block + FOOTER)
+        self._put_footer(self.data_end)
+
+    def _put_footer(self, at: int) -> None:
+        """The footer after the data; on a larger device, also in its last sector."""
+        self.out.set_size(at + FOOTER)
+        pwrite_all(self.fd, self.footer, at)
+        dev = self.out.device_size
+        if dev is not None and dev >= at + 2 * FOOTER:
+            pwrite_all(self.fd, self.footer, dev - FOOTER)
 
 
 def allocated_blocks(stream) -> set[int]:

@@ -6,7 +6,7 @@ import os
 import sys
 import tempfile
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
@@ -55,9 +55,13 @@ def spooled(pieces, disk: Disk):
           f"temporary file in {tempfile.gettempdir()}", file=sys.stderr)
     with tempfile.TemporaryFile(prefix="vmarc-spool-") as tmp:
         fd = tmp.fileno()
-        for _d, offset, data in pieces:
-            pwrite_all(fd, data, offset)
-        os.ftruncate(fd, disk.size)
+        try:
+            for _d, offset, data in pieces:
+                pwrite_all(fd, data, offset)
+            os.ftruncate(fd, disk.size)
+        except OSError as e:
+            raise OutputError(f"temporary spool file in {tempfile.gettempdir()}: cannot "
+                              f"write: {e.strerror} (TMPDIR picks another place)") from None
         buf = memoryview(bytearray(READ_SIZE))
         pos = 0
         while pos < disk.size:
@@ -74,8 +78,10 @@ def spooled(pieces, disk: Disk):
 
 def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | None = None,
             verify: bool = True, progress: bool = False, sync: bool = True,
-            options: dict | None = None, reopen=None):
-    """Write one disk of archive to output ("-" for stdout). Returns the Disk written.
+            options: dict | None = None, reopen=None, no_create: bool = False,
+            target_is_zero: bool = False):
+    """Write one disk of archive to output ("-" for stdout; a device or an existing file
+    is written in place: output.OutputFile). Returns the Disk written.
 
     reopen() gives a fresh Archive of the same source: a dynamic VHD streamed to stdout
     needs a first pass to know its allocated blocks.
@@ -88,30 +94,34 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
         if key not in known:
             raise UsageError(f"-o {key}: not an option of {out_format} output")
     chosen = archive.select(disk)
-    to_stdout = output == "-"
-    allocated = None
-    if out_format == "vhd" and to_stdout and opts.get("subformat", "dynamic") == "dynamic":
-        if reopen is None or archive.source.path is None:
-            raise UsageError("a dynamic VHD on stdout needs its allocated blocks first: give "
-                             "the input as a file (it is read twice), or write a file")
-        with reopen() as first:
-            allocated = allocated_blocks(first.stream([first.select(disk)], Checks(),
-                                                      verify=verify))
-    out = OutputFile(output)
-    bar = Progress(archive.source, progress, label=chosen.describe())
+    out = OutputFile(output, no_create=no_create, target_is_zero=target_is_zero)
+    bar = None
     try:
+        allocated = None
+        if out_format == "vhd" and out.is_stream and opts.get("subformat", "dynamic") == "dynamic":
+            if reopen is None or archive.source.path is None:
+                raise UsageError("a dynamic VHD on a stream needs its allocated blocks first: "
+                                 "give the input as a file (it is read twice), or write a file")
+            with reopen() as first:
+                allocated = allocated_blocks(first.stream([first.select(disk)], Checks(),
+                                                          verify=verify))
+        bar = Progress(archive.source, progress, label=chosen.describe())
         writer = _writer(out_format, out, chosen.size, opts, allocated)
         pieces = archive.stream([chosen], Checks(), verify=verify)
-        if needs_order(out_format, opts, to_stdout) and not archive.ordered:
+        if needs_order(out_format, opts, out.is_stream) and not archive.ordered:
             pieces = spooled(pieces, chosen)
         for _disk, offset, data in pieces:
             writer.write(offset, data)
             bar.update()
         writer.finish()
         out.commit(sync=sync)
+    except OSError as e:
+        out.abort()
+        raise out.failed(e) from None
     except BaseException:
         out.abort()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return chosen

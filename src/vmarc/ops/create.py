@@ -14,6 +14,7 @@ from ..model import Checks
 from ..sequencer import DiskSequencer
 from ..vmsettings import DiskSlot, VmSettings
 from ..output import StreamOutput, compression_for
+from .vmconvert import vma_name_rules
 from ..progress import Progress
 
 CREATE_FORMATS = ("vma", "xva")
@@ -61,6 +62,7 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
         compression = None if opts["compress"] in ("none", "") else opts["compress"]
     if compression == "auto":
         compression = compression_for(output) if output != "-" else None
+    vmid = vma_name_rules(output, compression, None) if out_format == "vma" else 100
     if out_format == "xva" and compression == "lzop":
         raise UsageError("XVA compression is gzip or zstd (XAPI reads no other)")
     if out_format == "xva" and configs:
@@ -99,7 +101,7 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
                                    header=opts.get("header", "v7"))
             else:
                 conf = None if "qemu-server.conf" in blobs else \
-                    _generated_conf(settings, names, warnings)
+                    _generated_conf(settings, names, warnings, vmid)
                 if conf:
                     blobs["qemu-server.conf"] = conf
                 writer = VmaWriter(out, [(n, d.size) for n, (_, d) in zip(names, inputs)],
@@ -109,6 +111,9 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
                            Progress(archive.source, progress, label=names[k]))
             writer.close()
             out.commit(sync=sync)
+        except OSError as e:
+            out.abort()
+            raise out.file.failed(e) from None
         except BaseException:
             out.abort()
             raise
@@ -137,7 +142,8 @@ def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar
         writer.finish_device(k + 1)
 
 
-def _generated_conf(settings: VmSettings, names: list[str], warnings: list[str]) -> bytes | None:
+def _generated_conf(settings: VmSettings, names: list[str], warnings: list[str],
+                    vmid: int) -> bytes | None:
     """A qemu-server.conf for disks named by Proxmox slot (drive-scsi0...), so that the
     archive restores with qmrestore."""
     keys = [n[6:] for n in names]
@@ -148,5 +154,5 @@ def _generated_conf(settings: VmSettings, names: list[str], warnings: list[str])
         return None
     settings.boot = ["disk"]
     conf, _ = pveconf.render(settings, pveconf.DISK_KEY.fullmatch(keys[0])[1], "local-lvm",
-                             100, disk_keys=keys)
+                             vmid, disk_keys=keys)
     return conf.encode()

@@ -50,6 +50,11 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
         for out in outputs:
             out.commit(sync=sync)
         target.commit()
+    except OSError as e:
+        for out in outputs:
+            out.abort()
+        target.abort()
+        raise target.failed(e) from None
     except BaseException:
         for out in outputs:
             out.abort()

@@ -44,6 +44,23 @@ def output_name(output: str, out_format: str, vm_name: str, vmid: int,
     return os.path.join(output, f"{stem}.xva")
 
 
+def vma_name_rules(output: str, compression: str | None, vmid: int | None) -> int:
+    """The vmid to write, after checking the output name against what Proxmox reads from
+    it: the decompressor (by suffix) and the VM id (vzdump-qemu-<vmid>-...)."""
+    if output == "-" or os.path.isdir(output):
+        return 100 if vmid is None else vmid
+    named = compression_for(output)
+    if compression != named:
+        raise UsageError(f"{output}: the name says {named or 'no'} compression but "
+                         f"{compression or 'none'} was asked for; Proxmox picks the "
+                         "decompressor by the name (.vma, .vma.zst, .vma.gz, .vma.lzo)")
+    m = VZDUMP_NAME.search(os.path.basename(output))
+    if m and vmid is not None and int(m[1]) != vmid:
+        raise UsageError(f"{output}: the name says VM {int(m[1])} but --vmid is {vmid}; "
+                         "the restored config would name another VM's volumes")
+    return int(m[1]) if m else (100 if vmid is None else vmid)
+
+
 def write_xva(out, archive: Archive, settings, *, checksum: str, header: str,
               verify: bool, bar) -> None:
     """The XVA of the archive's VM into out."""
@@ -132,7 +149,7 @@ def write_vma(out, archive: Archive, settings, *, storage: str, vmid: int, bus: 
 def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict | None = None,
                storage: str = "local-lvm", vmid: int | None = None, bus: str | None = None,
                bridge: str | None = None, verify: bool = True, progress: bool = False,
-               sync: bool = True) -> tuple[str, list[str]]:
+               sync: bool = True, no_create: bool = False) -> tuple[str, list[str]]:
     """Write the archive's whole VM as out_format; returns (path written, warnings)."""
     if out_format not in ARCHIVE_FORMATS:
         raise UsageError(f"unknown archive format {out_format!r}")
@@ -155,13 +172,12 @@ def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict 
         raise UsageError(f"-o compress={compression}: {out_format} output takes "
                          + ("gzip, zstd, lzop or none" if out_format == "vma"
                             else "gzip, zstd or none"))
-    if vmid is None:
-        m = VZDUMP_NAME.search(os.path.basename(output))
-        vmid = int(m[1]) if m else 100
+    if out_format == "vma":
+        vmid = vma_name_rules(output, compression, vmid)
     if bus is None:
         bus = "sata" if settings.ostype.startswith("w") else "scsi"
     path = output_name(output, out_format, settings.name, vmid, compression)
-    out = StreamOutput(path, compression)
+    out = StreamOutput(path, compression, no_create=no_create)
     bar = Progress(archive.source, progress, label=os.path.basename(path))
     try:
         if out_format == "xva":
@@ -171,6 +187,9 @@ def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict 
             write_vma(out, archive, settings, storage=storage, vmid=vmid, bus=bus,
                       bridge=bridge, verify=verify, bar=bar)
         out.commit(sync=sync)
+    except OSError as e:
+        out.abort()
+        raise out.file.failed(e) from None
     except BaseException:
         out.abort()
         raise
