@@ -32,10 +32,11 @@ class Result:
         return f"<exit {self.code} stdout={self.out[:300]!r} stderr={self.err[:600]!r}>"
 
 
-def vmarc(*args, stdin=None, input=None, timeout=300):
+def vmarc(*args, stdin=None, input=None, timeout=300, stdout=subprocess.PIPE):
     """Run the real command line in a subprocess; returns a Result."""
     proc = subprocess.run([sys.executable, "-m", "vmarc", *map(str, args)], stdin=stdin,
-                          input=input, capture_output=True, timeout=timeout)
+                          input=input, stdout=stdout, stderr=subprocess.PIPE,
+                          timeout=timeout)
     return Result(proc)
 
 

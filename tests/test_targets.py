@@ -1,0 +1,248 @@
+"""Restoring into what a user names: block devices (real loop devices), /dev/null,
+symlinks and existing files with -n; write errors on a full or read-only file system."""
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+import xvagen as g
+from conftest import assert_clean_failure, need, vmarc as run
+from test_access import CASES
+
+MiB = 1 << 20
+FILL = b"\xaa"
+
+
+def _root():
+    if os.geteuid() != 0:
+        pytest.fail("these tests need root (loop devices, tmpfs mounts): CI runs as root")
+
+
+@pytest.fixture
+def loopdev(tmp_path):
+    """make(size) -> a loop device of size bytes, every byte 0xAA; detached afterwards."""
+    _root()
+    made = []
+
+    def make(size):
+        backing = tmp_path / f"loop{len(made)}.img"
+        backing.write_bytes(FILL * size)
+        dev = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        made.append(dev)
+        return dev
+    yield make
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size_mib, ro=False) -> a fresh tmpfs of that size; unmounted afterwards."""
+    _root()
+    made = []
+
+    def mount(size_mib, ro=False):
+        where = tmp_path / f"fs{len(made)}"
+        where.mkdir()
+        opts = f"size={size_mib}m" + (",ro" if ro else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "vmarc-test", str(where)],
+                       check=True)
+        made.append(where)
+        return where
+    yield mount
+    for where in made:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def _read(path, n=None):
+    with open(path, "rb") as f:
+        return f.read() if n is None else f.read(n)
+
+
+def _pick(disks):
+    """(--disk arguments, bytes) of a case's first disk."""
+    key, data = next(iter(disks.items()))
+    return (["--disk", key] if len(disks) > 1 else []), data
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_format_converts_into_a_block_device(case, tmp_path, loopdev):
+    src, disks = CASES[case](tmp_path)
+    sel, data = _pick(disks)
+    devsize = -(-(len(data) + MiB) // 512) * 512
+    dev = loopdev(devsize)
+    res = run("convert", src, dev, *sel)
+    assert res.code == 0, res
+    assert stat.S_ISBLK(os.stat(dev).st_mode)
+    got = _read(dev)
+    assert got[:len(data)] == data          # holes read back as zeros, not 0xAA
+    assert got[len(data):] == FILL * (devsize - len(data))  # past the disk: untouched
+
+
+@pytest.mark.parametrize("case", ["xva.gz", "vma", "vhd-chain", "qcow2"])
+@pytest.mark.parametrize("fmt", ["qcow2", "vpc"])
+def test_qcow2_and_vhd_into_a_block_device(case, fmt, tmp_path, loopdev):
+    need("qemu-img")
+    src, disks = CASES[case](tmp_path)
+    sel, data = _pick(disks)
+    dev = loopdev(-(-(len(data) + 4 * MiB) // 512) * 512)
+    res = run("convert", src, dev, "-O", fmt, *sel)
+    assert res.code == 0, res
+    assert stat.S_ISBLK(os.stat(dev).st_mode)
+    back = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, dev, "-O", "raw", str(back)], check=True)
+    assert _read(back)[:len(data)] == data
+    if fmt == "qcow2":
+        subprocess.run(["qemu-img", "check", "-f", "qcow2", dev], check=True,
+                       capture_output=True)
+
+
+def test_a_device_too_small_is_refused_before_any_write(tmp_path, loopdev):
+    src, disks = CASES["xva"](tmp_path)
+    sel, data = _pick(disks)
+    devsize = len(data) // 512 * 512 - 4096
+    dev = loopdev(devsize)
+    res = run("convert", src, dev, *sel)
+    assert_clean_failure(res, 1, dev, str(devsize), str(len(data)))
+    assert _read(dev) == FILL * devsize
+    assert stat.S_ISBLK(os.stat(dev).st_mode)
+
+
+def test_target_is_zero_skips_zeroing(tmp_path, loopdev):
+    src, disks = CASES["vma"](tmp_path)
+    sel, data = _pick(disks)
+    dev = loopdev(-(-len(data) // 512) * 512)
+    res = run("convert", src, dev, *sel, "--target-is-zero")
+    assert res.code == 0, res
+    got = _read(dev)[:len(data)]
+    assert got != data                       # the holes kept the old bytes, as asked
+    for off in range(0, len(data), 4096):
+        want = data[off:off + 4096]
+        assert got[off:off + 4096] == (want if any(want) else FILL * len(want))
+
+
+def test_a_mounted_device_is_refused(tmp_path, loopdev):
+    src, disks = CASES["raw"](tmp_path)
+    dev = loopdev(8 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    subprocess.run(["mount", dev, str(where)], check=True)
+    try:
+        before = _read(dev)
+        res = run("convert", src, dev, "-f", "raw")
+        assert_clean_failure(res, 1, dev, "in use")
+        assert _read(dev) == before
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_symlinks_stay_symlinks(tmp_path, loopdev):
+    src, disks = CASES["xva"](tmp_path)
+    sel, data = _pick(disks)
+    target = tmp_path / "target.raw"
+    target.write_bytes(FILL * (len(data) + MiB))
+    link = tmp_path / "link.raw"
+    link.symlink_to(target)
+    res = run("convert", src, link, *sel)
+    assert res.code == 0, res
+    assert os.path.islink(link) and os.readlink(link) == str(target)
+    assert _read(target) == data             # written in place: cut to the disk's size
+    dev = loopdev(-(-len(data) // 512) * 512)
+    devlink = tmp_path / "dev-link"
+    devlink.symlink_to(dev)
+    assert run("convert", src, devlink, *sel).code == 0
+    assert os.path.islink(devlink) and stat.S_ISBLK(os.stat(dev).st_mode)
+    assert _read(dev)[:len(data)] == data
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "made-by-vmarc.raw")
+    assert run("convert", src, dangling, *sel).code == 0
+    assert os.path.islink(dangling) and _read(tmp_path / "made-by-vmarc.raw") == data
+
+
+def test_no_create_writes_into_an_existing_file_without_cutting_it(tmp_path):
+    src, disks = CASES["vma.zst"](tmp_path)
+    sel, data = _pick(disks)
+    out = tmp_path / "existing.raw"
+    out.write_bytes(FILL * (len(data) + MiB))
+    ino = os.stat(out).st_ino
+    res = run("convert", src, out, *sel, "-n")
+    assert res.code == 0, res
+    assert os.stat(out).st_ino == ino
+    got = _read(out)
+    assert got[:len(data)] == data and got[len(data):] == FILL * MiB
+    res = run("convert", src, tmp_path / "missing.raw", *sel, "-n")
+    assert_clean_failure(res, 1, "missing.raw", "does not exist")
+
+
+def test_dev_null_and_missing_device_names(tmp_path):
+    src, disks = CASES["vhd-chain"](tmp_path)
+    for fmt in ("raw", "vpc"):
+        res = run("convert", src, "/dev/null", "-O", fmt)
+        assert res.code == 0, res
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    res = run("convert", src, "/dev/null", "-O", "qcow2")
+    assert_clean_failure(res, 1, "/dev/null", "stream")
+    missing = "/dev/vmarc-test-no-such-volume"
+    res = run("convert", src, missing)
+    assert_clean_failure(res, 1, missing, "no such device")
+    assert not os.path.lexists(missing)
+
+
+def test_binary_output_to_a_terminal_is_refused(tmp_path):
+    src, disks = CASES["raw"](tmp_path)
+    import pty
+    leader, follower = pty.openpty()
+    try:
+        res = run("convert", src, "-", "-f", "raw", stdout=follower)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert_clean_failure(res, 1, "terminal")
+
+
+def _incompressible_raw(tmp_path, size=32 * MiB):
+    src = tmp_path / "big.img"
+    src.write_bytes(os.urandom(size))
+    return src
+
+
+def _xva_of(tmp_path, raw):
+    data = raw.read_bytes()
+    path = tmp_path / "big.xva"
+    g.write(path, g.XvaSpec(disks=[g.XDisk("Ref:1", data, "d", "0")]))
+    return path
+
+
+WRITERS = {
+    "raw": lambda src, xva, out: ["convert", src, out / "o.raw"],
+    "qcow2": lambda src, xva, out: ["convert", src, out / "o.qcow2", "-O", "qcow2"],
+    "vhd": lambda src, xva, out: ["convert", src, out / "o.vhd", "-O", "vpc"],
+    "vhd-fixed": lambda src, xva, out: ["convert", src, out / "o.vhd", "-O", "vpc",
+                                        "-o", "subformat=fixed"],
+    "vma": lambda src, xva, out: ["create", "-O", "vma", out / "o.vma",
+                                  "--disk", f"scsi0={src}"],
+    "vma.zst": lambda src, xva, out: ["convert", xva, out / "vzdump-qemu-1-x.vma.zst", "-O",
+                                      "vma"],
+    "xva": lambda src, xva, out: ["create", "-O", "xva", out / "o.xva", "--disk", f"d={src}"],
+    "xva.gz": lambda src, xva, out: ["convert", xva, out / "o.xva", "-O", "xva",
+                                     "-o", "compress=gzip"],
+    "extract": lambda src, xva, out: ["extract", xva, out / "dir"],
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_disk_full_and_read_only_are_one_line(writer, tmp_path, small_fs):
+    raw = _incompressible_raw(tmp_path)
+    xva = _xva_of(tmp_path, raw)
+    full = small_fs(20)
+    res = run(*WRITERS[writer](raw, xva, full))
+    assert_clean_failure(res, 1, str(full), "No space left on device")
+    assert os.listdir(full) == []
+    ro = small_fs(20, ro=True)
+    res = run(*WRITERS[writer](raw, xva, ro))
+    assert_clean_failure(res, 1, str(ro), "Read-only file system")
+    assert os.listdir(ro) == []
