@@ -246,3 +246,52 @@ def test_disk_full_and_read_only_are_one_line(writer, tmp_path, small_fs):
     res = run(*WRITERS[writer](raw, xva, ro))
     assert_clean_failure(res, 1, str(ro), "Read-only file system")
     assert os.listdir(ro) == []
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture
+def sparse_sources(tmp_path):
+    """One disk with zero clusters and zero 4 KiB blocks inside data clusters, as XVA,
+    VMA, a dynamic VHD and qcow2 (the last two written by qemu-img)."""
+    need("qemu-img")
+    import vmagen
+    data = vmagen.disk_bytes(16 * MiB + 4096, seed=5)
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(data)
+    xva = tmp_path / "disk.xva"
+    g.write(xva, g.XvaSpec(disks=[g.XDisk("Ref:1", data, "d", "0")]))
+    vma = tmp_path / "disk.vma"
+    vma.write_bytes(vmagen.build([("drive-scsi0", data)]))
+    srcs = {"xva": xva, "vma": vma}
+    for fmt, opts in (("vhd", ["-O", "vpc", "-o", "force_size=on"]), ("qcow2", ["-O", "qcow2"])):
+        srcs[fmt] = tmp_path / f"disk.{fmt}"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", raw, *opts, srcs[fmt]], check=True)
+    return raw, data, srcs
+
+
+@pytest.mark.parametrize("fmt", ["xva", "vma", "vhd", "qcow2"])
+def test_raw_output_is_as_sparse_as_qemu_img(fmt, tmp_path, sparse_sources):
+    raw, data, srcs = sparse_sources
+    ref = tmp_path / "qemu.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", raw, "-O", "raw", ref], check=True)
+    out = tmp_path / f"from-{fmt}.raw"
+    assert run("convert", srcs[fmt], out).code == 0
+    assert _read(out) == data
+    assert _allocated(out) <= 1.1 * _allocated(ref), (_allocated(out), _allocated(ref))
+    assert _allocated(out) < len(data) * 0.75  # the zero 4 KiB blocks are holes
+
+
+def test_vhd_output_is_as_sparse_as_qemu_img(tmp_path, sparse_sources):
+    raw, data, srcs = sparse_sources
+    ref = tmp_path / "qemu.vhd"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", raw, "-O", "vpc", "-o", "force_size=on",
+                    ref], check=True)
+    out = tmp_path / "vmarc.vhd"
+    assert run("convert", srcs["xva"], out, "-O", "vpc").code == 0
+    assert _allocated(out) <= 1.1 * _allocated(ref), (_allocated(out), _allocated(ref))
+    back = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", out, "-O", "raw", back], check=True)
+    assert _read(back) == data
