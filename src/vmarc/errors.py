@@ -33,9 +33,14 @@ class UnsupportedError(VmarcError):
 
 
 class CorruptError(VmarcError):
-    """The input is a known format but damaged."""
+    """The input is a known format but damaged. damage: the model.Damage stretches of
+    disks it spoils, when the reader can tell (empty: the archive as a whole)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, damage=()):
+        super().__init__(message)
+        self.damage = list(damage)
 
 
 class FormatError(CorruptError):

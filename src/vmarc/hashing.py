@@ -54,31 +54,32 @@ class HashRing:
         self._settle(i)
         return i, self._views[i]
 
-    def check(self, i: int, length: int, func, expected: str, where: str) -> None:
-        """Hash bytes [0, length) of buffer i with func; compare with expected later."""
+    def check(self, i: int, length: int, func, expected: str, where: str,
+              damage=()) -> None:
+        """Hash bytes [0, length) of buffer i with func; compare with expected later.
+        damage: what a mismatch spoils (model.Damage), for the checks to weigh."""
         if func in INLINE:
             fut = Future()
             fut.set_result(func(self._views[i][:length]))
         else:
             fut = self._pool.submit(func, self._views[i][:length])
-        self._pending[i] = (fut, expected, where)
+        self._pending[i] = (fut, expected, where, damage)
 
-    def check_now(self, data, func, expected: str, where: str) -> None:
+    def check_now(self, data, func, expected: str, where: str, damage=()) -> None:
         """Hash data at once and compare (for data that is not in a ring buffer)."""
-        self._compare(func(data), expected, where)
+        self._compare(func(data), expected, where, damage)
 
-    def _compare(self, got: str, expected: str, where: str) -> None:
+    def _compare(self, got: str, expected: str, where: str, damage) -> None:
         if got != expected:
             self.checks.fail(IntegrityError(f"{where}: checksum mismatch (stored {expected}, "
-                                            f"computed {got})"))
+                                            f"computed {got})", damage))
 
     def _settle(self, i: int) -> None:
         item = self._pending[i]
         if item is None:
             return
         self._pending[i] = None
-        fut, expected, where = item
-        self._compare(fut.result(), expected, where)
+        self._compare(item[0].result(), *item[1:])
 
     def finish(self) -> None:
         """Settle every pending hash, oldest first."""

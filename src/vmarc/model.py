@@ -89,25 +89,81 @@ class Disk:
         return d
 
 
-class Checks:
-    """Where structural and checksum problems go: raised at once (convert, extract) or
-    collected so that one `verify` run names every problem it can reach."""
+class Damage:
+    """A stretch of a disk that could not be read as it was stored: cause "checksum"
+    (the bytes kept as read), "missing" (zeros: truncated, a chunk or cluster absent) or
+    "structure" (metadata broken: what it governs is read as far as it can be placed).
+    where names the place in the source (member, cluster, block, archive offset)."""
 
-    def __init__(self, collect: bool = False, limit: int = 1000):
+    __slots__ = ("disk", "offset", "length", "cause", "where")
+
+    def __init__(self, disk: Disk, offset: int, length: int, cause: str, **where):
+        self.disk, self.offset, self.length, self.cause, self.where = \
+            disk, offset, length, cause, where
+
+    def as_dict(self) -> dict:
+        return {"disk": self.disk.id, "device": self.disk.device, "offset": self.offset,
+                "length": self.length, "cause": self.cause, "source": self.where}
+
+
+class Checks:
+    """Where structural and checksum problems go.
+
+    - default: raised at once (convert, extract without --salvage);
+    - collect: recorded, so that one `verify` run names every problem it can reach;
+    - keep (a set of disk ids): damage that spoils only other disks is recorded in
+      `elsewhere` and the pass goes on, so intact disks come out of a damaged archive;
+    - salvage: everything is recorded and readers go on past all they can (write the
+      bytes of a bad chunk as read, zeros for what is missing).
+
+    A reader that cannot go on (the input ends, a structure it needs is broken) calls
+    stop(): raised unless keeping or salvaging; then the reader ends its pass and reports
+    through fail() what each disk is missing.
+    """
+
+    def __init__(self, collect: bool = False, limit: int = 1000, keep=None,
+                 salvage: bool = False):
         self.collect = collect
         self.limit = limit
-        self.problems: list[CorruptError] = []
+        self.keep = None if keep is None else set(keep)
+        self.salvage = salvage
+        self.problems: list[CorruptError] = []   # spoiling the kept disks, or everything
+        self.elsewhere: list[CorruptError] = []  # spoiling other disks only (keep)
+        self.stopped_by: CorruptError | None = None
+        self.seen: list[CorruptError] = []       # every problem, in the order met
         self.warnings: list[str] = []
+        self._raised: CorruptError | None = None
+
+    def _only_elsewhere(self, err: CorruptError) -> bool:
+        return self.keep is not None and bool(err.damage) and \
+            all(d.disk.id not in self.keep for d in err.damage)
 
     def fail(self, err: CorruptError) -> None:
-        if not self.collect:
-            raise err
+        self.seen.append(err)
+        if self._only_elsewhere(err):
+            self.elsewhere.append(err)
+            return
+        if not (self.collect or self.salvage):
+            # the kept disk is spoiled: say why the pass stopped, when that is the cause
+            self._raised = self.stopped_by if self.stopped_by is not None else err
+            raise self._raised
         self.problems.append(err)
         if len(self.problems) >= self.limit:
             raise CorruptError(f"more than {self.limit} problems; stopped")
 
+    def stop(self, err: CorruptError) -> None:
+        if err is self._raised or not (self.salvage or self.keep is not None):
+            raise err  # a verdict of fail(), or no one to go on for
+        self.seen.append(err)
+        self.stopped_by = err
+
     def warn(self, text: str) -> None:
         self.warnings.append(text)
+
+    @property
+    def damage(self) -> list[Damage]:
+        """The damaged stretches of the kept disks (or of every disk)."""
+        return [d for e in self.problems for d in e.damage]
 
 
 class Archive:

@@ -51,3 +51,11 @@ def add_target_args(p) -> None:
     p.add_argument("--target-is-zero", action="store_true",
                    help="the target device or -n file already reads as zeros: skip zeroing "
                    "what the disk leaves empty")
+
+
+def add_salvage_args(p) -> None:
+    p.add_argument("--salvage", action="store_true",
+                   help="go on past damage: a bad chunk's bytes as read, zeros for what is "
+                   "missing; writes a JSON damage report and exits 2 if the output is damaged")
+    p.add_argument("--report", metavar="PATH", help="where --salvage writes its report "
+                   "(default: OUTPUT.damage.json beside the output)")

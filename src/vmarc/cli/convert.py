@@ -7,8 +7,8 @@ import sys
 from .. import open as open_archive
 from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
-from .common import (add_progress_arg, add_source_args, add_sync_arg, add_target_args,
-                     add_verify_arg)
+from .common import (add_progress_arg, add_source_args, add_sync_arg, add_salvage_args,
+                     add_target_args, add_verify_arg)
 
 
 def add_parser(sub):
@@ -40,6 +40,7 @@ def add_parser(sub):
     vm.add_argument("--bridge", help="Proxmox bridge for every network interface (default: "
                     "xenbrN becomes vmbrN)")
     add_target_args(p)
+    add_salvage_args(p)
     add_verify_arg(p, "chunk checksums")
     add_progress_arg(p)
     add_sync_arg(p)
@@ -68,5 +69,6 @@ def run(args) -> int:
             return 0
         convert(archive, args.output, args.out_format, args.disk, verify=args.verify,
                 progress=args.progress, sync=args.sync, options=options, reopen=reopen,
-                no_create=args.no_create, target_is_zero=args.target_is_zero)
+                no_create=args.no_create, target_is_zero=args.target_is_zero,
+                salvage=args.salvage, report=args.report)
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .. import open as open_archive
 from ..ops.extract import extract
-from .common import add_progress_arg, add_source_args, add_sync_arg, add_verify_arg
+from .common import (add_progress_arg, add_salvage_args, add_source_args, add_sync_arg,
+                     add_verify_arg)
 
 
 def add_parser(sub):
@@ -14,6 +15,7 @@ def add_parser(sub):
     p.add_argument("-O", dest="out_format", default="raw", choices=["raw"])
     p.add_argument("--disk", action="append", dest="disks",
                    help="only this disk (id, name, device or index); may be repeated")
+    add_salvage_args(p)
     add_verify_arg(p)
     add_progress_arg(p)
     add_sync_arg(p)
@@ -23,7 +25,8 @@ def add_parser(sub):
 def run(args) -> int:
     with open_archive(args.source, args.fmt) as archive:
         written = extract(archive, args.directory, args.disks, verify=args.verify,
-                          progress=args.progress, sync=args.sync)
+                          progress=args.progress, sync=args.sync, salvage=args.salvage,
+                          report=args.report)
     for what, fname in written.items():
         print(f"{fname}\t{what}")
     return 0

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 
-from ..errors import FormatError, TruncatedError
+from ..errors import CorruptError, FormatError, TruncatedError
 from ..hashing import DIGEST_NAME, INLINE, HashRing, sha1_text, xxh64_text
-from ..model import Archive, Checks, Disk
+from ..model import Archive, Checks, Damage, Disk
 from ..tar import TarReader
 from . import ovaxml
 
@@ -140,43 +140,83 @@ class XvaArchive(Archive):
         try:
             for disk, start, m in self._chunks(checks):
                 keep = disk.id in wanted
-                # no copy when the read-ahead buffer holds the whole chunk and its hash
-                # (XXH64) is computed at once; else into a ring buffer (SHA-1 on the pool)
-                data = self.tar.view(m) if inline and (keep or verify) else None
-                viewed = data is not None
-                if not viewed:
-                    i, buf = ring.take()
-                    data = buf[:m.size]
-                    if keep or verify:
-                        self.tar.readinto(data, m)
-                func, expected = self._read_checksum(m, disk)
+                n = max(0, min(m.size, disk.size - start))  # what lies inside the disk
+                here = {"member": m.name, "archive_offset": m.data_offset}
+                where = (f"{name}: {disk.describe()}, chunk {m.name} (disk offset {start}, "
+                         f"archive offset {m.data_offset})")
+                data = None
+                try:
+                    # no copy when the read-ahead buffer holds the whole chunk and its hash
+                    # (XXH64) is computed at once; else into a ring buffer (SHA-1 pool)
+                    data = self.tar.view(m) if inline and (keep or verify) else None
+                    viewed = data is not None
+                    if not viewed:
+                        i, buf = ring.take()
+                        data = buf[:m.size]
+                        if keep or verify:
+                            self.tar.readinto(data, m)
+                    func, expected = self._read_checksum(m, disk)
+                except CorruptError:
+                    if checks.salvage and keep and data is not None:
+                        yield from self._cut_chunk(checks, disk, start, m, data, where, here)
+                    raise
                 if verify:
-                    where = (f"{name}: {disk.describe()}, chunk {m.name} (disk offset "
-                             f"{start}, archive offset {m.data_offset})")
+                    damage = [Damage(disk, start, n, "checksum", **here)] if n else []
                     if viewed:
-                        ring.check_now(data, func, expected, where)
+                        ring.check_now(data, func, expected, where, damage)
                     else:
-                        ring.check(i, m.size, func, expected, where)
+                        ring.check(i, m.size, func, expected, where, damage)
                     inline = func in INLINE
-                if keep and m.size and start < disk.size:
-                    yield disk, start, data[:min(m.size, disk.size - start)]
+                if keep and n:
+                    yield disk, start, data[:n]
                 self.source.release_views()  # the consumer is done with the chunk
             ring.finish()
             if self.source.compression:
                 self.source.drain()  # let the decompressor check its own trailer
+        except CorruptError as e:
+            checks.stop(e)  # raises unless keeping intact disks or salvaging
+            ring.finish()   # the chunks handed out so far are still checked
         finally:
             ring.close()
+        self._report_missing(checks)
+
+    def _cut_chunk(self, checks, disk, start, m, data, where, here):
+        """Salvage: the part of a chunk read before the input ended or broke, unverified,
+        and the disk's position moved to its end."""
+        got = max(0, min(self.source.offset - m.data_offset, m.size, disk.size - start))
+        if got:
+            yield disk, start, data[:got]
+        self._placed[disk.id].pos = start + got
+        if got:
+            checks.fail(CorruptError(f"{where}: {got} bytes read before the input broke off; "
+                                     "written as read, unverified",
+                                     [Damage(disk, start, got, "unverified", **here)]))
+
+    def _report_missing(self, checks: Checks) -> None:
+        """Every disk must reach its virtual size; the rest of a disk that does not is
+        missing (zeros in a salvaged output)."""
+        at = self.source.offset
+        for d in self.stream_order():
+            st = self._placed[d.id]
+            if st.pos < d.size:
+                checks.fail(TruncatedError(
+                    f"{self.source.name}: {d.describe()} is incomplete: its data ends at "
+                    f"{st.pos} of {d.size} bytes ({st.chunks} chunk members; the last chunk "
+                    "is missing)", [Damage(d, st.pos, d.size - st.pos, "missing",
+                                           archive_offset=at)]))
 
     def scan(self, checks: Checks | None = None):
         """(disk, disk offset, length, archive offset, checksum) of every chunk, reading
         headers only: the data is seeked over on a plain file (the index of
         `map`/`serve`/`mount`). checksum is (digest name, digest text, member size):
         random reads check each chunk against it the first time they touch it."""
-        for disk, start, m in self._chunks(checks or Checks()):
+        checks = checks or Checks()
+        for disk, start, m in self._chunks(checks):
             func, text = self._read_checksum(m, disk)
             if m.size and start < disk.size:
                 yield (disk, start, min(m.size, disk.size - start), m.data_offset,
                        (DIGEST_NAME[func], text, m.size))
+        self._report_missing(checks)
 
     def _chunks(self, checks: Checks):
         """(disk, disk offset, member) of every chunk member, with every placement rule
@@ -185,7 +225,7 @@ class XvaArchive(Archive):
             raise RuntimeError("an XVA stream can be read once; open the archive again")
         self._streamed = True
         order = self.stream_order()
-        state = {d.id: _DiskState() for d in order}
+        state = self._placed = {d.id: _DiskState() for d in order}
         current = 0
         name = self.source.name
         tar = self.tar
@@ -229,12 +269,6 @@ class XvaArchive(Archive):
             st.last_suffix = suffix
             st.pos = start + m.size
             st.chunks += 1
-        for d in order:
-            st = state[d.id]
-            if st.pos < d.size:
-                checks.fail(TruncatedError(
-                    f"{name}: {d.describe()} is incomplete: its data ends at {st.pos} of "
-                    f"{d.size} bytes ({st.chunks} chunk members; the last chunk is missing)"))
 
     def _read_checksum(self, data_member, disk):
         m = self.tar.next()

@@ -13,6 +13,7 @@ from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..model import Archive, Checks, Disk
 from ..output import OutputFile, pwrite_all
 from ..progress import Progress
+from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 
 OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
 ARCHIVE_FORMATS = ("vma", "xva")   # whole-VM outputs: ops/vmconvert.py
@@ -79,9 +80,12 @@ def spooled(pieces, disk: Disk):
 def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | None = None,
             verify: bool = True, progress: bool = False, sync: bool = True,
             options: dict | None = None, reopen=None, no_create: bool = False,
-            target_is_zero: bool = False):
+            target_is_zero: bool = False, salvage: bool = False, report: str | None = None):
     """Write one disk of archive to output ("-" for stdout; a device or an existing file
     is written in place: output.OutputFile). Returns the Disk written.
+
+    Damage elsewhere in the archive leaves the disk intact (a warning); salvage writes
+    what can be read of a damaged disk, a report, and raises SalvagedError (ops/damage).
 
     reopen() gives a fresh Archive of the same source: a dynamic VHD streamed to stdout
     needs a first pass to know its allocated blocks.
@@ -107,13 +111,17 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
                                                           verify=verify))
         bar = Progress(archive.source, progress, label=chosen.describe())
         writer = _writer(out_format, out, chosen.size, opts, allocated)
-        pieces = archive.stream([chosen], Checks(), verify=verify)
+        checks = checks_for([chosen], salvage)
+        pieces = archive.stream([chosen], checks, verify=verify)
         if needs_order(out_format, opts, out.is_stream) and not archive.ordered:
             pieces = spooled(pieces, chosen)
         for _disk, offset, data in pieces:
             writer.write(offset, data)
             bar.update()
         writer.finish()
+        if salvage and checks.seen:
+            report = report_path(output, report)
+            write_report(report, archive.source.name, {chosen.id: output}, checks)
         out.commit(sync=sync)
     except OSError as e:
         out.abort()
@@ -124,4 +132,7 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
     finally:
         if bar is not None:
             bar.close()
+    warn_elsewhere(checks, [chosen])
+    if checks.damage:
+        raise summary(checks, report)
     return chosen

@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 
 from ..formats.raw import RawWriter
-from ..model import Archive, Checks
+from ..model import Archive
 from ..output import OutputDir, OutputFile
 from ..progress import Progress
+from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 
 
 def extract(archive: Archive, directory: str, disks: list[str] | None = None,
-            verify: bool = True, progress: bool = False, sync: bool = True) -> dict[str, str]:
-    """Returns {what: file name} for everything written."""
+            verify: bool = True, progress: bool = False, sync: bool = True,
+            salvage: bool = False, report: str | None = None) -> dict[str, str]:
+    """Returns {what: file name} for everything written. Damage is handled as by
+    convert (ops/damage.py)."""
     chosen = [archive.select(s) for s in disks] if disks else list(archive.disks)
     chosen = list({d.id: d for d in chosen}.values())
     names = {d.id: archive.disk_filename(d) for d in chosen}
@@ -37,7 +40,8 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             outputs.append(out)
             writers[d.id] = RawWriter(out, d.size)
             written[d.id] = fname
-        for disk, offset, data in archive.stream(chosen, Checks(), verify=verify):
+        checks = checks_for(chosen, salvage)
+        for disk, offset, data in archive.stream(chosen, checks, verify=verify):
             writers[disk.id].write(offset, data)
             bar.update()
         for name, blob in archive.configs.items():
@@ -49,6 +53,10 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             writers[d.id].finish()
         for out in outputs:
             out.commit(sync=sync)
+        if salvage and checks.seen:
+            report = report_path(directory, report)
+            write_report(report, archive.source.name,
+                         {d.id: os.path.join(directory, written[d.id]) for d in chosen}, checks)
         target.commit()
     except OSError as e:
         for out in outputs:
@@ -62,4 +70,7 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
         raise
     finally:
         bar.close()
+    warn_elsewhere(checks, chosen)
+    if checks.damage:
+        raise summary(checks, report)
     return written

@@ -1,0 +1,85 @@
+"""What convert and extract do about damage in the source.
+
+The disks being written are kept (model.Checks keep): damage that spoils only other
+disks, or that comes after the kept disks are complete and verified, leaves them intact:
+the command succeeds with one warning line naming where the damage starts. With
+--salvage nothing stops the pass: the output is written with the bytes of a bad chunk as
+read and zeros for what is missing, a JSON report lists every damaged stretch, and the
+command ends with exit 2 (SalvagedError) when the output holds damage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..errors import CorruptError
+from ..model import Checks, Disk
+from ..output import OutputFile, write_all
+
+
+class SalvagedError(CorruptError):
+    """The output was written, but parts of it are damaged (listed in the report)."""
+
+
+def checks_for(disks: list[Disk], salvage: bool) -> Checks:
+    return Checks(keep={d.id for d in disks}, salvage=salvage)
+
+
+def report_path(output: str, given: str | None) -> str:
+    """--report, else beside a file or directory output; a device's, stdout's or a
+    FIFO's report goes to the current directory."""
+    if given:
+        return given
+    if output != "-" and (not os.path.exists(output) or os.path.isfile(output)
+                          or os.path.isdir(output)):
+        return f"{output.rstrip('/')}.damage.json"
+    return f"{os.path.basename(output) if output != '-' else 'stdout'}.damage.json"
+
+
+def write_report(path: str, source: str, outputs: dict[str, str], checks: Checks) -> None:
+    """The damage report: each damaged stretch with disk, offset, length, cause and its
+    place in the source; problems that spoil no output disk are listed apart."""
+    doc = {
+        "source": source,
+        "outputs": outputs,
+        "damage": [d.as_dict() for d in checks.damage],
+        "damaged_bytes": sum(d.length for d in checks.damage),
+        "problems": [str(e) for e in checks.problems],
+        "elsewhere": [str(e) for e in checks.elsewhere],
+        "stopped_by": str(checks.stopped_by) if checks.stopped_by else None,
+    }
+    out = OutputFile(path)
+    try:
+        write_all(out.fd, (json.dumps(doc, indent=2) + "\n").encode())
+        out.commit()
+    except OSError as e:
+        out.abort()
+        raise out.failed(e) from None
+    except BaseException:
+        out.abort()
+        raise
+
+
+def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:
+    """One line when the written disks are intact but the archive is damaged."""
+    if checks.damage or not checks.seen:
+        return
+    what = ", ".join(d.device or d.id for d in disks)
+    print(f"vmarc: warning: {what} complete and verified, but the archive is damaged: "
+          f"{checks.seen[0]}", file=sys.stderr)
+
+
+def summary(checks: Checks, report: str) -> SalvagedError:
+    """The lines for a salvaged output: one per damaged disk, then the error to exit with."""
+    per_disk: dict[str, dict[str, int]] = {}
+    for d in checks.damage:
+        causes = per_disk.setdefault(d.disk.device or d.disk.id, {})
+        causes[d.cause] = causes.get(d.cause, 0) + d.length
+    for disk, causes in per_disk.items():
+        parts = ", ".join(f"{n} bytes {cause}" for cause, n in sorted(causes.items()))
+        print(f"vmarc: {disk}: damaged: {parts}", file=sys.stderr)
+    n = len(checks.damage)
+    return SalvagedError(f"salvaged with {n} damaged stretch{'es' if n != 1 else ''} "
+                         f"({sum(d.length for d in checks.damage)} bytes); report: {report}")
