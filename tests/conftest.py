@@ -6,11 +6,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The real Proxmox sample: ../shared/fixtures beside the checkout when it is there,
-# else the copy kept in tests/fixtures (a CI clone may live anywhere).
-_SHARED = os.path.join(os.path.dirname(ROOT), "shared", "fixtures")
-SHARED_FIXTURES = (_SHARED if os.path.exists(os.path.join(_SHARED, "proxmox-test.vma.gz"))
-                   else os.path.join(ROOT, "tests", "fixtures"))
+# Files made by real software (the Proxmox sample, ../shared/realdata) stay in the shared
+# folder beside the checkout (CI lays a copy beside its clone); they are never copied
+# into the repository. VMARC_SHARED points elsewhere.
+SHARED = os.environ.get("VMARC_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
+SHARED_FIXTURES = os.path.join(SHARED, "fixtures")
+SHARED_REALDATA = os.path.join(SHARED, "realdata")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
@@ -54,6 +55,12 @@ def assert_clean_failure(res, code, *needles):
 def need(tool):
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} is not installed: run ./setup.sh")
+
+
+def pytest_sessionstart(session):
+    if not os.path.isdir(SHARED_FIXTURES) or not os.path.isdir(SHARED_REALDATA):
+        raise pytest.UsageError(f"the shared samples are not at {SHARED} (the shared/ folder "
+                                "beside the checkout); set VMARC_SHARED")
 
 
 @pytest.fixture

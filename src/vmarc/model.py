@@ -179,6 +179,8 @@ class Archive:
         self.disks: list[Disk] = []
         self.configs: dict[str, bytes] = {}
         self.vm: dict = {}
+        self.open_problems: list[CorruptError] = []  # damage seen while opening; stream()
+        #                                               reports it, info warns of it
 
     @property
     def compression(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from .. import open as open_archive
 from .common import add_source_args, human_size
@@ -18,6 +19,8 @@ def add_parser(sub):
 def run(args) -> int:
     with open_archive(args.source, args.fmt) as archive:
         data = archive.info()
+        for problem in getattr(archive, "open_problems", ()):  # readable, but damaged
+            print(f"vmarc: warning: {problem}", file=sys.stderr)
     if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0

@@ -16,8 +16,9 @@ import time
 import urllib.parse
 import uuid as uuidlib
 
-from ..errors import FormatError, IntegrityError, SourceError, UnsupportedError, UsageError
-from ..model import HOLE, ZERO_CHUNK, Archive, Checks, Disk, data_runs, is_zero
+from ..errors import (CorruptError, FormatError, IntegrityError, SourceError,
+                      UnsupportedError, UsageError)
+from ..model import HOLE, ZERO_CHUNK, Archive, Checks, Damage, Disk, data_runs, is_zero
 from ..output import pwrite_all, write_all, write_zeros
 from ..source import Source, open_source
 from ..tar import TarReader, parse_header
@@ -178,10 +179,17 @@ class VhdArchive(Archive):
             self.footer_at = size - FOOTER + 1
         else:
             head = src.pread(FOOTER, 0, "VHD footer copy") if size >= FOOTER else b""
-            if head.startswith(COOKIE):
-                raise FormatError(f"{src.name}: no VHD footer at the end of the file (offset "
-                                  f"{size - FOOTER}): truncated?")
-            raise FormatError(f"{src.name}: no VHD footer at offset {size - FOOTER}")
+            cut = FormatError(f"{src.name}: no VHD footer at the end of the file (offset "
+                              f"{size - FOOTER}): truncated?")
+            if not head.startswith(COOKIE):
+                raise FormatError(f"{src.name}: no VHD footer at offset {size - FOOTER}")
+            copy = Footer(head, f"{src.name}: footer copy at offset 0")
+            if copy.type not in (DYNAMIC, DIFFERENCING):
+                raise cut
+            # a dynamic VHD cut short: its footer copy describes it; reading reports the
+            # cut (stream), and --salvage reads the blocks that are still there
+            self.footer, self.footer_at = copy, size
+            self.open_problems.append(cut)
         self.file_size = size
         if self.footer.type == FIXED:
             if self.footer.size > self.footer_at:
@@ -316,32 +324,52 @@ class VhdArchive(Archive):
 
     # -- checks --------------------------------------------------------------------------
     def check_structure(self, checks: Checks) -> None:
-        """vhd-util check's rules (FORMATS.md); each problem to checks."""
+        """vhd-util check's rules (FORMATS.md); each problem to checks. Problems of the
+        footer or header spoil no stretch in particular ("metadata", length 0); a bad
+        BAT entry spoils its block."""
         name = self.source.name
-        for where, f in (("footer", self.footer),) + (
-                (("footer copy", self.head_footer),) if self.header is not None else ()):
+        disk = self.disks[0]
+
+        def meta(at):
+            return [Damage(disk, 0, 0, "metadata", file_offset=at)]
+
+        def block(i, at):
+            return [Damage(disk, i * bs, min(bs, disk.size - i * bs), "structure", block=i,
+                           file_offset=at)]
+        for err in self.open_problems:
+            checks.fail(type(err)(str(err), meta(self.footer_at)))
+        for where, f, at in (("footer", self.footer, self.footer_at),) + (
+                (("footer copy", self.head_footer, 0),) if self.header is not None else ()):
             if not f.checksum_ok:
                 checks.fail(IntegrityError(f"{name}: {where} checksum mismatch (stored "
-                                           f"{f.checksum:#010x}, computed {checksum(f.raw, 64):#010x})"))
+                                           f"{f.checksum:#010x}, computed {checksum(f.raw, 64):#010x})",
+                                           meta(at)))
             if not f.features & 2:
-                checks.fail(FormatError(f"{name}: {where}: reserved feature bit 0x2 not set"))
+                checks.fail(FormatError(f"{name}: {where}: reserved feature bit 0x2 not set",
+                                        meta(at)))
             if f.version != 0x00010000:
-                checks.fail(FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000"))
+                checks.fail(FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000",
+                                        meta(at)))
             if f.timestamp + VHD_EPOCH > time.time() + 86400:
-                checks.fail(FormatError(f"{name}: {where}: timestamp in the future"))
+                checks.fail(FormatError(f"{name}: {where}: timestamp in the future", meta(at)))
         if self.footer.type == FIXED:
             if self.footer.data_offset != 0xFFFFFFFFFFFFFFFF:
                 checks.fail(FormatError(f"{name}: fixed VHD with data_offset "
-                                        f"{self.footer.data_offset:#x}, not all ones"))
+                                        f"{self.footer.data_offset:#x}, not all ones",
+                                        meta(self.footer_at)))
             return
         if self.head_footer.raw != self.footer.raw:
-            checks.fail(FormatError(f"{name}: the footer copy at offset 0 differs from the footer"))
+            checks.fail(FormatError(f"{name}: the footer copy at offset 0 differs from the footer",
+                                    meta(0)))
         h = self.header
+        bs = h.block_size
         if not h.checksum_ok:
-            checks.fail(IntegrityError(f"{name}: dynamic header checksum mismatch"))
+            checks.fail(IntegrityError(f"{name}: dynamic header checksum mismatch",
+                                       meta(self.footer.data_offset)))
         if h.version != 0x00010000:
-            checks.fail(FormatError(f"{name}: dynamic header version {h.version:#x}, not 0x10000"))
-        span = self.bitmap_size + h.block_size
+            checks.fail(FormatError(f"{name}: dynamic header version {h.version:#x}, not 0x10000",
+                                    meta(self.footer.data_offset)))
+        span = self.bitmap_size + bs
         placed = []
         for i, entry in enumerate(self.bat):
             if entry == UNALLOCATED:
@@ -349,17 +377,19 @@ class VhdArchive(Archive):
             start = entry * SECTOR
             if start < self.meta_end:
                 checks.fail(FormatError(f"{name}: BAT entry {i} points at offset {start}, inside "
-                                        "the metadata"))
-            end_limit = self.footer_at if self.footer_at is not None else None
+                                        "the metadata", block(i, start)))
+            # a file cut short: its missing blocks are reported as each is read
+            end_limit = self.footer_at if not self.open_problems else None
             if end_limit is not None and start + span > end_limit:
                 checks.fail(FormatError(f"{name}: BAT entry {i}: block at offset {start} runs "
-                                        f"past the data area (footer at {end_limit})"))
+                                        f"past the data area (footer at {end_limit})",
+                                        block(i, start)))
             placed.append((start, i))
         placed.sort()
         for (a, i), (b, j) in zip(placed, placed[1:]):
             if b < a + span:
                 checks.fail(FormatError(f"{name}: BAT entries {i} and {j} overlap (blocks at "
-                                        f"offsets {a} and {b})"))
+                                        f"offsets {a} and {b})", block(j, b)))
 
     # -- reading -------------------------------------------------------------------------
     def block_layers(self, index: int, bs: int, buf: bytearray | None = None):
@@ -394,7 +424,7 @@ class VhdArchive(Archive):
         elif not self.source.seekable:
             yield from self._stream_pipe(disk)
         else:
-            yield from self._stream_blocks(disk)
+            yield from self._stream_blocks(disk, checks)
         if not self.source.seekable:
             self._check_trailing_footer()
 
@@ -421,12 +451,50 @@ class VhdArchive(Archive):
             p = p.parent
         return layers
 
-    def _stream_blocks(self, disk):
-        """By block index, merging each block with the parents' for differencing disks."""
+    def _stream_blocks(self, disk, checks: Checks):
+        """By block index, merging each block with the parents' for differencing disks.
+        A block that cannot be read (the file cut short) is missing; salvage reads the
+        part of it that is still there."""
         layers = self._layers()
-        buf = bytearray(self.bitmap_size + self.header.block_size)
-        for index in range(-(-disk.size // self.header.block_size)):
-            yield from ((disk, off, data) for off, data in self._block_pieces(index, layers, buf))
+        bs = self.header.block_size
+        buf = bytearray(self.bitmap_size + bs)
+        for index in range(-(-disk.size // bs)):
+            try:
+                pieces = list(self._block_pieces(index, layers, buf))
+            except CorruptError as e:
+                base = index * bs
+                whole = [(base, min(bs, disk.size - base))]
+                pieces, lost = self._cut_block(index, buf) if checks.salvage else ([], whole)
+                at = self.bat[index] * SECTOR if self.bat[index] != UNALLOCATED else None
+                checks.fail(type(e)(str(e), [Damage(disk, a, n, "missing", block=index,
+                                                    file_offset=at) for a, n in lost]))
+            yield from ((disk, off, data) for off, data in pieces)
+
+    def _cut_block(self, index: int, buf: bytearray):
+        """Block index of a file cut short: (pieces still in the file, [(disk offset,
+        length)] of the stored sectors that are not). A differencing block, or one whose
+        bitmap is gone, is missing whole."""
+        base = index * self.header.block_size
+        limit = min(self.header.block_size, self.size - base)
+        whole = ([], [(base, limit)])
+        if self.parent is not None or self.bat[index] == UNALLOCATED:
+            return whole
+        off = self.bat[index] * SECTOR
+        have = max(0, min(len(buf), self.file_size - off))
+        if have <= self.bitmap_size:
+            return whole
+        view = memoryview(buf)[:have]
+        self.source.preadinto(view, off, f"VHD block {index}")
+        got = have - self.bitmap_size
+        data = view[self.bitmap_size:]
+        pieces, lost = [], []
+        for first, count in bitmap_runs(bytes(view[:self.bitmap_size]), -(-limit // SECTOR)):
+            a, b = first * SECTOR, min((first + count) * SECTOR, limit)
+            if a < got:
+                pieces.append((base + a, data[a:min(b, got)]))
+            if b > got:
+                lost.append((base + max(a, got), b - max(a, got)))
+        return pieces, lost
 
     def _block_pieces(self, index: int, layers: list, buf: bytearray | None = None):
         """(disk offset, data) of every stretch of block index that some layer stores;

@@ -12,11 +12,12 @@ Proxmox's own `vma verify` does not do and this reader does.
 from __future__ import annotations
 
 import functools
+import re
 import struct
 
-from ..errors import FormatError, TruncatedError
+from ..errors import CorruptError, FormatError, TruncatedError
 from ..hashing import md5_digest
-from ..model import Archive, Checks, Disk
+from ..model import Archive, Checks, Damage, Disk
 from . import pveconf
 
 MAGIC = b"VMA\0"
@@ -62,6 +63,8 @@ class _ExtentData:
     def __init__(self, src, buf: memoryview, size: int, what: str):
         self.src, self.buf, self.size, self.what = src, buf, size, what
         self.pos = 0  # bytes of the extent's data consumed
+        self.done = False
+        self.read = True
 
     def take(self, at: int, n: int) -> memoryview:
         self.src.skip(at - self.pos, self.what)
@@ -74,6 +77,13 @@ class _ExtentData:
 
     def finish(self) -> None:
         self.src.skip(self.size - self.pos, self.what)
+        self.pos = self.size
+        self.done = True
+
+    def skip_all(self) -> None:
+        """Seek over the data (the index scan reads headers only)."""
+        self.finish()
+        self.read = False
 
 
 class VmaArchive(Archive):
@@ -200,7 +210,7 @@ class VmaArchive(Archive):
     @staticmethod
     def _run(run, base_at: int, extent):
         disk, start, at, n = run
-        return disk, start, n, base_at + at, None if extent is None else extent.take(at, n)
+        return disk, start, n, base_at + at, extent.take(at, n) if extent.read else None
 
     def _at(self, disk: Disk, cluster: int, where: int) -> str:
         return f"{self.source.name}: {disk.id}, cluster {cluster} (extent at offset {where})"
@@ -236,98 +246,136 @@ class VmaArchive(Archive):
         hview = memoryview(hdr)
         data = bytearray(BLOCKINFOS * BLOCKS_PER_CLUSTER * BLOCK)
         dview = memoryview(data)
-        while True:
-            where = src.offset
-            got = src.readinto_upto(hview)
-            if got == 0:
-                break
-            if got < EXTENT_HEADER:
-                raise TruncatedError(f"{name}: truncated in the extent header at offset {where} "
-                                     f"({got} of 512 bytes)")
-            if hdr[:4] != EXTENT_MAGIC:
-                raise FormatError(f"{name}: no extent magic at offset {where}")
-            reserved, block_count = struct.unpack_from(">HH", hdr, 4)
-            if reserved:
-                raise FormatError(f"{name}: extent at offset {where}: reserved field is "
-                                  f"{reserved}, must be 0")
-            if hdr[8:24] != self.uuid:
-                raise FormatError(f"{name}: extent at offset {where} carries another archive's "
-                                  "uuid")
-            stored = bytes(hdr[24:40])
-            hdr[24:40] = bytes(16)
-            if md5_digest(hdr) != stored:
-                raise FormatError(f"{name}: extent header md5 mismatch at offset {where}")
-            infos = struct.unpack_from(">59Q", hdr, 40)
-            total = sum((bi >> 48).bit_count() for bi in infos if (bi >> 32) & 0xFF)
-            if total != block_count:
-                raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
-                                  f"but block_count is {block_count}")
-            base_at = where + EXTENT_HEADER  # archive offset of this extent's data
-            if read:  # read run by run as they are yielded, in order
+        extent = infos = None
+        try:
+            while True:
+                where = src.offset
+                got = src.readinto_upto(hview)
+                if got == 0:
+                    break
+                if got < EXTENT_HEADER:
+                    raise TruncatedError(f"{name}: truncated in the extent header at offset {where} "
+                                         f"({got} of 512 bytes)")
+                if hdr[:4] != EXTENT_MAGIC:
+                    raise FormatError(f"{name}: no extent magic at offset {where}")
+                reserved, block_count = struct.unpack_from(">HH", hdr, 4)
+                if reserved:
+                    raise FormatError(f"{name}: extent at offset {where}: reserved field is "
+                                      f"{reserved}, must be 0")
+                if hdr[8:24] != self.uuid:
+                    raise FormatError(f"{name}: extent at offset {where} carries another archive's "
+                                      "uuid")
+                stored = bytes(hdr[24:40])
+                hdr[24:40] = bytes(16)
+                if md5_digest(hdr) != stored:
+                    raise FormatError(f"{name}: extent header md5 mismatch at offset {where}")
+                infos = struct.unpack_from(">59Q", hdr, 40)
+                total = sum((bi >> 48).bit_count() for bi in infos if (bi >> 32) & 0xFF)
+                if total != block_count:
+                    raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
+                                      f"but block_count is {block_count}")
+                base_at = where + EXTENT_HEADER  # archive offset of this extent's data
                 extent = _ExtentData(src, dview, block_count * BLOCK,
                                      f"the data of the extent at {where}")
-            else:
-                extent = None
-                src.skip(block_count * BLOCK, f"the data of the extent at {where}")
-            pos = 0  # next unread block of this extent's data
-            run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
-            for bi in infos:
-                dev_id = (bi >> 32) & 0xFF
-                if not dev_id:
-                    continue
-                mask = bi >> 48
-                cluster = bi & 0xFFFFFFFF
-                disk = self.devices.get(dev_id)
-                if disk is None:
-                    raise FormatError(f"{name}: extent at offset {where}, device {dev_id}: no "
-                                      "such device in the header")
-                marks = seen[dev_id]
-                if cluster >= len(marks):
-                    raise FormatError(f"{self._at(disk, cluster, where)}: past the device's "
-                                      f"end ({disk.size} bytes)")
-                if marks[cluster]:
-                    checks.fail(FormatError(f"{self._at(disk, cluster, where)}: cluster appears "
-                                            "a second time"))
-                marks[cluster] = 1
-                if disk is self.vmstate:
-                    if cluster != next_state:
-                        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: vmstate "
-                                                f"cluster out of order (expected {next_state})"))
-                    next_state = cluster + 1
-                base = cluster * CLUSTER
-                if mask and base + CLUSTER > disk.size and \
-                        mask >> -(-(disk.size - base) // BLOCK):  # blocks past the end
-                    checks.fail(FormatError(f"{self._at(disk, cluster, where)}: mask stores "
-                                            "blocks past the device's end"))
-                if disk.id in wanted and mask:
-                    for first, count, rank in mask_runs(mask):
-                        start = base + first * BLOCK
-                        if start >= disk.size:
-                            break
-                        n = min(count * BLOCK, disk.size - start)
-                        at = (pos + rank) * BLOCK
-                        # extend the run when this follows it both on disk and in the data
-                        if run and run[0] is disk and run[1] + run[3] == start \
-                                and run[2] + run[3] == at:
-                            run[3] += n
-                        else:
-                            # marked seen but not yet yielded: covered() stays below it
-                            self._pending = (disk.id, start)
-                            if run:
-                                yield self._run(run, base_at, extent)
-                            run = [disk, start, at, n]
-                pos += mask.bit_count()
-            if run:
-                self._pending = None
-                yield self._run(run, base_at, extent)
-            if extent is not None:
+                if not read:  # the index scan: headers only
+                    extent.skip_all()
+                pos = 0  # next unread block of this extent's data
+                run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
+                for bi in infos:
+                    dev_id = (bi >> 32) & 0xFF
+                    if not dev_id:
+                        continue
+                    mask = bi >> 48
+                    cluster = bi & 0xFFFFFFFF
+                    disk = self.devices.get(dev_id)
+                    if disk is None:
+                        raise FormatError(f"{name}: extent at offset {where}, device {dev_id}: no "
+                                          "such device in the header")
+                    marks = seen[dev_id]
+                    if cluster >= len(marks):
+                        raise FormatError(f"{self._at(disk, cluster, where)}: past the device's "
+                                          f"end ({disk.size} bytes)")
+                    base = cluster * CLUSTER
+                    spoiled = [Damage(disk, base, min(CLUSTER, disk.size - base), "structure",
+                                      cluster=cluster, extent_offset=where)]
+                    if marks[cluster]:  # a salvaged output gets the later copy
+                        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: cluster appears "
+                                                "a second time", spoiled))
+                    marks[cluster] = 1
+                    if disk is self.vmstate:
+                        if cluster != next_state:
+                            checks.fail(FormatError(f"{self._at(disk, cluster, where)}: vmstate "
+                                                    f"cluster out of order (expected {next_state})",
+                                                    spoiled))
+                        next_state = cluster + 1
+                    if mask and base + CLUSTER > disk.size and \
+                            mask >> -(-(disk.size - base) // BLOCK):  # blocks past the end
+                        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: mask stores "
+                                                "blocks past the device's end", spoiled))
+                    if disk.id in wanted and mask:
+                        for first, count, rank in mask_runs(mask):
+                            start = base + first * BLOCK
+                            if start >= disk.size:
+                                break
+                            n = min(count * BLOCK, disk.size - start)
+                            at = (pos + rank) * BLOCK
+                            # extend the run when this follows it both on disk and in the data
+                            if run and run[0] is disk and run[1] + run[3] == start \
+                                    and run[2] + run[3] == at:
+                                run[3] += n
+                            else:
+                                # marked seen but not yet yielded: covered() stays below it
+                                self._pending = (disk.id, start)
+                                if run:
+                                    yield self._run(run, base_at, extent)
+                                run = [disk, start, at, n]
+                    pos += mask.bit_count()
+                if run:
+                    self._pending = None
+                    yield self._run(run, base_at, extent)
                 extent.finish()
+        except CorruptError as e:
+            checks.stop(e)  # raises unless keeping intact disks or salvaging
+            if extent is not None and not extent.done:
+                self._cut_extent(checks, infos, extent, base_at)
         for dev_id, disk in self.devices.items():
             marks = seen[dev_id]
             missing = len(marks) - marks.count(1)
             if missing:
                 first = marks.index(0)
+                damage = [Damage(disk, m.start() * CLUSTER,
+                                 min(m.end() * CLUSTER, disk.size) - m.start() * CLUSTER,
+                                 "missing", cluster=m.start(), clusters=m.end() - m.start())
+                          for m in re.finditer(b"\0+", marks)]
                 checks.fail(TruncatedError(
                     f"{name}: {disk.id} is incomplete: {len(marks) - missing} of {len(marks)} "
                     f"clusters present, {missing} missing (first missing: cluster {first}, disk "
-                    f"offset {first * CLUSTER}); the archive ends at offset {src.offset}"))
+                    f"offset {first * CLUSTER}); the archive ends at offset {src.offset}", damage))
+
+    def _cut_extent(self, checks: Checks, infos, extent: "_ExtentData", base_at: int) -> None:
+        """An extent whose data broke off: its stored blocks not handed out are missing
+        (its header was whole and md5-checked, so where they belong is known)."""
+        # bytes of the extent's data that arrived: handed out (wanted disks) or skipped
+        arrived = max(extent.pos, self.source.offset - base_at)
+        pos = 0
+        for bi in infos:
+            dev_id = (bi >> 32) & 0xFF
+            disk = self.devices.get(dev_id)
+            if not dev_id or disk is None:
+                continue
+            mask, cluster = bi >> 48, bi & 0xFFFFFFFF
+            if cluster < len(self._seen[dev_id]):
+                self._seen[dev_id][cluster] = 1  # accounted for here, not as never seen
+            base = cluster * CLUSTER
+            damage = []
+            for first, count, rank in mask_runs(mask):
+                start = base + first * BLOCK
+                n = min(count * BLOCK, disk.size - start)
+                if n > 0 and (pos + rank + count) * BLOCK > arrived:
+                    damage.append(Damage(disk, start, n, "missing", cluster=cluster,
+                                         extent_offset=base_at - EXTENT_HEADER))
+            pos += mask.bit_count()
+            if damage:
+                checks.fail(TruncatedError(
+                    f"{self._at(disk, cluster, base_at - EXTENT_HEADER)}: the extent's data "
+                    "breaks off before this cluster's blocks", damage))

@@ -71,15 +71,27 @@ def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:
           f"{checks.seen[0]}", file=sys.stderr)
 
 
+CAUSES = {"checksum": "with a bad checksum (written as read)",
+          "unverified": "unverified (the input broke off before the checksum)",
+          "missing": "missing (written as zeros)",
+          "structure": "under broken metadata (read where it points)"}
+
+
 def summary(checks: Checks, report: str) -> SalvagedError:
     """The lines for a salvaged output: one per damaged disk, then the error to exit with."""
     per_disk: dict[str, dict[str, int]] = {}
     for d in checks.damage:
         causes = per_disk.setdefault(d.disk.device or d.disk.id, {})
-        causes[d.cause] = causes.get(d.cause, 0) + d.length
+        causes[d.cause] = causes.get(d.cause, 0) + (d.length if d.cause != "metadata" else 1)
     for disk, causes in per_disk.items():
-        parts = ", ".join(f"{n} bytes {cause}" for cause, n in sorted(causes.items()))
-        print(f"vmarc: {disk}: damaged: {parts}", file=sys.stderr)
-    n = len(checks.damage)
-    return SalvagedError(f"salvaged with {n} damaged stretch{'es' if n != 1 else ''} "
-                         f"({sum(d.length for d in checks.damage)} bytes); report: {report}")
+        parts = [f"{n} bytes {CAUSES[c]}" for c, n in sorted(causes.items()) if c in CAUSES]
+        if causes.get("metadata"):
+            parts.append(f"{causes['metadata']} metadata problem(s) (the data is read as the "
+                         "metadata places it)")
+        print(f"vmarc: {disk}: {'; '.join(parts)}", file=sys.stderr)
+    stretches = [d for d in checks.damage if d.cause != "metadata"]
+    meta = len(checks.damage) - len(stretches)
+    return SalvagedError(
+        f"salvaged with {len(stretches)} damaged stretch{'es' if len(stretches) != 1 else ''}"
+        f" ({sum(d.length for d in stretches)} bytes)"
+        + (f" and {meta} metadata problem(s)" if meta else "") + f"; report: {report}")
