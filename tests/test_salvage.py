@@ -12,6 +12,7 @@ import pytest
 import vmagen
 import xvagen as g
 from conftest import SHARED_FIXTURES, SHARED_REALDATA, assert_clean_failure, vmarc as run
+from test_access import mounted, own_cache, serve  # noqa: F401 (fixtures)
 
 MiB = g.MiB
 
@@ -220,3 +221,34 @@ def test_salvage_a_vhd_with_broken_footer_checksums_reads_as_vhdimount(tmp_path)
         subprocess.run(["fusermount", "-u", mnt], check=False)
         subprocess.run(["umount", mnt], check=False, capture_output=True)
     assert (tmp_path / "o.raw").read_bytes() == want
+
+
+def test_mount_and_serve_a_cut_archive(tmp_path, own_cache, mounted, serve):
+    path, d1, d2 = cut_inside_second_disk(tmp_path)
+    mnt = mounted(path)
+    assert sorted(os.listdir(mnt)) == ["ova.xml", "xvda", "xvdb"]
+    assert (mnt / "xvda").read_bytes() == d1
+    with open(mnt / "xvdb", "rb") as f:
+        assert f.read(2 * MiB) == d2[:2 * MiB]   # before the cut: readable
+        with pytest.raises(OSError) as e:
+            f.read(4096)                          # past it: EIO
+        assert e.value.errno == 5
+    log = next(iter((tmp_path / "cache" / "vmarc" / "mounts").iterdir()))
+    assert "disk offset 2097152" in log.read_text()  # the EIO's line, in the mount's log
+    srv = serve(path)
+    got = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read 0 {2 * MiB}",
+                          "-c", f"read {2 * MiB} 4096", srv.url("xvdb")],
+                         capture_output=True, text=True)
+    assert "read 2097152/2097152 bytes" in got.stdout, got
+    assert "Input/output error" in got.stdout + got.stderr, got
+
+
+def test_mount_refuses_a_busy_or_non_empty_mountpoint(tmp_path, own_cache, mounted):
+    path, d1, d2 = cut_inside_second_disk(tmp_path)
+    mnt = mounted(path)
+    assert_clean_failure(run("mount", path, mnt), 1, "already a mount point")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert_clean_failure(run("mount", path, full), 1, "not empty")
+    assert (full / "keep.txt").read_text() == "mine"

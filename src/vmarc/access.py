@@ -24,7 +24,7 @@ import sys
 import threading
 from array import array
 
-from .errors import IntegrityError, SourceError, UsageError, VmarcError
+from .errors import CorruptError, IntegrityError, SourceError, UsageError, VmarcError
 from . import open as open_archive
 from .formats import reader_for
 from .formats.raw import RawWriter
@@ -33,7 +33,8 @@ from .model import Checks, Disk
 from .output import OutputFile
 from .source import BLOCK, Source, next_data
 
-INDEX_MAGIC = b"vmarc-index 2\n"  # 2: chunk checksums
+INDEX_MAGIC = b"vmarc-index 3\n"  # 2: chunk checksums; 3: damaged stretches
+BAD = 1 << 63  # the store offset of a damaged stretch: data nobody can read (EIO)
 INDEXED_FORMATS = ("xva", "vma")
 
 
@@ -45,7 +46,9 @@ def cache_dir() -> str:
 # -- extent maps ----------------------------------------------------------------------------
 class DiskMap:
     """Where each stored stretch of one disk lies in its store: sorted, merged runs of
-    (disk offset, length, store offset). Everything else reads as zeros."""
+    (disk offset, length, store offset). Everything else reads as zeros. A stretch the
+    archive lost (cut short, a cluster missing) has store offset BAD: it counts as data
+    (block status never calls it zeros) and reading it fails."""
 
     def __init__(self, starts=None, lengths=None, offsets=None, checks=None):
         self.starts = starts or array("Q")
@@ -303,15 +306,24 @@ class MappedDisk(DiskAccess):
         self.damaged = damaged
         self.checks = dmap.checks if verify else None
 
-    def verify(self, offset: int, n: int) -> None:
-        """Check the chunks of [offset, offset + n) not checked before (IntegrityError):
-        call before handing out bytes that bypass read() (NBD sendfile, FUSE fd)."""
+    def check_chunks(self, offset: int, n: int) -> None:
+        """Check the chunks of [offset, offset + n) not checked before (IntegrityError)."""
         if self.checks is not None:
             self.checks.check(offset, n, self._chunk, self.where, self.damaged)
 
     def _chunk(self, start: int, size: int) -> bytes:
         at = next(iter(self.map.pieces(start, 1)))[2]
         return self.store.pread(size, at)  # a chunk's member data is contiguous
+
+    def verify(self, offset: int, n: int) -> None:
+        """Before bytes are handed out another way than read() (NBD sendfile, FUSE fd):
+        refuse a lost stretch, check the chunks not checked before (CorruptError)."""
+        for start, length, at in self.map.pieces(offset, n):
+            if at is not None and at >= BAD:
+                raise CorruptError(f"{self.where}: disk offset {start} lies in a stretch "
+                                   f"the archive lost ({length} bytes here; `vmarc verify` "
+                                   "names the damage)")
+        self.check_chunks(offset, n)
 
     def in_place(self, offset: int, n: int):
         self.verify(offset, n)
@@ -326,7 +338,7 @@ class MappedDisk(DiskAccess):
         return b"".join(parts)
 
     def store_pieces(self, offset: int = 0):
-        """(offset, length, store offset or None): for dmsetup tables."""
+        """(offset, length, store offset, None for zeros, >= BAD for lost): for dmsetup."""
         return self.map.pieces(offset, self.size - offset)
 
 
@@ -399,7 +411,8 @@ def _index_path(ident: dict, explicit: str | None) -> str:
     return os.path.join(cache_dir(), key + ".idx")
 
 
-def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap]) -> None:
+def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap],
+               note: str | None = None) -> None:
     """magic, a JSON header line, then per disk: its three run arrays (little-endian
     u64) and, when it has chunk checksums, their offsets and sizes (u64), algorithms
     (u8) and digests (ChunkChecks.WIDTH bytes each). The header holds the body's XXH64:
@@ -421,7 +434,8 @@ def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskM
             "disks": [{"id": k, "runs": len(m.starts),
                        "chunks": len(m.checks.starts) if m.checks else None}
                       for k, m in maps.items()],
-            "body_xxh64": xxh64_text(body)}
+            "body_xxh64": xxh64_text(body),
+            "damage": note}  # the archive's damage, said again whenever the index is used
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(INDEX_MAGIC + json.dumps(head).encode() + b"\n")
@@ -430,7 +444,8 @@ def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskM
 
 
 def load_index(path: str, ident: dict):
-    """(format, store kind, {disk id: DiskMap}) or None when absent, stale or damaged."""
+    """(format, store kind, {disk id: DiskMap}, damage note) or None when absent, stale
+    or damaged."""
     try:
         with open(path, "rb") as f:
             if f.read(len(INDEX_MAGIC)) != INDEX_MAGIC:
@@ -467,7 +482,7 @@ def load_index(path: str, ident: dict):
                 dmap.checks = ChunkChecks(starts, sizes, algos,
                                           bytearray(take(n * ChunkChecks.WIDTH)))
             maps[d["id"]] = dmap.finish()  # refuses runs out of order or overlapping
-        return head["format"], head["store"], maps
+        return head["format"], head["store"], maps, head.get("damage")
     except (OSError, ValueError, KeyError, TypeError, VmarcError):
         return None
 
@@ -501,9 +516,11 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool,
     gz = comp == "gzip" and fmt in INDEXED_FORMATS and _have_rapidgzip()
     found = load_index(idx, ident)
     if found and found[0] == fmt and {d.id for d in archive.disks} <= set(found[2]):
-        _, how, maps = found
+        _, how, maps, note = found
         stores = _reuse_stores(path, idx, how)
         if stores is not None:
+            if note and not quiet:
+                print(f"vmarc: warning: {note}", file=sys.stderr)
             return Opened(archive, _mapped(archive, stores[0], maps, verify), stores,
                           how + " (reused)")
 
@@ -518,17 +535,20 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool,
     else:
         return _spool(archive, path, idx, ident, quiet, verify)
     try:
-        maps = _scan(scan_archive)
-        _try_save(idx, ident, fmt, how, maps, quiet, store if gz else None)
+        maps, note = _scan(scan_archive, quiet)
+        _try_save(idx, ident, fmt, how, maps, quiet, store if gz else None, note)
     except BaseException:
         store.close()
         raise
     return Opened(archive, _mapped(archive, store, maps, verify), [store], how)
 
 
-def _scan(scan_archive) -> dict[str, DiskMap]:
+def _scan(scan_archive, quiet: bool) -> dict[str, DiskMap]:
+    """Every disk's map from one header scan. Damage does not stop it (as --salvage):
+    what the archive lost becomes BAD stretches, so every other byte stays readable."""
     maps = {d.id: DiskMap() for d in scan_archive.disks}
-    for disk, start, n, at, checksum in scan_archive.scan(Checks()):
+    checks = Checks(salvage=True)
+    for disk, start, n, at, checksum in scan_archive.scan(checks):
         m = maps.get(disk.id)
         if m is None:
             continue
@@ -537,7 +557,48 @@ def _scan(scan_archive) -> dict[str, DiskMap]:
             if m.checks is None:
                 m.checks = ChunkChecks()
             m.checks.add(start, *checksum)
-    return {k: m.finish() for k, m in maps.items()}
+    note = _warn_damage(checks, quiet)
+    return {d.id: _with_lost(maps[d.id], checks, d) for d in scan_archive.disks}, note
+
+
+def _with_lost(m: DiskMap, checks: Checks, disk: Disk) -> DiskMap:
+    """The map with the disk's damaged stretches (checks.damage) as BAD runs in place
+    of whatever was stored there."""
+    bad = _merged([(d.offset, d.length) for d in checks.damage
+                   if d.length and d.disk.id == disk.id])
+    if not bad:
+        return m.finish()
+    runs = [r for r in zip(m.starts, m.lengths, m.offsets) if not _overlaps(bad, r[0], r[1])]
+    out = DiskMap(checks=m.checks)
+    for start, n, at in sorted(runs + [(a, n, BAD) for a, n in bad]):
+        out.add(start, n, at)
+    return out.finish()
+
+
+def _warn_damage(checks: Checks, quiet: bool) -> str | None:
+    """One line on the archive's damage (None when intact); returned for the index."""
+    if not checks.seen:
+        return None
+    n = sum(1 for d in checks.damage if d.length)
+    note = f"{checks.seen[0]}" + (f"; {n} damaged stretch(es) read as I/O errors" if n else "")
+    if not quiet:
+        print(f"vmarc: warning: {note}", file=sys.stderr)
+    return note
+
+
+def _merged(ranges):
+    out = []
+    for a, n in sorted(ranges):
+        if out and a <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], a + n - out[-1][0])
+        else:
+            out.append([a, n])
+    return [tuple(r) for r in out]
+
+
+def _overlaps(bad, start: int, n: int) -> bool:
+    i = bisect.bisect_right(bad, (start, float("inf"))) - 1
+    return any(a < start + n and start < a + m for a, m in bad[max(i, 0):i + 2])
 
 
 def _reuse_stores(path, idx, how):
@@ -568,9 +629,9 @@ def _have_rapidgzip() -> bool:
         return False
 
 
-def _try_save(idx, ident, fmt, how, maps, quiet, gzip_store=None) -> None:
+def _try_save(idx, ident, fmt, how, maps, quiet, gzip_store=None, note=None) -> None:
     try:
-        save_index(idx, ident, fmt, how, maps)
+        save_index(idx, ident, fmt, how, maps, note)
         if gzip_store is not None:  # rapidgzip's checkpoints, beside our index
             gzip_store.export_checkpoints(idx + ".gzidx")
     except OSError as e:
@@ -592,9 +653,10 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
         bases[d.id] = total
         total += -(-d.size // BLOCK) * BLOCK
     out = OutputFile(spool)
+    checks = Checks(salvage=True)  # damage becomes BAD stretches, as in _scan
     try:
         writer = RawWriter(out, total, hole_size=BLOCK)  # holes of whole MiBs: a short map
-        for disk, offset, data in archive.stream(None, Checks()):
+        for disk, offset, data in archive.stream(None, checks):
             writer.write(bases[disk.id] + offset, data)
         writer.finish()
         out.commit(sync=False)
@@ -609,8 +671,9 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
             if at is not None:
                 m.add(start, n, at)
         m.checks = _spool_checks(store, m)
-        maps[d.id] = m
-    _try_save(idx, ident, archive.format, "spool", maps, quiet)
+        maps[d.id] = _with_lost(m, checks, d)
+    note = _warn_damage(checks, quiet)
+    _try_save(idx, ident, archive.format, "spool", maps, quiet, note=note)
     # the archive was streamed: open it again for its metadata
     fresh = open_archive(path, archive.format)
     archive.close()

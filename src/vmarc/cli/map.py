@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..access import MappedDisk, open_disks
+from ..access import BAD, MappedDisk, open_disks
 from ..errors import UsageError
 from .common import add_random_access_args
 
@@ -39,7 +39,9 @@ def run(args) -> int:
             for start, n, data, at in _runs(disk, in_place):
                 row = {"start": start, "length": n, "depth": 0, "present": data,
                        "zero": not data, "data": data}
-                if at is not None:
+                if at is not None and at >= BAD:
+                    row["damaged"] = True  # the archive lost it: reads fail
+                elif at is not None:
                     row["offset"] = at
                 rows.append(json.dumps(row))
             print("[" + ",\n".join(rows) + "]")
@@ -47,7 +49,8 @@ def run(args) -> int:
             print(f"{'offset':>16} {'length':>16} {'mapped to':>16}  file")
             for start, n, data, at in _runs(disk, in_place):
                 if data:
-                    where = f"{at:#16x}" if at is not None else f"{'(' + opened.how + ')':>16}"
+                    where = (f"{'(damaged)':>16}" if at is not None and at >= BAD else
+                             f"{at:#16x}" if at is not None else f"{'(' + opened.how + ')':>16}")
                     print(f"{start:#16x} {n:#16x} {where}  {args.source}")
     return 0
 
@@ -69,12 +72,14 @@ def _dmsetup(disk, device: str) -> None:
               "chunk checksums are not checked through this table (run vmarc verify)",
               file=sys.stderr)
     for start, n, at in disk.store_pieces():
+        if at is not None and at >= BAD:  # lost by the archive: reads fail, as served
+            at = "error"
         if start % SECTOR or (n % SECTOR and start + n != disk.size) or \
-                (at is not None and at % SECTOR):
+                (isinstance(at, int) and at % SECTOR):
             raise UsageError(f"{disk.disk.describe()}: a run at disk offset {start} is not "
                              "sector-aligned; device-mapper cannot map it")
         sectors = -(-n // SECTOR)
-        if at is None:
-            print(f"{start // SECTOR} {sectors} zero")
+        if at is None or at == "error":
+            print(f"{start // SECTOR} {sectors} {at or 'zero'}")
         else:
             print(f"{start // SECTOR} {sectors} linear {device} {at // SECTOR}")

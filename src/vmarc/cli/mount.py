@@ -18,7 +18,6 @@ from ..partitions import partitions
 from .common import add_random_access_args, add_verify_arg
 
 BLKSIZE = 1 << 20  # st_blksize: cat and cp then read a MiB at a time (one FUSE request)
-DETACHED = "VMARC_MOUNT_DETACHED"  # set for the background child of `mount`
 # libfuse 3.14's fuse_main() prints this on every mount (a bug of that release)
 LIBFUSE_NOISE = "Ignoring invalid max threads value"
 
@@ -84,6 +83,15 @@ def tree(opened) -> dict:
 def run(args) -> int:
     if not os.path.isdir(args.mountpoint):
         raise UsageError(f"{args.mountpoint}: not a directory")
+    if os.path.ismount(args.mountpoint):
+        raise UsageError(f"{args.mountpoint}: already a mount point (a vmarc mount? "
+                         f"fusermount3 -u {args.mountpoint})")
+    try:
+        if os.listdir(args.mountpoint):
+            raise UsageError(f"{args.mountpoint}: not empty; mount on an empty directory "
+                             "(a mount would hide what is there)")
+    except OSError as e:
+        raise UsageError(f"{args.mountpoint}: cannot read: {e.strerror}") from None
     if not args.foreground:
         return _background(args)
     _prepare_libfuse()
@@ -195,12 +203,6 @@ def _operations(mfusepy, files: dict, st):
             ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = ctypes.addressof(vec)
             return 0
 
-        def init(self, path):
-            if os.environ.get(DETACHED):  # mounted: the parent has gone, so has its stderr
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, 2)
-                os.close(null)
-
         def statfs(self, path):
             return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
 
@@ -256,7 +258,9 @@ def _prepare_libfuse() -> None:
 
 def _background(args) -> int:
     """Run the mount in a detached child (`-F`) and return once it is mounted. A child
-    process, not a fork: decompressor and index threads do not survive fork()."""
+    process, not a fork: decompressor and index threads do not survive fork(). The
+    child's messages (damaged chunks with their offsets, spool notices) go to a log file
+    in the cache directory, named when the mount is up."""
     argv = [sys.executable, "-m", "vmarc", "mount", "-F", args.source, args.mountpoint]
     if args.kernel_cache:
         argv.append("--kernel-cache")
@@ -266,21 +270,44 @@ def _background(args) -> int:
                        ("-o", args.options or None)):
         if value:
             argv += [opt, value]
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True,
-                             env=dict(os.environ, **{DETACHED: "1"}))
-    while True:
-        if os.path.ismount(args.mountpoint):
-            child.stderr.close()
-            return 0
-        rc = child.poll()
-        if rc is not None:
-            said = "".join(line for line in child.stderr.read().decode(errors="replace")
-                           .splitlines(keepends=True) if not line.startswith(LIBFUSE_NOISE))
-            sys.stderr.write(said)
-            if not any(line.startswith("vmarc") for line in said.splitlines()):
-                # libfuse refused during INIT, after the child's stderr was let go
-                print(f"vmarc: {args.mountpoint}: FUSE mount failed (exit {rc}); run with "
-                      "-F to see libfuse's reason", file=sys.stderr)
-            return rc or 1
-        time.sleep(0.05)
+    log = _log_path(args.mountpoint)
+    try:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        logf = open(log, "w+b")
+    except OSError as e:
+        raise SourceError(f"{log}: cannot create the mount's log: {e.strerror}") from None
+    with logf:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=logf, start_new_session=True)
+        while True:
+            mounted = os.path.ismount(args.mountpoint)
+            rc = None if mounted else child.poll()
+            if mounted or rc is not None:
+                break
+            time.sleep(0.05)
+        logf.seek(0)
+        said = "".join(line for line in logf.read().decode(errors="replace")
+                       .splitlines(keepends=True) if not line.startswith(LIBFUSE_NOISE))
+    if mounted:
+        sys.stderr.write(said)  # what came before the mount: warnings, the spool notice
+        print(f"vmarc: mounted {args.source} on {args.mountpoint}; its messages go to {log}",
+              file=sys.stderr)
+        return 0
+    os.unlink(log)
+    ours = [line for line in said.splitlines() if line.startswith("vmarc")]
+    libfuse = "; ".join(line.strip() for line in said.splitlines()
+                        if line.strip() and not line.startswith("vmarc"))
+    if not ours:  # libfuse refused during INIT, with no word from vmarc
+        ours = [f"vmarc: {args.mountpoint}: FUSE mount failed (exit {rc})"
+                + ("" if libfuse else "; run with -F to see libfuse's reason")]
+    if libfuse:
+        ours[-1] += f" [libfuse: {libfuse}]"
+    print("\n".join(ours), file=sys.stderr)
+    return rc or 1
+
+
+def _log_path(mountpoint: str) -> str:
+    from ..access import cache_dir
+    stem = "".join(c if c.isalnum() or c in "._-" else "-"
+                   for c in os.path.realpath(mountpoint).strip("/")) or "root"
+    return os.path.join(cache_dir(), "mounts", f"{stem}.log")

@@ -60,11 +60,11 @@ class _ExtentData:
     read-ahead buffer it lies in (no copy), or read into the extent buffer when it
     straddles two; the data of devices not wanted is skipped."""
 
-    def __init__(self, src, buf: memoryview, size: int, what: str):
+    def __init__(self, src, buf: memoryview, size: int, what: str, read: bool = True):
         self.src, self.buf, self.size, self.what = src, buf, size, what
         self.pos = 0  # bytes of the extent's data consumed
         self.done = False
-        self.read = True
+        self.read = read  # False: the index scan, which seeks over the data at the end
 
     def take(self, at: int, n: int) -> memoryview:
         self.src.skip(at - self.pos, self.what)
@@ -79,11 +79,6 @@ class _ExtentData:
         self.src.skip(self.size - self.pos, self.what)
         self.pos = self.size
         self.done = True
-
-    def skip_all(self) -> None:
-        """Seek over the data (the index scan reads headers only)."""
-        self.finish()
-        self.read = False
 
 
 class VmaArchive(Archive):
@@ -276,9 +271,7 @@ class VmaArchive(Archive):
                                       f"but block_count is {block_count}")
                 base_at = where + EXTENT_HEADER  # archive offset of this extent's data
                 extent = _ExtentData(src, dview, block_count * BLOCK,
-                                     f"the data of the extent at {where}")
-                if not read:  # the index scan: headers only
-                    extent.skip_all()
+                                     f"the data of the extent at {where}", read)
                 pos = 0  # next unread block of this extent's data
                 run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
                 for bi in infos:
@@ -355,8 +348,12 @@ class VmaArchive(Archive):
     def _cut_extent(self, checks: Checks, infos, extent: "_ExtentData", base_at: int) -> None:
         """An extent whose data broke off: its stored blocks not handed out are missing
         (its header was whole and md5-checked, so where they belong is known)."""
-        # bytes of the extent's data that arrived: handed out (wanted disks) or skipped
-        arrived = max(extent.pos, self.source.offset - base_at)
+        # bytes of the extent's data that arrived: handed out (wanted disks) or skipped;
+        # a plain file has what lies before its end (the index scan seeks, never reads)
+        src = self.source
+        arrived = max(extent.pos, src.offset - base_at)
+        if src.seekable and src.file_size is not None:
+            arrived = max(arrived, src.file_size - base_at)
         pos = 0
         for bi in infos:
             dev_id = (bi >> 32) & 0xFF

@@ -157,6 +157,7 @@ class XvaArchive(Archive):
                             self.tar.readinto(data, m)
                     func, expected = self._read_checksum(m, disk)
                 except CorruptError:
+                    self._placed[disk.id].pos = start  # the disk is lost from this chunk
                     if checks.salvage and keep and data is not None:
                         yield from self._cut_chunk(checks, disk, start, m, data, where, here)
                     raise
@@ -211,11 +212,15 @@ class XvaArchive(Archive):
         `map`/`serve`/`mount`). checksum is (digest name, digest text, member size):
         random reads check each chunk against it the first time they touch it."""
         checks = checks or Checks()
-        for disk, start, m in self._chunks(checks):
-            func, text = self._read_checksum(m, disk)
-            if m.size and start < disk.size:
-                yield (disk, start, min(m.size, disk.size - start), m.data_offset,
-                       (DIGEST_NAME[func], text, m.size))
+        try:
+            for disk, start, m in self._chunks(checks):
+                self._placed[disk.id].pos = start  # lost from here if the chunk is
+                func, text = self._read_checksum(m, disk)
+                if m.size and start < disk.size:
+                    yield (disk, start, min(m.size, disk.size - start), m.data_offset,
+                           (DIGEST_NAME[func], text, m.size))
+        except CorruptError as e:
+            checks.stop(e)  # raises unless keeping intact disks or salvaging
         self._report_missing(checks)
 
     def _chunks(self, checks: Checks):
