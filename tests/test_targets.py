@@ -1,6 +1,7 @@
 """Restoring into what a user names: block devices (real loop devices), /dev/null,
 symlinks and existing files with -n; write errors on a full or read-only file system."""
 
+import json
 import os
 import stat
 import subprocess
@@ -295,3 +296,25 @@ def test_vhd_output_is_as_sparse_as_qemu_img(tmp_path, sparse_sources):
     back = tmp_path / "back.raw"
     subprocess.run(["qemu-img", "convert", "-f", "vpc", out, "-O", "raw", back], check=True)
     assert _read(back) == data
+
+
+def test_vma_names_must_agree_with_compression_and_vmid(tmp_path):
+    src, disks = CASES["xva"](tmp_path)
+    raw = tmp_path / "d.img"
+    raw.write_bytes(next(iter(disks.values())))
+    for args in (["create", "-O", "vma", tmp_path / "vzdump-qemu-5-x.vma.zst",
+                  "--disk", f"scsi0={raw}", "--compress", "gzip"],
+                 ["create", "-O", "vma", tmp_path / "vzdump-qemu-5-x.vma",
+                  "--disk", f"scsi0={raw}", "--compress", "zstd"],
+                 ["convert", src, tmp_path / "vzdump-qemu-5-x.vma.gz", "-O", "vma",
+                  "-o", "compress=zstd"]):
+        assert_clean_failure(run(*args), 1, "Proxmox picks the decompressor by the name")
+    assert_clean_failure(run("convert", src, tmp_path / "vzdump-qemu-5-x.vma", "-O", "vma",
+                             "--vmid", "7"), 1, "VM 5", "--vmid is 7")
+    assert os.listdir(tmp_path) == [p for p in os.listdir(tmp_path)
+                                    if not p.startswith("vzdump")]
+    # the vmid of the name goes into the volumes of the config vmarc writes
+    out = tmp_path / "vzdump-qemu-123-2026_01_01-00_00_00.vma"
+    assert run("create", "-O", "vma", out, "--disk", f"scsi0={raw}").code == 0
+    conf = json.loads(run("info", out, "--output", "json").out)["configs"]["qemu-server.conf"]
+    assert "vm-123-disk-0" in conf and "vm-100-" not in conf, conf
