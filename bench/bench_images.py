@@ -15,7 +15,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
-from bench_xva import VMARC, bench_args, interleaved, report  # noqa: E402  (same harness)
+from bench_xva import VMARC, allocation, bench_args, interleaved, report  # noqa: E402  (same harness)
 
 
 def main() -> int:
@@ -55,6 +55,10 @@ def main() -> int:
     rm()
     report(res, [(f"{k}: vmarc convert", f"{k}: qemu-img convert")
                  for k in ("vhd->raw", "raw->qcow2", "raw->vhd")])
+    sub = lambda argv, path: [("OUT" if a == path else a) for a in argv]  # noqa: E731
+    allocation([(k, sub(jobs[f"{k}: vmarc convert"], out[o]), sub(jobs[f"{k}: qemu-img convert"], out[o]))
+                for k, o in (("vhd->raw", "raw"), ("raw->qcow2", "qcow2"), ("raw->vhd", "vhd"))],
+               outd)
     return 0
 
 

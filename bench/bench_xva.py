@@ -125,6 +125,25 @@ def report(res: dict, pairs, target: float | None = 1.3) -> None:
     print(f"peak RSS of vmarc: {max(r[2] for k, r in res.items() if 'vmarc' in k) / 1024:.0f} MiB")
 
 
+def allocation(rows, out_dir: str) -> None:
+    """Print the allocated size (du) of vmarc's output beside qemu-img's for the same
+    disk. rows: (label, vmarc argv writing OUT, qemu-img argv writing OUT, or a raw
+    disk file that `qemu-img convert -O raw` copies sparse). One untimed run each."""
+    print("\nallocated size of the output (st_blocks), vmarc / qemu-img on the same disk")
+    for label, mine, theirs in rows:
+        sizes = []
+        for k, cmd in enumerate((mine, theirs)):
+            out = os.path.join(out_dir, f"alloc{k}.out")
+            if isinstance(cmd, str):  # a raw disk: qemu-img's sparse copy of it
+                cmd = ["qemu-img", "convert", "-f", "raw", "-O", "raw", cmd, "OUT"]
+            subprocess.run([out if a == "OUT" else a for a in cmd], check=True,
+                           stdout=subprocess.DEVNULL)
+            sizes.append(os.stat(out).st_blocks * 512)
+            os.unlink(out)
+        print(f"  {label:34} {sizes[0] / MiB:9.1f} MiB {sizes[1] / MiB:9.1f} MiB "
+              f"{sizes[0] / sizes[1]:6.3f}")
+
+
 def bench_args(size_mib: int, size_help: str | None = None) -> argparse.ArgumentParser:
     """The options every benchmark script takes."""
     ap = argparse.ArgumentParser()
@@ -182,6 +201,14 @@ def main() -> int:
                  ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > file"),
                  ("zstd: vmarc convert --no-sync", "zstd -dc > /dev/null"),
                  ("zstd: vmarc convert --no-sync", "zstd -dc > file")])
+    # qemu-img cannot read an XVA: it copies the disk vmarc extracted (itself sparse)
+    subprocess.run(VMARC + ["convert", "--no-sync", P, out], check=True)
+    full = os.path.join(os.path.dirname(out), "full.raw")
+    subprocess.run(["cp", "--sparse=never", out, full], check=True)
+    allocation([("xva -> raw", VMARC + ["convert", "--no-sync", P, "OUT"], full)],
+               os.path.dirname(out))
+    os.unlink(full)
+    rm()
     return 0
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import os
 
-from .errors import (CorruptError, FormatError, IntegrityError, SourceError, TruncatedError,
-                     UnknownFormatError, UnsupportedError, UsageError, VmarcError)
+from .errors import (CorruptError, FormatError, IntegrityError, OutputError, SalvagedError,
+                     SourceError, TruncatedError, UnknownFormatError, UnsupportedError,
+                     UsageError, VmarcError)
 from .formats import detect, reader_for
-from .model import Archive, Checks, Disk
+from .model import Archive, Checks, Damage, Disk
 from .source import open_source
 
-__all__ = ["open", "Archive", "Disk", "Checks", "VmarcError", "UsageError", "SourceError",
-           "UnknownFormatError", "UnsupportedError", "CorruptError", "FormatError",
-           "TruncatedError", "IntegrityError"]
+__all__ = ["open", "Archive", "Disk", "Damage", "Checks", "VmarcError", "UsageError",
+           "SourceError", "OutputError", "UnknownFormatError", "UnsupportedError",
+           "CorruptError", "FormatError", "TruncatedError", "IntegrityError", "SalvagedError"]
 __version__ = "0.1.0"
 
 

@@ -53,3 +53,7 @@ class TruncatedError(CorruptError):
 
 class IntegrityError(CorruptError):
     """Stored data does not match its checksum."""
+
+
+class SalvagedError(CorruptError):
+    """--salvage wrote the output, but parts of it are damaged (listed in its report)."""

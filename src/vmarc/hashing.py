@@ -55,22 +55,23 @@ class HashRing:
         return i, self._views[i]
 
     def check(self, i: int, length: int, func, expected: str, where: str,
-              damage=()) -> None:
+              spot=None) -> None:
         """Hash bytes [0, length) of buffer i with func; compare with expected later.
-        damage: what a mismatch spoils (model.Damage), for the checks to weigh."""
+        spot() makes the model.Damage a mismatch spoils (only then: it costs per chunk)."""
         if func in INLINE:
             fut = Future()
             fut.set_result(func(self._views[i][:length]))
         else:
             fut = self._pool.submit(func, self._views[i][:length])
-        self._pending[i] = (fut, expected, where, damage)
+        self._pending[i] = (fut, expected, where, spot)
 
-    def check_now(self, data, func, expected: str, where: str, damage=()) -> None:
+    def check_now(self, data, func, expected: str, where: str, spot=None) -> None:
         """Hash data at once and compare (for data that is not in a ring buffer)."""
-        self._compare(func(data), expected, where, damage)
+        self._compare(func(data), expected, where, spot)
 
-    def _compare(self, got: str, expected: str, where: str, damage) -> None:
+    def _compare(self, got: str, expected: str, where: str, spot) -> None:
         if got != expected:
+            damage = [spot()] if spot else []
             self.checks.fail(IntegrityError(f"{where}: checksum mismatch (stored {expected}, "
                                             f"computed {got})", damage))
 

@@ -6,6 +6,7 @@ into place, and any error or Ctrl-C before that removes it. Nothing half-written
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -61,6 +62,16 @@ def _fallocate():
     f = libc.fallocate
     f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return f
+
+
+@contextlib.contextmanager
+def temp_writes():
+    """Writes to vmarc's own temporary files: a failure names TMPDIR, not the output."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"temporary file in {tempfile.gettempdir()}: cannot write: "
+                          f"{e.strerror or e} (TMPDIR picks another place)") from None
 
 
 def write_failed(path: str, e: OSError, in_place: bool = False) -> OutputError:
@@ -142,7 +153,7 @@ class OutputFile:
         if st is not None and not overwrite:
             raise UsageError(f"{path}: already exists")
         real = os.path.realpath(path)   # a dangling symlink: make its target
-        if st is None and (real == "/dev" or real.startswith("/dev/")):
+        if st is None and _on_dev(real):
             raise UsageError(f"{path}: no such device (vmarc does not create files in /dev; "
                              "is the volume active?)")
         self.in_place = False
@@ -249,6 +260,15 @@ class OutputFile:
 
 
 _FALLOCATE = None
+
+
+def _on_dev(path: str) -> bool:
+    """A new file here would land in /dev's own file system (device nodes, in RAM), not
+    on a file system mounted below it such as /dev/shm."""
+    try:
+        return os.stat(os.path.dirname(path)).st_dev == os.stat("/dev").st_dev
+    except OSError:
+        return False
 
 
 def _ioctl_u64(fd: int, request: int) -> int:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 from .model import ZERO_CHUNK
-from .output import pwrite_all
+from .output import pwrite_all, temp_writes
 
 # VMARC_HOLD_MEMORY (bytes) moves the bound; 0 sends everything held to the file
 HOLD_MEMORY = int(os.environ.get("VMARC_HOLD_MEMORY", 32 << 20))
@@ -160,15 +160,17 @@ class DiskSequencer:
             self.memory_bytes += len(part)
             return
         if t.spool is None:
-            t.spool = tempfile.TemporaryFile(prefix="vmarc-hold-")
-            os.ftruncate(t.spool.fileno(), t.size)
+            with temp_writes():
+                t.spool = tempfile.TemporaryFile(prefix="vmarc-hold-")
+                os.ftruncate(t.spool.fileno(), t.size)
             print(f"vmarc: {t.disk.describe()}: the source gives data of this disk before "
                   f"the output can take it; holding that data in a temporary file in "
                   f"{tempfile.gettempdir()} until its turn", file=sys.stderr)
         fd = t.spool.fileno()
-        for at, data in t.memory.pop(j, ()):     # the whole chunk goes to one place
-            pwrite_all(fd, data, j * csize + at)
-            self.memory_bytes -= len(data)
-        pwrite_all(fd, part, offset)
+        with temp_writes():
+            for at, data in t.memory.pop(j, ()):     # the whole chunk goes to one place
+                pwrite_all(fd, data, j * csize + at)
+                self.memory_bytes -= len(data)
+            pwrite_all(fd, part, offset)
         t.held[j] = IN_FILE
         self.spooled_bytes += len(part)

@@ -289,22 +289,18 @@ class VmaArchive(Archive):
                         raise FormatError(f"{self._at(disk, cluster, where)}: past the device's "
                                           f"end ({disk.size} bytes)")
                     base = cluster * CLUSTER
-                    spoiled = [Damage(disk, base, min(CLUSTER, disk.size - base), "structure",
-                                      cluster=cluster, extent_offset=where)]
-                    if marks[cluster]:  # a salvaged output gets the later copy
-                        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: cluster appears "
-                                                "a second time", spoiled))
+                    if marks[cluster]:  # a salvaged output gets the later copy over it
+                        self._broken(checks, disk, cluster, where, "cluster appears a second time")
                     marks[cluster] = 1
                     if disk is self.vmstate:
                         if cluster != next_state:
-                            checks.fail(FormatError(f"{self._at(disk, cluster, where)}: vmstate "
-                                                    f"cluster out of order (expected {next_state})",
-                                                    spoiled))
+                            self._broken(checks, disk, cluster, where, "vmstate cluster out of "
+                                         f"order (expected {next_state})")
                         next_state = cluster + 1
                     if mask and base + CLUSTER > disk.size and \
                             mask >> -(-(disk.size - base) // BLOCK):  # blocks past the end
-                        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: mask stores "
-                                                "blocks past the device's end", spoiled))
+                        self._broken(checks, disk, cluster, where, "mask stores blocks past the "
+                                     "device's end")
                     if disk.id in wanted and mask:
                         for first, count, rank in mask_runs(mask):
                             start = base + first * BLOCK
@@ -344,6 +340,13 @@ class VmaArchive(Archive):
                     f"{name}: {disk.id} is incomplete: {len(marks) - missing} of {len(marks)} "
                     f"clusters present, {missing} missing (first missing: cluster {first}, disk "
                     f"offset {first * CLUSTER}); the archive ends at offset {src.offset}", damage))
+
+    def _broken(self, checks: Checks, disk: Disk, cluster: int, where: int, what: str) -> None:
+        """A cluster that breaks a rule: damage to its 64 KiB."""
+        base = cluster * CLUSTER
+        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: {what}", [
+            Damage(disk, base, min(CLUSTER, disk.size - base), "structure", cluster=cluster,
+                   extent_offset=where)]))
 
     def _cut_extent(self, checks: Checks, infos, extent: "_ExtentData", base_at: int) -> None:
         """An extent whose data broke off: its stored blocks not handed out are missing

@@ -12,6 +12,7 @@ its virtual size (the last chunk is always written), and data past that size is 
 from __future__ import annotations
 
 import re
+from functools import partial
 
 from ..errors import CorruptError, FormatError, TruncatedError
 from ..hashing import DIGEST_NAME, INLINE, HashRing, sha1_text, xxh64_text
@@ -141,7 +142,6 @@ class XvaArchive(Archive):
             for disk, start, m in self._chunks(checks):
                 keep = disk.id in wanted
                 n = max(0, min(m.size, disk.size - start))  # what lies inside the disk
-                here = {"member": m.name, "archive_offset": m.data_offset}
                 where = (f"{name}: {disk.describe()}, chunk {m.name} (disk offset {start}, "
                          f"archive offset {m.data_offset})")
                 data = None
@@ -159,10 +159,10 @@ class XvaArchive(Archive):
                 except CorruptError:
                     self._placed[disk.id].pos = start  # the disk is lost from this chunk
                     if checks.salvage and keep and data is not None:
-                        yield from self._cut_chunk(checks, disk, start, m, data, where, here)
+                        yield from self._cut_chunk(checks, disk, start, m, data, where)
                     raise
                 if verify:
-                    damage = [Damage(disk, start, n, "checksum", **here)] if n else []
+                    damage = partial(chunk_damage, disk, start, n, m) if n else None
                     if viewed:
                         ring.check_now(data, func, expected, where, damage)
                     else:
@@ -181,7 +181,7 @@ class XvaArchive(Archive):
             ring.close()
         self._report_missing(checks)
 
-    def _cut_chunk(self, checks, disk, start, m, data, where, here):
+    def _cut_chunk(self, checks, disk, start, m, data, where):
         """Salvage: the part of a chunk read before the input ended or broke, unverified,
         and the disk's position moved to its end."""
         got = max(0, min(self.source.offset - m.data_offset, m.size, disk.size - start))
@@ -191,7 +191,7 @@ class XvaArchive(Archive):
         if got:
             checks.fail(CorruptError(f"{where}: {got} bytes read before the input broke off; "
                                      "written as read, unverified",
-                                     [Damage(disk, start, got, "unverified", **here)]))
+                                     [chunk_damage(disk, start, got, m, "unverified")]))
 
     def _report_missing(self, checks: Checks) -> None:
         """Every disk must reach its virtual size; the rest of a disk that does not is
@@ -294,6 +294,11 @@ class XvaArchive(Archive):
                               f"at offset {m.offset} holds {text!r}, not a {ext[1:]} digest in "
                               "XAPI's form")
         return func, text
+
+
+def chunk_damage(disk: Disk, start: int, n: int, member, cause: str = "checksum") -> Damage:
+    return Damage(disk, start, n, cause, member=member.name,
+                  archive_offset=member.data_offset)
 
 
 def _device_of(userdevice) -> str | None:

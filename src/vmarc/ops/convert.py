@@ -6,12 +6,12 @@ import os
 import sys
 import tempfile
 
-from ..errors import OutputError, UsageError
+from ..errors import UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..model import Archive, Checks, Disk
-from ..output import OutputFile, pwrite_all
+from ..output import OutputFile, pwrite_all, temp_writes
 from ..progress import Progress
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 
@@ -54,15 +54,15 @@ def spooled(pieces, disk: Disk):
     order (said on stderr: it costs disk space up to the data's size)."""
     print(f"vmarc: {disk.describe()}: the source is not in disk order; spooling it to a "
           f"temporary file in {tempfile.gettempdir()}", file=sys.stderr)
-    with tempfile.TemporaryFile(prefix="vmarc-spool-") as tmp:
+    with temp_writes():
+        tmp = tempfile.TemporaryFile(prefix="vmarc-spool-")
+    with tmp:
         fd = tmp.fileno()
-        try:
-            for _d, offset, data in pieces:
+        for _d, offset, data in pieces:
+            with temp_writes():
                 pwrite_all(fd, data, offset)
+        with temp_writes():
             os.ftruncate(fd, disk.size)
-        except OSError as e:
-            raise OutputError(f"temporary spool file in {tempfile.gettempdir()}: cannot "
-                              f"write: {e.strerror} (TMPDIR picks another place)") from None
         buf = memoryview(bytearray(READ_SIZE))
         pos = 0
         while pos < disk.size:

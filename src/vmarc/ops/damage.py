@@ -14,13 +14,9 @@ import json
 import os
 import sys
 
-from ..errors import CorruptError
+from ..errors import SalvagedError
 from ..model import Checks, Disk
 from ..output import OutputFile, write_all
-
-
-class SalvagedError(CorruptError):
-    """The output was written, but parts of it are damaged (listed in the report)."""
 
 
 def checks_for(disks: list[Disk], salvage: bool) -> Checks:
