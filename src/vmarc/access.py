@@ -30,7 +30,7 @@ from .formats import reader_for
 from .formats.raw import RawWriter
 from .hashing import DIGESTS, xxh64_text
 from .model import Checks, Disk
-from .output import OutputFile
+from .output import OutputFile, writing
 from .source import BLOCK, Source, next_data
 
 INDEX_MAGIC = b"vmarc-index 3\n"  # 2: chunk checksums; 3: damaged stretches
@@ -652,17 +652,13 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
     for d in archive.disks:  # each disk at a 1 MiB-aligned base in the spool
         bases[d.id] = total
         total += -(-d.size // BLOCK) * BLOCK
-    out = OutputFile(spool)
     checks = Checks(salvage=True)  # damage becomes BAD stretches, as in _scan
-    try:
+    with writing(OutputFile(spool)) as out:
         writer = RawWriter(out, total, hole_size=BLOCK)  # holes of whole MiBs: a short map
         for disk, offset, data in archive.stream(None, checks):
             writer.write(bases[disk.id] + offset, data)
         writer.finish()
         out.commit(sync=False)
-    except BaseException:
-        out.abort()
-        raise
     store = FileStore(spool)
     maps = {}
     for d in archive.disks:

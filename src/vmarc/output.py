@@ -1,7 +1,10 @@
-"""Output files that appear only when complete.
+"""Where output goes (OutputFile says how each kind of path is written).
 
-Data goes to a hidden temporary name beside the target; commit() fsyncs and renames it
-into place, and any error or Ctrl-C before that removes it. Nothing half-written stays.
+A new file is written under a hidden temporary name beside the target; commit() fsyncs
+and renames it into place, and any error or Ctrl-C before that removes it: nothing
+half-written stays. What already exists and is not a plain file (a block device, a
+character device, a FIFO, a symlink) or anything given with -n is written in place:
+never renamed over or unlinked. Write failures become one OutputError line.
 """
 
 from __future__ import annotations
@@ -72,6 +75,20 @@ def temp_writes():
     except OSError as e:
         raise OutputError(f"temporary file in {tempfile.gettempdir()}: cannot write: "
                           f"{e.strerror or e} (TMPDIR picks another place)") from None
+
+
+@contextlib.contextmanager
+def writing(out):
+    """Fill out (an OutputFile, StreamOutput or OutputDir) inside this block: on any
+    error it is aborted, and a failed write becomes its one-line OutputError."""
+    try:
+        yield out
+    except OSError as e:
+        out.abort()
+        raise out.failed(e) from None
+    except BaseException:
+        out.abort()
+        raise
 
 
 def write_failed(path: str, e: OSError, in_place: bool = False) -> OutputError:
@@ -281,6 +298,7 @@ class OutputDir:
     def __init__(self, path: str):
         self.path = path
         self.tmp = None
+        self._files: list[OutputFile] = []
         if os.path.lexists(path):
             raise UsageError(f"{path}: already exists (extract writes a new directory)")
         parent = os.path.dirname(os.path.abspath(path))
@@ -294,6 +312,12 @@ class OutputDir:
     def join(self, name: str) -> str:
         return os.path.join(self.tmp, name)
 
+    def file(self, name: str) -> OutputFile:
+        """A new file in the directory, aborted with it."""
+        out = OutputFile(self.join(name))
+        self._files.append(out)
+        return out
+
     def failed(self, e: OSError) -> OutputError:
         return write_failed(self.path, e)
 
@@ -306,6 +330,8 @@ class OutputDir:
         self.tmp = None
 
     def abort(self) -> None:
+        for out in self._files:
+            out.abort()
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -373,6 +399,9 @@ class StreamOutput:
             self._tool_failed()
         except OSError as e:
             raise self.file.failed(e) from None
+
+    def failed(self, e: OSError) -> OutputError:
+        return self.file.failed(e)
 
     def _tool_failed(self):
         rc = self._proc.wait()

@@ -60,3 +60,9 @@ class Progress:
             self._bar.close()
         else:
             sys.stderr.write("\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -11,7 +11,7 @@ from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..model import Archive, Checks, Disk
-from ..output import OutputFile, pwrite_all, temp_writes
+from ..output import OutputFile, pwrite_all, temp_writes, writing
 from ..progress import Progress
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 
@@ -98,9 +98,8 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
         if key not in known:
             raise UsageError(f"-o {key}: not an option of {out_format} output")
     chosen = archive.select(disk)
-    out = OutputFile(output, no_create=no_create, target_is_zero=target_is_zero)
-    bar = None
-    try:
+    with writing(OutputFile(output, no_create=no_create,
+                            target_is_zero=target_is_zero)) as out:
         allocated = None
         if out_format == "vhd" and out.is_stream and opts.get("subformat", "dynamic") == "dynamic":
             if reopen is None or archive.source.path is None:
@@ -109,29 +108,20 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
             with reopen() as first:
                 allocated = allocated_blocks(first.stream([first.select(disk)], Checks(),
                                                           verify=verify))
-        bar = Progress(archive.source, progress, label=chosen.describe())
         writer = _writer(out_format, out, chosen.size, opts, allocated)
         checks = checks_for([chosen], salvage)
         pieces = archive.stream([chosen], checks, verify=verify)
         if needs_order(out_format, opts, out.is_stream) and not archive.ordered:
             pieces = spooled(pieces, chosen)
-        for _disk, offset, data in pieces:
-            writer.write(offset, data)
-            bar.update()
+        with Progress(archive.source, progress, label=chosen.describe()) as bar:
+            for _disk, offset, data in pieces:
+                writer.write(offset, data)
+                bar.update()
         writer.finish()
         if salvage and checks.seen:
             report = report_path(output, report)
             write_report(report, archive.source.name, {chosen.id: output}, checks)
         out.commit(sync=sync)
-    except OSError as e:
-        out.abort()
-        raise out.failed(e) from None
-    except BaseException:
-        out.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     warn_elsewhere(checks, [chosen])
     if checks.damage:
         raise summary(checks, report)

@@ -13,7 +13,7 @@ from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
 from ..model import Checks
 from ..sequencer import DiskSequencer
 from ..vmsettings import DiskSlot, VmSettings
-from ..output import StreamOutput, compression_for
+from ..output import StreamOutput, compression_for, writing
 from .vmconvert import vma_name_rules
 from ..progress import Progress
 
@@ -92,7 +92,7 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
                               disks=[DiskSlot(d, size=d.size, label=n)
                                      for n, (_, d) in zip(names, inputs)])
         out = StreamOutput(output, compression)
-        try:
+        with writing(out):
             if out_format == "xva":
                 refs = disk_refs(len(inputs))
                 writer = XvaWriter(out, ova_xml(settings, refs),
@@ -111,12 +111,6 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
                            Progress(archive.source, progress, label=names[k]))
             writer.close()
             out.commit(sync=sync)
-        except OSError as e:
-            out.abort()
-            raise out.file.failed(e) from None
-        except BaseException:
-            out.abort()
-            raise
     return names, warnings
 
 

@@ -16,7 +16,7 @@ import sys
 
 from ..errors import SalvagedError
 from ..model import Checks, Disk
-from ..output import OutputFile, write_all
+from ..output import OutputFile, write_all, writing
 
 
 def checks_for(disks: list[Disk], salvage: bool) -> Checks:
@@ -46,16 +46,9 @@ def write_report(path: str, source: str, outputs: dict[str, str], checks: Checks
         "elsewhere": [str(e) for e in checks.elsewhere],
         "stopped_by": str(checks.stopped_by) if checks.stopped_by else None,
     }
-    out = OutputFile(path)
-    try:
+    with writing(OutputFile(path)) as out:
         write_all(out.fd, (json.dumps(doc, indent=2) + "\n").encode())
         out.commit()
-    except OSError as e:
-        out.abort()
-        raise out.failed(e) from None
-    except BaseException:
-        out.abort()
-        raise
 
 
 def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:

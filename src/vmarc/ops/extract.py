@@ -7,7 +7,7 @@ import os
 
 from ..formats.raw import RawWriter
 from ..model import Archive
-from ..output import OutputDir, OutputFile
+from ..output import OutputDir, writing
 from ..progress import Progress
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 
@@ -24,11 +24,8 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
         for stream, fname in archive.extra_streams():
             chosen.append(stream)
             names[stream.id] = fname
-    target = OutputDir(directory)
-    bar = Progress(archive.source, progress)
     written: dict[str, str] = {}
-    outputs: list[OutputFile] = []
-    try:
+    with writing(OutputDir(directory)) as target, Progress(archive.source, progress) as bar:
         writers = {}
         used = set()
         for d in chosen:
@@ -36,9 +33,7 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             while fname in used:
                 fname = f"{fname[:-4]}-{d.index}.raw"
             used.add(fname)
-            out = OutputFile(target.join(fname))
-            outputs.append(out)
-            writers[d.id] = RawWriter(out, d.size)
+            writers[d.id] = RawWriter(target.file(fname), d.size)
             written[d.id] = fname
         checks = checks_for(chosen, salvage)
         for disk, offset, data in archive.stream(chosen, checks, verify=verify):
@@ -51,25 +46,12 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             written[name] = safe
         for d in chosen:
             writers[d.id].finish()
-        for out in outputs:
-            out.commit(sync=sync)
+            writers[d.id].out.commit(sync=sync)
         if salvage and checks.seen:
             report = report_path(directory, report)
             write_report(report, archive.source.name,
                          {d.id: os.path.join(directory, written[d.id]) for d in chosen}, checks)
         target.commit()
-    except OSError as e:
-        for out in outputs:
-            out.abort()
-        target.abort()
-        raise target.failed(e) from None
-    except BaseException:
-        for out in outputs:
-            out.abort()
-        target.abort()
-        raise
-    finally:
-        bar.close()
     warn_elsewhere(checks, chosen)
     if checks.damage:
         raise summary(checks, report)

@@ -20,7 +20,7 @@ from ..formats.vma_writer import VmaWriter
 from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
 from ..model import Archive, Checks
 from .convert import ARCHIVE_FORMATS
-from ..output import StreamOutput, compression_for
+from ..output import StreamOutput, compression_for, writing
 from ..progress import Progress
 from ..sequencer import DiskSequencer
 
@@ -177,24 +177,15 @@ def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict 
     if bus is None:
         bus = "sata" if settings.ostype.startswith("w") else "scsi"
     path = output_name(output, out_format, settings.name, vmid, compression)
-    out = StreamOutput(path, compression, no_create=no_create)
-    bar = Progress(archive.source, progress, label=os.path.basename(path))
-    try:
+    with writing(StreamOutput(path, compression, no_create=no_create)) as out, \
+            Progress(archive.source, progress, label=os.path.basename(path)) as bar:
         if out_format == "xva":
             write_xva(out, archive, settings, checksum=opts.get("checksum", "xxhash"),
-                             header=opts.get("header", "v7"), verify=verify, bar=bar)
+                      header=opts.get("header", "v7"), verify=verify, bar=bar)
         else:
             write_vma(out, archive, settings, storage=storage, vmid=vmid, bus=bus,
                       bridge=bridge, verify=verify, bar=bar)
         out.commit(sync=sync)
-    except OSError as e:
-        out.abort()
-        raise out.file.failed(e) from None
-    except BaseException:
-        out.abort()
-        raise
-    finally:
-        bar.close()
     # a re-pack into the same format carries everything as it is
     warnings = [] if archive.format == out_format else list(settings.lost)
     return path, warnings
