@@ -353,8 +353,8 @@ class StreamOutput:
     compressor: the zstd and lzop tools in their own processes (zstd on every core,
     the way vzdump runs it), gzip with ISA-L on threads."""
 
-    def __init__(self, path: str, compression: str | None = None, **where):
-        self.file = OutputFile(path, **where)   # where: OutputFile's no_create...
+    def __init__(self, path: str, compression: str | None = None):
+        self.file = OutputFile(path)
         self.compression = compression
         self.path = path
         self._proc = None

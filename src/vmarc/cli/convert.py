@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import open as open_archive
+from ..errors import UsageError
 from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
 from .common import (add_progress_arg, add_source_args, add_sync_arg, add_salvage_args,
@@ -55,13 +56,16 @@ def run(args) -> int:
     with reopen() as archive:
         if args.out_format in ARCHIVE_FORMATS:
             from ..ops.vmconvert import convert_vm  # on demand: the writers' imports
+            if args.no_create or args.target_is_zero or args.salvage:
+                raise UsageError("-n, --target-is-zero and --salvage apply to disk images "
+                                 "(raw, qcow2, vhd), not to -O vma|xva archives")
             if args.disk:
                 print("vmarc: warning: --disk ignored: -O vma|xva carries every disk",
                       file=sys.stderr)
             path, warnings = convert_vm(
                 archive, args.output, args.out_format, options=options, storage=args.storage,
                 vmid=args.vmid, bus=args.bus, bridge=args.bridge, verify=args.verify,
-                progress=args.progress, sync=args.sync, no_create=args.no_create)
+                progress=args.progress, sync=args.sync)
             for text in warnings:
                 print(f"vmarc: warning: not carried: {text}", file=sys.stderr)
             if path != args.output:

@@ -149,7 +149,7 @@ def write_vma(out, archive: Archive, settings, *, storage: str, vmid: int, bus: 
 def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict | None = None,
                storage: str = "local-lvm", vmid: int | None = None, bus: str | None = None,
                bridge: str | None = None, verify: bool = True, progress: bool = False,
-               sync: bool = True, no_create: bool = False) -> tuple[str, list[str]]:
+               sync: bool = True) -> tuple[str, list[str]]:
     """Write the archive's whole VM as out_format; returns (path written, warnings)."""
     if out_format not in ARCHIVE_FORMATS:
         raise UsageError(f"unknown archive format {out_format!r}")
@@ -177,7 +177,7 @@ def convert_vm(archive: Archive, output: str, out_format: str, *, options: dict 
     if bus is None:
         bus = "sata" if settings.ostype.startswith("w") else "scsi"
     path = output_name(output, out_format, settings.name, vmid, compression)
-    with writing(StreamOutput(path, compression, no_create=no_create)) as out, \
+    with writing(StreamOutput(path, compression)) as out, \
             Progress(archive.source, progress, label=os.path.basename(path)) as bar:
         if out_format == "xva":
             write_xva(out, archive, settings, checksum=opts.get("checksum", "xxhash"),
