@@ -18,7 +18,7 @@ from .errors import (CorruptError, FormatError, IntegrityError, OutputError, Sal
                      UsageError, VmarcError)
 from .formats import detect, reader_for
 from .model import Archive, Checks, Damage, Disk
-from .source import open_source
+from .source import open_source, spooled
 
 __all__ = ["open", "Archive", "Disk", "Damage", "Checks", "VmarcError", "UsageError",
            "SourceError", "OutputError", "UnknownFormatError", "UnsupportedError",
@@ -36,6 +36,10 @@ def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
         if fmt is None:
             fmt = detect(source, path_hint=src if isinstance(src, (str, os.PathLike)) else None)
         reader = reader_for(fmt)
+        if not source.seekable:
+            why = reader.needs_file(source.peek(512))
+            if why:
+                source = spooled(source, why)
         if parent and reader.format != "vhd":
             raise UsageError(f"{source.name}: --parent applies to differencing VHDs, this is "
                              f"{reader.format}")

@@ -205,6 +205,12 @@ class Archive:
     def compression(self):
         return self.source.compression
 
+    @classmethod
+    def needs_file(cls, head: bytes) -> str | None:
+        """Why an input that starts with head cannot be read front to back (vmarc.open
+        then copies it to a temporary file first), or None when it can."""
+        return None
+
     def stream(self, disks=None, checks: Checks | None = None,
                verify: bool = True) -> Iterator[tuple[Disk, int, memoryview]]:
         """Yield (disk, offset, data) in source order for the chosen disks (all if None).

@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 
 from .errors import SourceError, TruncatedError, UnsupportedError, CorruptError
@@ -643,3 +644,32 @@ def open_source(src, *, name: str | None = None) -> Source:
         stream = _Prefetch(stream)
     return Source(stream, name=name, compression=compression, path=path,
                   file_size=file_size, raw_file=raw)
+
+
+def spooled(source: Source, why: str) -> Source:
+    """What is left of a source that cannot seek (a pipe, a compressed file), copied to a
+    sparse temporary file and opened as a plain file, for readers that need random
+    access (qcow2, a fixed or differencing VHD, raw of unknown size). Said on stderr."""
+    from .model import data_runs
+    from .output import pwrite_all, temp_writes
+    print(f"vmarc: {source.name}: {why}; copying it to a temporary file in "
+          f"{tempfile.gettempdir()} first", file=sys.stderr)
+    with temp_writes():
+        fd, path = tempfile.mkstemp(prefix="vmarc-input-")
+    try:
+        buf = memoryview(bytearray(4 * BLOCK))
+        pos = 0
+        while n := source.readinto_upto(buf):
+            for a, b in data_runs(buf[:n], pos, BLOCK):
+                with temp_writes():
+                    pwrite_all(fd, buf[a:b], pos + a)
+            pos += n
+        with temp_writes():
+            os.ftruncate(fd, pos)
+        copy = open_source(path, name=source.name)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # gone when the copy is closed
+    source.close()
+    copy.path = None   # names no file: relative backing files are not looked up beside it
+    return copy

@@ -39,12 +39,13 @@ def probe(head: bytes) -> bool:
 class Qcow2Archive(Archive):
     format = "qcow2"
 
+    @classmethod
+    def needs_file(cls, head: bytes) -> str | None:
+        return "qcow2 is read through its tables"
+
     def __init__(self, source, _chain: tuple = ()):
         super().__init__(source)
         name = source.name
-        if not source.seekable:
-            raise UnsupportedError(f"{name}: qcow2 is read through its tables; give a file, not "
-                                   "a pipe or a compressed file")
         self.file_size = fsize = source.file_size
         head = source.pread(min(fsize, 4096), 0, "qcow2 header")
         if len(head) < 72:
@@ -124,7 +125,7 @@ class Qcow2Archive(Archive):
     def _open_backing(self, bname: str, bformat: str | None, chain: tuple):
         from .. import open as open_archive
         name = self.source.name
-        me = os.path.realpath(self.source.path)
+        me = os.path.realpath(self.source.path or "-")  # from a pipe: the current directory
         if len(chain) >= MAX_CHAIN:
             raise FormatError(f"{name}: backing chain deeper than {MAX_CHAIN}")
         path = bname if os.path.isabs(bname) else os.path.join(os.path.dirname(me), bname)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-from ..errors import UsageError
 from ..model import HOLE, Archive, Disk, data_runs
 from ..output import OutputFile, pwrite_all, write_all, write_zeros
 
@@ -69,15 +68,13 @@ class RawArchive(Archive):
 
     def __init__(self, source):
         super().__init__(source)
-        if source.compression:
-            raise UsageError(f"{source.name}: a {source.compression}-compressed raw image has "
-                             "no size known in advance; decompress it first")
-        size = source.file_size
-        if size is None:
-            raise UsageError(f"{source.name}: a raw image from a pipe has no known size; "
-                             "give a file or a block device")
+        size = source.file_size  # a pipe or a compressed image: spooled first (needs_file)
         stem = os.path.basename(source.path or "disk")
         self.disks.append(Disk(id="disk", name=stem, size=size))
+
+    @classmethod
+    def needs_file(cls, head: bytes) -> str | None:
+        return "a raw image has no size known before its end"
 
     def stream(self, disks=None, checks=None, verify=True):
         disk = self.disks[0]

@@ -201,18 +201,20 @@ class VhdArchive(Archive):
                                   f"{src.name}: footer copy at offset 0")
         self._read_header(lambda n, off, what: src.pread(n, off, what))
 
+    @classmethod
+    def needs_file(cls, head: bytes) -> str | None:
+        if not head.startswith(COOKIE):
+            return "a fixed VHD keeps its footer at the end"
+        if struct.unpack_from(">I", head, 60)[0] == DIFFERENCING:
+            return "a differencing VHD is read block by block with its parent"
+        return None
+
     def _open_stream(self):
         src = self.source
         first = src.read_exact(FOOTER, "VHD footer copy")
         self.footer = self.head_footer = Footer(first, f"{src.name}: footer copy at offset 0")
         self.file_size = None
         self.footer_at = None
-        if self.footer.type == FIXED:
-            raise UnsupportedError(f"{src.name}: a fixed VHD keeps its footer at the end; read "
-                                   "it from a file, or as raw with -f raw")
-        if self.footer.type == DIFFERENCING:
-            raise UnsupportedError(f"{src.name}: a differencing VHD needs its parent; give a "
-                                   "file, not a pipe")
 
         def read(n, off, what):
             if off < src.offset:
@@ -253,7 +255,8 @@ class VhdArchive(Archive):
 
     def _parent_candidates(self):
         h = self.header
-        base = os.path.dirname(os.path.abspath(self.source.path))
+        # relative locators start beside the file (from a pipe: the current directory)
+        base = os.path.dirname(os.path.abspath(self.source.path or "-"))
         for code, _space, length, _res, offset in h.locators:
             if code not in (b"W2ru", b"W2ku", b"MacX") or not length or length > 4096:
                 continue
@@ -271,7 +274,7 @@ class VhdArchive(Archive):
 
     def _open_parent(self):
         name = self.source.name
-        me = os.path.realpath(self.source.path)
+        me = os.path.realpath(self.source.path or "-")
         chain = self._chain_paths + (me,)
         if len(chain) > MAX_CHAIN:
             raise FormatError(f"{name}: differencing chain deeper than {MAX_CHAIN}")
