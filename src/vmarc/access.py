@@ -350,11 +350,7 @@ class ImageDisk(DiskAccess):
         super().__init__(disk)
         self.archive = archive
         self._lock = threading.Lock()
-        if hasattr(archive, "allocated"):          # VHD: allocated blocks of the chain
-            runs = list(archive.allocated())
-        else:                                      # qcow2: data, compressed, backing
-            runs = [(g, n) for g, n, kind, _ in archive.extents(0) if kind != "zero"
-                    and (kind != "backing" or archive.backing is not None)]
+        runs = list(archive.allocated())  # what some layer of the chain stores
         self.map = DiskMap()
         for g, n in runs:
             self.map.add(g, n, g)  # the offset only marks "data here"; reads go via read_at

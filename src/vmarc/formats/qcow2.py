@@ -29,6 +29,7 @@ MAX_CHAIN = 32
 MAX_READ = 4 << 20           # largest coalesced read
 KNOWN_INCOMPATIBLE = 0b11111  # dirty, corrupt, external data, compression type, extended L2
 EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_DATA_FILE = 0x44415441      # "DATA": the external data file's name
 BACKING_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd"}
 
 
@@ -72,8 +73,6 @@ class Qcow2Archive(Archive):
             if incompat & ~KNOWN_INCOMPATIBLE:
                 raise UnsupportedError(f"{name}: unknown incompatible qcow2 features "
                                        f"{incompat & ~KNOWN_INCOMPATIBLE:#x}")
-            if incompat & 4:
-                raise UnsupportedError(f"{name}: qcow2 with an external data file")
             if incompat & 16:
                 raise UnsupportedError(f"{name}: qcow2 with extended L2 entries (subclusters)")
             if incompat & 8:
@@ -95,12 +94,20 @@ class Qcow2Archive(Archive):
                               "unaligned or outside the file")
         self.l1 = struct.unpack(f">{l1_size}Q", source.pread(8 * l1_size, l1_off, "L1 table")) \
             if l1_size else ()
-        backing_format = self._extensions(head, hdr_len)
+        exts = self._extensions(head, hdr_len)
+        backing_format = exts.get(EXT_BACKING_FORMAT)
         self.backing = None
+        self.data = source  # where data clusters lie: this file, or an external data file
+        if self.version == 3 and incompat & 4:
+            if EXT_DATA_FILE not in exts:
+                raise FormatError(f"{name}: external data file bit set but no data file named")
+            self.data = self._open_data_file(exts[EXT_DATA_FILE], _chain)
         self.size = size
         disk = Disk(id="disk", name=os.path.basename(source.path or name), size=size,
                     meta={"cluster_size": cs, "compat": "0.10" if self.version == 2 else "1.1"})
         self.disks.append(disk)
+        if self.data is not source:
+            disk.meta["data_file"] = exts[EXT_DATA_FILE]
         if backing_off:
             if backing_len > 1023 or backing_off + backing_len > fsize:
                 raise FormatError(f"{name}: backing file name at {backing_off} ({backing_len} "
@@ -110,29 +117,45 @@ class Qcow2Archive(Archive):
             self._open_backing(bname, backing_format, _chain)
             disk.meta["backing"] = bname
 
-    def _extensions(self, head: bytes, pos: int) -> str | None:
-        fmt = None
+    def _extensions(self, head: bytes, pos: int) -> dict[int, str]:
+        """The header extensions vmarc uses (backing format, data file name), as text."""
+        found = {}
         while pos + 8 <= len(head):
             kind, length = struct.unpack_from(">II", head, pos)
             if kind == 0:
                 break
-            data = head[pos + 8:pos + 8 + length]
-            if kind == EXT_BACKING_FORMAT:
-                fmt = data.decode("utf-8", "replace")
+            if kind in (EXT_BACKING_FORMAT, EXT_DATA_FILE):
+                found[kind] = head[pos + 8:pos + 8 + length].decode("utf-8", "replace")
             pos += 8 + (length + 7) // 8 * 8
-        return fmt
+        return found
 
-    def _open_backing(self, bname: str, bformat: str | None, chain: tuple):
-        from .. import open as open_archive
+    def _beside(self, fname: str, what: str, chain: tuple) -> str:
+        """A file the image names (backing file, data file): relative to the image's own
+        directory, a regular file, not one already in the chain."""
         name = self.source.name
         me = os.path.realpath(self.source.path or "-")  # from a pipe: the current directory
         if len(chain) >= MAX_CHAIN:
             raise FormatError(f"{name}: backing chain deeper than {MAX_CHAIN}")
-        path = bname if os.path.isabs(bname) else os.path.join(os.path.dirname(me), bname)
+        path = fname if os.path.isabs(fname) else os.path.join(os.path.dirname(me), fname)
         if os.path.realpath(path) in chain + (me,):
             raise FormatError(f"{name}: backing chain loops back to {path}")
         if not os.path.isfile(path):
-            raise SourceError(f"{name}: backing file {bname} not found ({path})")
+            raise SourceError(f"{name}: {what} {fname} not found or not a regular file ({path})")
+        return path
+
+    def _open_data_file(self, fname: str, chain: tuple):
+        from ..source import open_source
+        source = open_source(self._beside(fname, "data file", chain))
+        if not source.seekable:
+            source.close()
+            raise UnsupportedError(f"{self.source.name}: data file {fname} is compressed")
+        return source
+
+    def _open_backing(self, bname: str, bformat: str | None, chain: tuple):
+        from .. import open as open_archive
+        name = self.source.name
+        me = os.path.realpath(self.source.path or "-")
+        path = self._beside(bname, "backing file", chain)
         fmt = BACKING_FORMATS.get(bformat or "", None)
         if fmt == "qcow2" or (fmt is None and open(path, "rb").read(4) == MAGIC):
             from ..source import open_source
@@ -146,6 +169,8 @@ class Qcow2Archive(Archive):
     def close(self):
         if self.backing is not None:
             self.backing.close()
+        if self.data is not self.source:
+            self.data.close()
         super().close()
 
     def info(self) -> dict:
@@ -192,17 +217,21 @@ class Qcow2Archive(Archive):
                     break
                 n = min(cs, size - guest)
                 if entry & COMPRESSED:
+                    if self.data is not self.source:
+                        raise FormatError(f"{self.source.name}: compressed cluster at guest "
+                                          f"offset {guest} in an image with a data file")
                     kind, host = "compressed", entry
                 else:
                     host = entry & OFFSET_MASK
                     if entry & ZERO_FLAG and self.version == 3:
                         kind = "zero"
-                    elif host:
-                        kind = "data"
-                        if host % cs or host + n > self.file_size:
+                    elif host or (self.data is not self.source and entry & COPIED):
+                        kind = "data"  # (an external data file's first cluster is at 0)
+                        limit = self.data.file_size
+                        if host % cs or host + n > limit:
                             raise FormatError(f"{self.source.name}: cluster at guest offset "
                                               f"{guest} maps to offset {host}, unaligned or "
-                                              f"outside the {self.file_size}-byte file")
+                                              f"outside the {limit}-byte data")
                     else:
                         kind = "backing"
                 if run and run[2] == kind and kind in ("data", "zero", "backing") and \
@@ -215,6 +244,22 @@ class Qcow2Archive(Archive):
                 run = [guest, n, kind, host]
         if run:
             yield tuple(run)
+
+    def allocated(self, start: int = 0, end: int | None = None):
+        """(guest offset, length) within [start, end) that some layer of the chain stores:
+        data and compressed clusters here, and below the clusters that fall through to
+        the backing file, what that file stores (qemu-img map's present: true)."""
+        end = self.size if end is None else min(end, self.size)
+        for guest, length, kind, _ in self.extents(start):
+            if guest >= end:
+                return
+            a, b = max(guest, start), min(guest + length, end)
+            if a >= b:
+                continue
+            if kind in ("data", "compressed"):
+                yield a, b - a
+            elif kind == "backing" and self.backing is not None:
+                yield from self.backing.allocated(a, min(b, self.backing.disks[0].size))
 
     def _decompress(self, entry: int, guest: int) -> bytes:
         cs, bits = self.cluster_size, self.cluster_bits
@@ -261,7 +306,7 @@ class Qcow2Archive(Archive):
                 return
             a, b = max(guest, start), min(guest + length, end)
             if kind == "data":
-                yield a, b - a, self.source.pread(b - a, host + (a - guest), "qcow2 data")
+                yield a, b - a, self.data.pread(b - a, host + (a - guest), "qcow2 data")
             elif kind == "compressed":
                 data = self._decompress(host, guest)
                 yield a, b - a, memoryview(data)[a - guest:b - guest]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from ..model import HOLE, Archive, Disk, data_runs
+from ..source import next_data
 from ..output import OutputFile, pwrite_all, write_all, write_zeros
 
 READ_SIZE = 4 << 20
@@ -95,6 +96,19 @@ class RawArchive(Archive):
                 src.readinto_exact(buf[:n], f"raw image at offset {pos}")
                 yield disk, pos, buf[:n]
                 pos += n
+
+    def allocated(self, start: int = 0, end: int | None = None):
+        """(offset, length) within [start, end) that the file stores (SEEK_DATA)."""
+        end = self.disks[0].size if end is None else min(end, self.disks[0].size)
+        fd = self.source._raw_file.fileno()
+        pos = start
+        while pos < end:
+            data_at, hole_at = next_data(fd, pos)
+            if data_at is None or data_at >= end:
+                return
+            stop = min(hole_at, end)
+            yield data_at, stop - data_at
+            pos = stop
 
     def read_at(self, offset: int, n: int) -> bytes:
         """n bytes of the disk at offset (zeros past the end of the file)."""

@@ -553,17 +553,21 @@ class VhdArchive(Archive):
                     out[a - offset:b - offset] = data[a - at:b - at]
         return bytes(out)
 
-    def allocated(self):
-        """(disk offset, length) of every block some layer of the chain allocates."""
+    def allocated(self, start: int = 0, end: int | None = None):
+        """(disk offset, length) within [start, end) of every block some layer of the
+        chain allocates."""
+        end = self.size if end is None else min(end, self.size)
         if self.footer.type == FIXED:
-            yield 0, self.size
+            if start < end:
+                yield start, end - start
             return
         bs = self.header.block_size
         layers = self._layers()
-        for index in range(-(-self.size // bs)):
+        for index in range(start // bs, -(-end // bs)):
             if any(p.header is None or (index < len(p.bat) and p.bat[index] != UNALLOCATED)
                    for p in layers):  # a fixed parent stores everything
-                yield index * bs, min(bs, self.size - index * bs)
+                a, b = max(start, index * bs), min(end, (index + 1) * bs)
+                yield a, b - a
 
     def _stream_pipe(self, disk):
         """Front to back: the blocks in file order (ascending in what vhd-tool and qemu-img
