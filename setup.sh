@@ -20,6 +20,22 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# Node.js runs the writers of other projects that the tests use as oracles (Xen
+# Orchestra's vhd-lib), installed from the npm registry into tests/oracles.
+if ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing nodejs and npm" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends nodejs npm >&2
+  else
+    echo "setup: npm is missing (the tests' oracles need it)" >&2
+  fi
+fi
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/oracles/node_modules/vhd-lib ]; then
+  (cd tests/oracles && npm ci --no-audit --no-fund --loglevel=error >&2)
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv >&2

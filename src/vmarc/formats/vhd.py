@@ -354,7 +354,10 @@ class VhdArchive(Archive):
                 checks.fail(FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000",
                                         meta(at)))
             if f.timestamp + VHD_EPOCH > time.time() + 86400:
-                checks.fail(FormatError(f"{name}: {where}: timestamp in the future", meta(at)))
+                # Xen Orchestra's vhd-lib stores Unix time where VHD counts from 2000; the
+                # data reads the same (qemu-img and libvhdi ignore the field): a warning
+                checks.warn(f"{name}: {where}: timestamp {f.timestamp} lies in the future "
+                            "when counted from 2000 (Unix time, as Xen Orchestra writes it?)")
         if self.footer.type == FIXED:
             if self.footer.data_offset != 0xFFFFFFFFFFFFFFFF:
                 checks.fail(FormatError(f"{name}: fixed VHD with data_offset "
