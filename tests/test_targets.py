@@ -128,7 +128,9 @@ def test_target_is_zero_skips_zeroing(tmp_path, loopdev):
 def test_a_mounted_device_is_refused(tmp_path, loopdev):
     src, disks = CASES["raw"](tmp_path)
     dev = loopdev(8 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+    # no lazy init: the kernel would otherwise write inode tables in the background
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                    dev], check=True)
     where = tmp_path / "mnt"
     where.mkdir()
     subprocess.run(["mount", dev, str(where)], check=True)
