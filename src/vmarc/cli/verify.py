@@ -26,11 +26,12 @@ def run(args) -> int:
         return report(args, None, [str(e)], stopped=True)
     with archive:
         checks = verify(archive, progress=args.progress)
+        done = {"stream": archive.stream_checks(), "disks": archive.checked()}
     return report(args, archive, [str(p) for p in checks.problems], checks.stopped,
-                  checks.warnings)
+                  checks.warnings, done)
 
 
-def report(args, archive, problems, stopped, warnings=()) -> int:
+def report(args, archive, problems, stopped, warnings=(), done=None) -> int:
     ok = not problems
     if args.output == "json":
         out = {"ok": ok, "problems": problems, "stopped_early": stopped,
@@ -38,6 +39,8 @@ def report(args, archive, problems, stopped, warnings=()) -> int:
         if archive is not None:
             out.update({"format": archive.format, "compression": archive.compression,
                         "disks": [d.as_dict() for d in archive.disks]})
+        if done is not None and ok:
+            out["checked"] = done
         print(json.dumps(out, indent=2))
     else:
         for w in warnings:
@@ -46,8 +49,15 @@ def report(args, archive, problems, stopped, warnings=()) -> int:
             print(p)
         if ok:
             comp = f" ({archive.compression})" if archive.compression else ""
-            print(f"ok: {archive.format}{comp} archive, {len(archive.disks)} disk(s), "
-                  "every checksum and structure rule checked")
+            print(f"ok: {archive.format}{comp}, {len(archive.disks)} disk(s); checked:")
+            for item in done["stream"]:
+                print(f"  the stream: {item}")
+            for d in archive.disks:
+                what = done["disks"].get(d.id, {"checked": [], "unchecked": []})
+                for item in what["checked"]:
+                    print(f"  {d.device or d.id}: {item}")
+                for item in what["unchecked"]:
+                    print(f"  {d.device or d.id}: not checked: {item}")
         else:
             print(f"damaged: {len(problems)} problem(s)"
                   + ("; the pass stopped at the last one" if stopped else ""), file=sys.stderr)

@@ -181,6 +181,16 @@ class Qcow2Archive(Archive):
             d["backing"] = self.disks[0].meta["backing"]
         return d
 
+    def checked(self):
+        items = ["header fields; L1 and L2 tables and data clusters inside the file",
+                 "compressed clusters decompress to a whole cluster"]
+        if self.backing is not None:
+            items.append("the backing chain opens (each layer read the same way)")
+        return {d.id: {"checked": items,
+                       "unchecked": ["the disk's data: qcow2 keeps no checksum of it",
+                                     "refcounts and leaks (qemu-img check counts them)"]}
+                for d in self.disks}
+
     # -- mapping -------------------------------------------------------------------------
     def _l2(self, index: int):
         entry = self.l1[index] if index < len(self.l1) else 0

@@ -77,6 +77,11 @@ class RawArchive(Archive):
     def needs_file(cls, head: bytes) -> str | None:
         return "a raw image has no size known before its end"
 
+    def checked(self):
+        return {d.id: {"checked": [], "unchecked": [
+            "nothing to verify: a raw image has no metadata and no checksums"]}
+            for d in self.disks}
+
     def stream(self, disks=None, checks=None, verify=True):
         disk = self.disks[0]
         if disks is not None and disk not in disks:

@@ -326,6 +326,19 @@ class VhdArchive(Archive):
         return d
 
     # -- checks --------------------------------------------------------------------------
+    def checked(self):
+        items = ["footer checksum and fields" + (" (and its copy at offset 0)"
+                                                 if self.header is not None else "")]
+        if self.header is not None:
+            n = sum(1 for e in self.bat if e != UNALLOCATED)
+            items += ["dynamic header checksum and fields",
+                      f"BAT: {n:,} blocks inside the file, none overlapping"]
+        if self.parent is not None:
+            items.append("each parent's uuid against the one its child records")
+        return {d.id: {"checked": items,
+                       "unchecked": ["the disk's data: VHD keeps no checksum of it"]}
+                for d in self.disks}
+
     def check_structure(self, checks: Checks) -> None:
         """vhd-util check's rules (FORMATS.md); each problem to checks. Problems of the
         footer or header spoil no stretch in particular ("metadata", length 0); a bad

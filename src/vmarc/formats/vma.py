@@ -236,6 +236,7 @@ class VmaArchive(Archive):
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
         seen = {dev_id: bytearray(d.meta["clusters"]) for dev_id, d in self.devices.items()}
         self._seen, self._first_unseen, self._pending = seen, {}, None
+        self._extents = 0  # extent headers whose md5 matched
         next_state = 0  # vmstate clusters must arrive in order
         hdr = bytearray(EXTENT_HEADER)
         hview = memoryview(hdr)
@@ -264,6 +265,7 @@ class VmaArchive(Archive):
                 hdr[24:40] = bytes(16)
                 if md5_digest(hdr) != stored:
                     raise FormatError(f"{name}: extent header md5 mismatch at offset {where}")
+                self._extents += 1
                 infos = struct.unpack_from(">59Q", hdr, 40)
                 total = sum((bi >> 48).bit_count() for bi in infos if (bi >> 32) & 0xFF)
                 if total != block_count:
@@ -340,6 +342,16 @@ class VmaArchive(Archive):
                     f"{name}: {disk.id} is incomplete: {len(marks) - missing} of {len(marks)} "
                     f"clusters present, {missing} missing (first missing: cluster {first}, disk "
                     f"offset {first * CLUSTER}); the archive ends at offset {src.offset}", damage))
+
+    def stream_checks(self):
+        return super().stream_checks() + [
+            f"md5 of the header and of {self._extents:,} extent headers"]
+
+    def checked(self):
+        return {d.id: {"checked": [f"every one of its {d.meta['clusters']:,} clusters present "
+                                   "exactly once"],
+                       "unchecked": ["the disk's data: VMA keeps no checksum of it"]}
+                for d in self.disks}
 
     def _broken(self, checks: Checks, disk: Disk, cluster: int, where: int, what: str) -> None:
         """A cluster that breaks a rule: damage to its 64 KiB."""

@@ -61,6 +61,7 @@ class XvaArchive(Archive):
         self.configs["ova.xml"] = raw
         self._parse_ova(raw, f"{source.name}: ova.xml")
         self._streamed = False
+        self._hashed: dict[str, dict] = {}  # disk id -> {hash function: chunks checked}
 
     # -- ova.xml ----------------------------------------------------------------------
     def _parse_ova(self, raw: bytes, where: str) -> None:
@@ -162,6 +163,8 @@ class XvaArchive(Archive):
                         yield from self._cut_chunk(checks, disk, start, m, data, where)
                     raise
                 if verify:
+                    counts = self._hashed.setdefault(disk.id, {})
+                    counts[func] = counts.get(func, 0) + 1
                     damage = partial(chunk_damage, disk, start, n, m) if n else None
                     if viewed:
                         ring.check_now(data, func, expected, where, damage)
@@ -180,6 +183,18 @@ class XvaArchive(Archive):
         finally:
             ring.close()
         self._report_missing(checks)
+
+    def checked(self):
+        out = {}
+        for d in self.disks:
+            hashed = self._hashed.get(d.id, {})
+            items = [f"{ {'xxh64': 'XXH64', 'sha1': 'SHA-1'}[DIGEST_NAME[f]]} of {n:,} "
+                     f"chunk{'s' if n != 1 else ''}" for f, n in hashed.items()]
+            items.append("chunk placement by XAPI's rules (numbering, keepalives, the disk "
+                         "reaches its size)")
+            out[d.id] = {"checked": items,
+                         "unchecked": [] if hashed else ["no chunk of data stored (all zero)"]}
+        return out
 
     def _cut_chunk(self, checks, disk, start, m, data, where):
         """Salvage: the part of a chunk read before the input ended or broke, unverified,
