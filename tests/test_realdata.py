@@ -90,3 +90,34 @@ def test_real_sample(file, expect, opts, tmp_path, sample, monkeypatch):
         res = run("map", path, "--output", "json")
         assert res.code == 0, res
         assert _holes(json.loads(res.out)) == _holes(theirs)
+
+
+def _offsets(rows) -> dict[int, int]:
+    """File offset of each 64 KiB cluster start that rows map to a file offset."""
+    found = {}
+    for r in rows:
+        if "offset" in r and r.get("data"):
+            for c in range(-(-r["start"] // CLUSTER), -(-(r["start"] + r["length"]) // CLUSTER)):
+                found[c] = r["offset"] + c * CLUSTER - r["start"]
+    return found
+
+
+@pytest.mark.parametrize("file", ["dissect.hypervisor/backing-chain-2.qcow2",
+                                  "dissect.hypervisor/data-file.qcow2",
+                                  "dissect.hypervisor/dynamic.vhd", "dfvfs/ext2.vhd"])
+def test_map_gives_the_file_offsets_qemu_img_gives(file, tmp_path, sample, monkeypatch):
+    need("qemu-img")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = sample(file)
+    fmt = ["-f", "vpc"] if file.endswith(".vhd") else []
+    # (qemu-img looks for a data file in its current directory, vmarc beside the image)
+    theirs = _offsets(json.loads(subprocess.run(
+        ["qemu-img", "map", *fmt, "--output=json", path.name], capture_output=True, text=True,
+        check=True, cwd=path.parent).stdout))
+    res = run("map", path, "--output", "json")
+    assert res.code == 0, res
+    mine = _offsets(json.loads(res.out))
+    assert theirs and {c: mine.get(c) for c in theirs} == theirs
+    human = run("map", path).text
+    first = min(theirs)
+    assert f"{theirs[first]:#x}" in human  # the human table shows them too

@@ -350,11 +350,15 @@ class ImageDisk(DiskAccess):
         super().__init__(disk)
         self.archive = archive
         self._lock = threading.Lock()
-        runs = list(archive.allocated())  # what some layer of the chain stores
         self.map = DiskMap()
-        for g, n in runs:
+        for g, n, *_ in archive.mapping():  # what some layer of the chain stores
             self.map.add(g, n, g)  # the offset only marks "data here"; reads go via read_at
         self.map.finish()
+
+    def sources(self):
+        """(disk offset, length, file offset or None, file) of the stored stretches."""
+        for g, n, at, path, _depth in self.archive.mapping():
+            yield g, n, at, path
 
     def read(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.size - offset))

@@ -36,7 +36,7 @@ def run(args) -> int:
             _dmsetup(disk, args.device or args.source)
         elif args.output == "json":
             rows = []
-            for start, n, data, at in _runs(disk, in_place):
+            for start, n, data, at, _file in _runs(disk, in_place, args.source):
                 row = {"start": start, "length": n, "depth": 0, "present": data,
                        "zero": not data, "data": data}
                 if at is not None and at >= BAD:
@@ -47,23 +47,33 @@ def run(args) -> int:
             print("[" + ",\n".join(rows) + "]")
         else:
             print(f"{'offset':>16} {'length':>16} {'mapped to':>16}  file")
-            for start, n, data, at in _runs(disk, in_place):
+            for start, n, data, at, file in _runs(disk, in_place, args.source):
                 if data:
                     where = (f"{'(damaged)':>16}" if at is not None and at >= BAD else
                              f"{at:#16x}" if at is not None else f"{'(' + opened.how + ')':>16}")
-                    print(f"{start:#16x} {n:#16x} {where}  {args.source}")
+                    print(f"{start:#16x} {n:#16x} {where}  {file}")
     return 0
 
 
-def _runs(disk, in_place: bool):
-    """(start, length, holds data, archive offset or None). Offsets are given for an
-    uncompressed archive read in place, where they are offsets in the file."""
+def _runs(disk, in_place: bool, source: str):
+    """(start, length, holds data, file offset or None, file). Offsets are given for an
+    uncompressed archive read in place and for qcow2 and VHD (a backing file's own,
+    with its name), where they are offsets in that file."""
     if in_place:
         for start, n, at in disk.store_pieces():
-            yield start, n, at is not None, at
+            yield start, n, at is not None, at, source
+    elif hasattr(disk, "sources"):  # an image read through its tables
+        pos = 0
+        for start, n, at, file in disk.sources():
+            if start > pos:
+                yield pos, start - pos, False, None, source
+            yield start, n, True, at, file
+            pos = start + n
+        if pos < disk.size:
+            yield pos, disk.size - pos, False, None, source
     else:
         for start, n, data in disk.pieces():
-            yield start, n, data, None
+            yield start, n, data, None, source
 
 
 def _dmsetup(disk, device: str) -> None:

@@ -255,21 +255,25 @@ class Qcow2Archive(Archive):
         if run:
             yield tuple(run)
 
-    def allocated(self, start: int = 0, end: int | None = None):
-        """(guest offset, length) within [start, end) that some layer of the chain stores:
-        data and compressed clusters here, and below the clusters that fall through to
-        the backing file, what that file stores (qemu-img map's present: true)."""
+    def mapping(self, start: int = 0, end: int | None = None, depth: int = 0):
+        """(guest offset, length, file offset or None, file, depth) of what some layer of
+        the chain stores within [start, end): data clusters here (in the data file, if
+        any), compressed ones (no plain offset), and below the clusters that fall through
+        to the backing file, what that file stores (qemu-img map's present: true)."""
         end = self.size if end is None else min(end, self.size)
-        for guest, length, kind, _ in self.extents(start):
+        for guest, length, kind, host in self.extents(start):
             if guest >= end:
                 return
             a, b = max(guest, start), min(guest + length, end)
             if a >= b:
                 continue
-            if kind in ("data", "compressed"):
-                yield a, b - a
+            if kind == "data":
+                yield a, b - a, host + (a - guest), self.data.path or self.data.name, depth
+            elif kind == "compressed":
+                yield a, b - a, None, self.source.path or self.source.name, depth
             elif kind == "backing" and self.backing is not None:
-                yield from self.backing.allocated(a, min(b, self.backing.disks[0].size))
+                yield from self.backing.mapping(a, min(b, self.backing.disks[0].size),
+                                                depth + 1)
 
     def _decompress(self, entry: int, guest: int) -> bytes:
         cs, bits = self.cluster_size, self.cluster_bits

@@ -102,8 +102,9 @@ class RawArchive(Archive):
                 yield disk, pos, buf[:n]
                 pos += n
 
-    def allocated(self, start: int = 0, end: int | None = None):
-        """(offset, length) within [start, end) that the file stores (SEEK_DATA)."""
+    def mapping(self, start: int = 0, end: int | None = None, depth: int = 0):
+        """(offset, length, file offset, file, depth) of what the file stores within
+        [start, end) (SEEK_DATA): as a backing file, or in place."""
         end = self.disks[0].size if end is None else min(end, self.disks[0].size)
         fd = self.source._raw_file.fileno()
         pos = start
@@ -112,7 +113,7 @@ class RawArchive(Archive):
             if data_at is None or data_at >= end:
                 return
             stop = min(hole_at, end)
-            yield data_at, stop - data_at
+            yield data_at, stop - data_at, data_at, self.source.path or self.source.name, depth
             pos = stop
 
     def read_at(self, offset: int, n: int) -> bytes:

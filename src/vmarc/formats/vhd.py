@@ -569,21 +569,27 @@ class VhdArchive(Archive):
                     out[a - offset:b - offset] = data[a - at:b - at]
         return bytes(out)
 
-    def allocated(self, start: int = 0, end: int | None = None):
-        """(disk offset, length) within [start, end) of every block some layer of the
-        chain allocates."""
+    def mapping(self, start: int = 0, end: int | None = None, depth: int = 0):
+        """(disk offset, length, file offset, file, depth) within [start, end) of every
+        block some layer of the chain allocates, from the newest layer that does (a
+        block's sector bitmap is not consulted, as qemu-img map does not)."""
         end = self.size if end is None else min(end, self.size)
         if self.footer.type == FIXED:
             if start < end:
-                yield start, end - start
+                yield start, end - start, start, self.source.path or self.source.name, depth
             return
         bs = self.header.block_size
         layers = self._layers()
         for index in range(start // bs, -(-end // bs)):
-            if any(p.header is None or (index < len(p.bat) and p.bat[index] != UNALLOCATED)
-                   for p in layers):  # a fixed parent stores everything
-                a, b = max(start, index * bs), min(end, (index + 1) * bs)
-                yield a, b - a
+            a, b = max(start, index * bs), min(end, (index + 1) * bs)
+            for k, p in enumerate(layers):
+                if p.header is None:  # a fixed parent stores everything
+                    yield a, b - a, a, p.source.path or p.source.name, depth + k
+                    break
+                if index < len(p.bat) and p.bat[index] != UNALLOCATED:
+                    at = p.bat[index] * SECTOR + p.bitmap_size + (a - index * bs)
+                    yield a, b - a, at, p.source.path or p.source.name, depth + k
+                    break
 
     def _stream_pipe(self, disk):
         """Front to back: the blocks in file order (ascending in what vhd-tool and qemu-img
