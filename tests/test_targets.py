@@ -318,5 +318,6 @@ def test_vma_names_must_agree_with_compression_and_vmid(tmp_path):
     # the vmid of the name goes into the volumes of the config vmarc writes
     out = tmp_path / "vzdump-qemu-123-2026_01_01-00_00_00.vma"
     assert run("create", "-O", "vma", out, "--disk", f"scsi0={raw}").code == 0
-    conf = json.loads(run("info", out, "--output", "json").out)["configs"]["qemu-server.conf"]
+    configs = json.loads(run("info", out, "--output", "json", "--configs").out)["configs"]
+    conf = next(c["content"] for c in configs if c["name"] == "qemu-server.conf")
     assert "vm-123-disk-0" in conf and "vm-100-" not in conf, conf

@@ -199,7 +199,7 @@ def test_differencing_chain_converts_to_the_merged_disk(levels, tmp_path):
     assert res.code == 0, res
     assert (tmp_path / "o.raw").read_bytes() == merged
     info = json.loads(run("info", top, "--output", "json").out)
-    assert len(info["backing_chain"]) == levels
+    assert len(info["details"]["backing_chain"]) == levels
     assert run("verify", top).code == 0
 
 

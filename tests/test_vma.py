@@ -15,10 +15,10 @@ MiB = 1 << 20
 
 
 def test_real_sample_info():
-    info = json.loads(run("info", SAMPLE, "--output", "json").out)
+    info = json.loads(run("info", SAMPLE, "--output", "json", "--configs").out)
     assert info["format"] == "vma" and info["compression"] == "gzip"
     assert [(d["id"], d["size"]) for d in info["disks"]] == [("drive-scsi0", 10 << 30)]
-    conf = info["configs"]["qemu-server.conf"]
+    conf = next(c["content"] for c in info["configs"] if c["name"] == "qemu-server.conf")
     assert "scsi0: local-lvm:vm-100-disk-0,size=10G" in conf
     assert info["vm"]["name"] == "Test" and info["vm"]["memory"] == 2048 * MiB
 

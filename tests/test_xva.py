@@ -141,7 +141,8 @@ def test_info_json(tmp_path):
     assert disks["Ref:10"] == {**disks["Ref:10"], "name": "root disk", "size": 5 * MiB + 1234,
                                "device": "xvda"}
     assert disks["Ref:9"]["device"] == "xvdb"
-    assert "ova.xml" in info["configs"]
+    assert [c["name"] for c in info["configs"]] == ["ova.xml"]
+    assert info["configs"][0]["size"] > 0 and "content" not in info["configs"][0]
 
 
 def test_selection_errors(tmp_path):

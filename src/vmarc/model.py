@@ -102,10 +102,9 @@ class Disk:
         return f"disk {self.id}{extra}"
 
     def as_dict(self) -> dict:
-        d = {"id": self.id, "name": self.name, "size": self.size, "device": self.device,
-             "index": self.index}
-        d.update(self.meta)
-        return d
+        """The same keys for every format; what only this format has is in details."""
+        return {"id": self.id, "name": self.name, "size": self.size, "device": self.device,
+                "index": self.index, "details": dict(self.meta)}
 
 
 class Damage:
@@ -129,7 +128,8 @@ class Checks:
     """Where structural and checksum problems go.
 
     - default: raised at once (convert, extract without --salvage);
-    - collect: recorded, so that one `verify` run names every problem it can reach;
+    - collect: recorded, so that one `verify` run names every problem it can reach (and,
+      past a point the reader cannot go beyond, what each disk is missing);
     - keep (a set of disk ids): damage that spoils only other disks is recorded in
       `elsewhere` and the pass goes on, so intact disks come out of a damaged archive;
     - salvage: everything is recorded and readers go on past all they can (write the
@@ -171,7 +171,7 @@ class Checks:
             raise CorruptError(f"more than {self.limit} problems; stopped")
 
     def stop(self, err: CorruptError) -> None:
-        if err is self._raised or not (self.salvage or self.keep is not None):
+        if err is self._raised or not (self.salvage or self.collect or self.keep is not None):
             raise err  # a verdict of fail(), or no one to go on for
         self.seen.append(err)
         self.stopped_by = err
@@ -283,16 +283,26 @@ class Archive:
         """Other names a user may use for a disk (VMA: scsi0 for drive-scsi0)."""
         return set()
 
-    def info(self) -> dict:
+    def info(self, configs: bool = False) -> dict:
+        """What `info --output json` prints (docs/json.md): the same keys for every format,
+        what only this format has in details; configs by name and size (with their text
+        when configs is True)."""
         return {
             "format": self.format,
             "compression": self.compression,
             "source": self.source.name,
             "vm": self.vm,
             "disks": [d.as_dict() for d in self.disks],
-            "configs": {k: v.decode("utf-8", "replace") for k, v in self.configs.items()},
+            "configs": [dict({"name": k, "size": len(v)},
+                             **({"content": v.decode("utf-8", "replace")} if configs else {}))
+                        for k, v in self.configs.items()],
             "settings": self._settings_summary(),
+            "details": self.details(),
         }
+
+    def details(self) -> dict:
+        """Facts only this format has (info's details)."""
+        return {}
 
     def _settings_summary(self) -> dict | None:
         """The neutral settings (what convert -O vma|xva carries), None if unreadable."""

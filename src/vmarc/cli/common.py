@@ -59,3 +59,17 @@ def add_salvage_args(p) -> None:
                    "missing; writes a JSON damage report and exits 2 if the output is damaged")
     p.add_argument("--report", metavar="PATH", help="where --salvage writes its report "
                    "(default: OUTPUT.damage.json beside the output)")
+
+
+JSON_VERSION = 1  # docs/json.md: bumped when a key changes meaning or goes away
+
+
+def print_json(command: str, doc: dict) -> None:
+    """One JSON document on stdout, in the shape docs/json.md describes."""
+    import json
+    print(json.dumps({"vmarc_json": JSON_VERSION, "command": command, **doc}, indent=2))
+
+
+def add_json_arg(p) -> None:
+    p.add_argument("--output", choices=["human", "json"], default="human",
+                   help="json: a summary on stdout (docs/json.md)")

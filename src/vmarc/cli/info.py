@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from .. import open as open_archive
-from .common import add_source_args, human_size
+from .common import add_source_args, human_size, print_json
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help="show what an archive or image holds")
     add_source_args(p)
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--configs", action="store_true",
+                   help="json: include each config's text (default: name and size)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     with open_archive(args.source, args.fmt) as archive:
-        data = archive.info()
-        for problem in getattr(archive, "open_problems", ()):  # readable, but damaged
+        data = archive.info(configs=args.configs)
+        for problem in archive.open_problems:  # readable, but damaged
             print(f"vmarc: warning: {problem}", file=sys.stderr)
     if args.output == "json":
-        print(json.dumps(data, indent=2))
+        print_json("info", data)
         return 0
     comp = f" ({data['compression']}-compressed)" if data["compression"] else ""
     print(f"source: {data['source']}")
@@ -46,5 +47,5 @@ def run(args) -> int:
         print(f"  [{d['index']}] {d['id']}{dev}  {human_size(d['size'])} ({d['size']} bytes)"
               f"  {d['name']}")
     if data["configs"]:
-        print("configs: " + ", ".join(f"{k} ({len(v)} bytes)" for k, v in data["configs"].items()))
+        print("configs: " + ", ".join(f"{c['name']} ({c['size']} bytes)" for c in data["configs"]))
     return 0

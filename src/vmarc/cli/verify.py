@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from .. import open as open_archive
-from ..errors import CorruptError
+from ..errors import CorruptError, FormatError, IntegrityError, TruncatedError
 from ..ops.verify import verify
-from .common import add_progress_arg, add_source_args
+from .common import add_progress_arg, add_source_args, print_json
 
 
 def add_parser(sub):
@@ -23,25 +22,39 @@ def run(args) -> int:
     try:
         archive = open_archive(args.source, args.fmt)
     except CorruptError as e:  # damaged before the disks could even be listed
-        return report(args, None, [str(e)], stopped=True)
+        return report(args, None, [e], stopped=True)
     with archive:
         checks = verify(archive, progress=args.progress)
         done = {"stream": archive.stream_checks(), "disks": archive.checked()}
-    return report(args, archive, [str(p) for p in checks.problems], checks.stopped,
-                  checks.warnings, done)
+    return report(args, archive, checks.problems, checks.stopped, checks.warnings, done)
+
+
+CAUSES = ((IntegrityError, "checksum"), (TruncatedError, "truncated"),
+          (FormatError, "structure"))
+
+
+def problem(err: CorruptError) -> dict:
+    """A problem as docs/json.md has it: the message, a cause, and where it lies (the
+    first damaged stretch it names; all of them under damage)."""
+    cause = next((c for cls, c in CAUSES if isinstance(err, cls)), "damaged")
+    first = err.damage[0].as_dict() if err.damage else {}
+    return {"message": str(err), "cause": cause, "disk": first.get("disk"),
+            "offset": first.get("offset"), "length": first.get("length"),
+            "source": first.get("source"), "damage": [d.as_dict() for d in err.damage]}
 
 
 def report(args, archive, problems, stopped, warnings=(), done=None) -> int:
     ok = not problems
     if args.output == "json":
-        out = {"ok": ok, "problems": problems, "stopped_early": stopped,
-               "warnings": list(warnings)}
+        out = {"ok": ok, "source": args.source, "format": None, "compression": None,
+               "disks": [], "problems": [problem(p) for p in problems],
+               "stopped_early": stopped, "warnings": list(warnings),
+               "checked": done if ok else None}
         if archive is not None:
-            out.update({"format": archive.format, "compression": archive.compression,
+            out.update({"source": archive.source.name, "format": archive.format,
+                        "compression": archive.compression,
                         "disks": [d.as_dict() for d in archive.disks]})
-        if done is not None and ok:
-            out["checked"] = done
-        print(json.dumps(out, indent=2))
+        print_json("verify", out)
     else:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -60,5 +73,5 @@ def report(args, archive, problems, stopped, warnings=(), done=None) -> int:
                     print(f"  {d.device or d.id}: not checked: {item}")
         else:
             print(f"damaged: {len(problems)} problem(s)"
-                  + ("; the pass stopped at the last one" if stopped else ""), file=sys.stderr)
+                  + ("; reading could not go on past one of them" if stopped else ""), file=sys.stderr)
     return 0 if ok else 2

@@ -173,10 +173,8 @@ class Qcow2Archive(Archive):
             self.data.close()
         super().close()
 
-    def info(self) -> dict:
-        d = super().info()
-        d["cluster_size"] = self.cluster_size
-        d["compat"] = self.disks[0].meta["compat"]
+    def details(self) -> dict:
+        d = {"cluster_size": self.cluster_size, "compat": self.disks[0].meta["compat"]}
         if self.backing is not None:
             d["backing"] = self.disks[0].meta["backing"]
         return d

@@ -309,8 +309,8 @@ class VhdArchive(Archive):
             self.parent.close()
         super().close()
 
-    def info(self) -> dict:
-        d = super().info()
+    def details(self) -> dict:
+        d = {}
         f = self.footer
         d["subformat"] = TYPES[f.type]
         d["current_size"] = f.current_size

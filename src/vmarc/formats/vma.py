@@ -194,10 +194,8 @@ class VmaArchive(Archive):
     def extra_selectors(self, disk: Disk) -> set[str]:
         return {disk.id[6:]} if disk.id.startswith("drive-") else set()
 
-    def info(self) -> dict:
-        d = super().info()
-        d["uuid"] = self.uuid.hex()
-        d["ctime"] = self.ctime
+    def details(self) -> dict:
+        d = {"uuid": self.uuid.hex(), "ctime": self.ctime}
         if self.vmstate:
             d["vmstate"] = self.vmstate.size
         return d

@@ -8,17 +8,19 @@ from ..progress import Progress
 
 
 def verify(archive: Archive, progress: bool = False) -> Checks:
-    """Returns the Checks with every problem found; a structural problem that stops the
-    pass is the last one listed (checks.stopped is then True)."""
+    """Returns the Checks with every problem found in checks.problems, in the order met;
+    checks.stopped is True when the pass could not go on past one of them (what each
+    disk misses from there is listed after it)."""
     checks = Checks(collect=True)
-    checks.stopped = False
     bar = Progress(archive.source, progress)
     try:
         for _ in archive.stream(None, checks, verify=True):
             bar.update()
-    except CorruptError as e:
-        checks.problems.append(e)
-        checks.stopped = True
+    except CorruptError as e:  # a reader that cannot go on past its damage
+        checks.seen.append(e)
+        checks.stopped_by = e
     finally:
         bar.close()
+    checks.problems = list(checks.seen)
+    checks.stopped = checks.stopped_by is not None
     return checks
