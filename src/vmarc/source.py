@@ -46,6 +46,7 @@ class Source:
         self.path = path                 # a filesystem path, or None for stdin / streams
         self.file_size = file_size       # size of the file on disk, when it is a regular file
         self.offset = 0                  # decompressed bytes consumed so far
+        self.pread_bytes = 0             # bytes read at random (pread), for summaries
         self._scratch = None
         # Plain regular files can skip data by seeking instead of reading it.
         self.seekable = compression is None and file_size is not None
@@ -177,6 +178,7 @@ class Source:
             data = os.pread(self._raw_file.fileno(), n, offset)
         except OSError as e:
             raise SourceError(f"{self.name}: read error at offset {offset}: {e.strerror}") from None
+        self.pread_bytes += len(data)
         if len(data) < n:
             raise TruncatedError(f"{self.name}: truncated in {what} at offset {offset}: file "
                                  f"ends after {len(data)} of {n} bytes")
@@ -195,6 +197,7 @@ class Source:
                 raise TruncatedError(f"{self.name}: truncated in {what} at offset {offset}: "
                                      f"file ends after {got} of {len(view)} bytes")
             got += n
+            self.pread_bytes += n
 
     def data_extent(self, pos: int) -> tuple[int | None, float]:
         """(start, end) of the next stretch at or after pos that may hold data; start is

@@ -70,6 +70,37 @@ def print_json(command: str, doc: dict) -> None:
     print(json.dumps({"vmarc_json": JSON_VERSION, "command": command, **doc}, indent=2))
 
 
-def add_json_arg(p) -> None:
-    p.add_argument("--output", choices=["human", "json"], default="human",
-                   help="json: a summary on stdout (docs/json.md)")
+def add_json_summary_arg(p) -> None:
+    """--output json for the commands whose positional output is named output too."""
+    p.add_argument("--output", dest="output_json", choices=["human", "json"],
+                   default="human", help="json: a summary on stdout (docs/json.md)")
+
+
+def output_entry(path: str, disk: str | None, fmt: str) -> dict:
+    """One output of convert, extract or create as --output json lists it: its size and
+    the bytes it allocates (null where that means nothing: a device, stdout)."""
+    import os
+    import stat
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"path": path, "disk": disk, "format": fmt, "size": None, "allocated": None}
+    regular = stat.S_ISREG(st.st_mode)
+    return {"path": path, "disk": disk, "format": fmt, "size": st.st_size if regular else None,
+            "allocated": st.st_blocks * 512 if regular else None}
+
+
+def summary(archives, outputs: list[dict], started: float, verify: bool, data_bytes: int,
+            warnings: list[str]) -> dict:
+    """What convert, extract and create print with --output json (docs/json.md)."""
+    import time
+    return {
+        "sources": [{"path": a.source.name, "format": a.format, "compression": a.compression,
+                     "bytes_read": a.source.offset + a.source.pread_bytes} for a in archives],
+        "outputs": outputs,
+        "data_bytes": data_bytes,
+        "seconds": round(time.monotonic() - started, 3),
+        "checked": [{"source": a.source.name, "stream": a.stream_checks(),
+                     "disks": a.checked()} for a in archives] if verify else None,
+        "warnings": warnings,
+    }

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from .. import open as open_archive
 from ..errors import UsageError
 from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
-from .common import (add_progress_arg, add_source_args, add_sync_arg, add_salvage_args,
-                     add_target_args, add_verify_arg)
+from ..ops.damage import elsewhere
+from .common import (add_json_summary_arg, add_progress_arg, add_salvage_args, add_source_args,
+                     add_sync_arg, add_target_args, add_verify_arg, output_entry, print_json,
+                     summary)
 
 
 def add_parser(sub):
@@ -42,6 +45,7 @@ def add_parser(sub):
                     "xenbrN becomes vmbrN)")
     add_target_args(p)
     add_salvage_args(p)
+    add_json_summary_arg(p)
     add_verify_arg(p, "chunk checksums")
     add_progress_arg(p)
     add_sync_arg(p)
@@ -50,6 +54,10 @@ def add_parser(sub):
 
 def run(args) -> int:
     options = parse_options(args.options)
+    if args.output_json == "json" and args.output == "-":
+        raise UsageError("--output json prints on stdout: give an output file, not -")
+    started = time.monotonic()
+    stats: dict = {}
 
     def reopen():
         return open_archive(args.source, args.fmt, parent=args.parent)
@@ -70,9 +78,18 @@ def run(args) -> int:
                 print(f"vmarc: warning: not carried: {text}", file=sys.stderr)
             if path != args.output:
                 print(f"vmarc: wrote {path}", file=sys.stderr)
+            if args.output_json == "json":
+                print_json("convert", summary(
+                    [archive], [output_entry(path, None, args.out_format)], started,
+                    args.verify, 0, [f"not carried: {t}" for t in warnings]))
             return 0
-        convert(archive, args.output, args.out_format, args.disk, verify=args.verify,
-                progress=args.progress, sync=args.sync, options=options, reopen=reopen,
-                no_create=args.no_create, target_is_zero=args.target_is_zero,
-                salvage=args.salvage, report=args.report)
+        disk = convert(archive, args.output, args.out_format, args.disk, verify=args.verify,
+                       progress=args.progress, sync=args.sync, options=options, reopen=reopen,
+                       no_create=args.no_create, target_is_zero=args.target_is_zero,
+                       salvage=args.salvage, report=args.report, stats=stats)
+        if args.output_json == "json":
+            warning = elsewhere(stats["checks"], [disk])
+            print_json("convert", summary(
+                [archive], [output_entry(args.output, disk.id, args.out_format)], started,
+                args.verify, stats["data_bytes"], [warning] if warning else []))
     return 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+import time
 
+from ..errors import UsageError
 from ..ops.convert import parse_options
 from ..ops.create import CREATE_FORMATS, create
-from .common import add_progress_arg, add_sync_arg, add_verify_arg
+from .common import (add_json_summary_arg, add_progress_arg, add_sync_arg, add_verify_arg,
+                     output_entry, print_json, summary)
 
 
 def name_path(text: str) -> tuple[str | None, str]:
@@ -38,6 +41,7 @@ def add_parser(sub):
                    "(found by content if omitted; raw only with -f raw or a .raw/.img name)")
     p.add_argument("--compress", choices=["auto", "none", "zstd", "gzip", "lzop"],
                    default="auto", help="compression (default: from the output name)")
+    add_json_summary_arg(p)
     add_verify_arg(p, "the inputs' checksums")
     add_progress_arg(p)
     add_sync_arg(p)
@@ -46,10 +50,18 @@ def add_parser(sub):
 
 def run(args) -> int:
     compression = None if args.compress == "none" else args.compress
+    if args.output_json == "json" and args.output == "-":
+        raise UsageError("--output json prints on stdout: give an output file, not -")
+    started = time.monotonic()
+    stats: dict = {}
     _, warnings = create(args.output, args.disks, args.configs, args.out_format, fmt=args.fmt,
                          compression=compression, verify=args.verify, progress=args.progress,
                          sync=args.sync, name=args.name, memory_mib=args.memory, cpus=args.cpus,
-                         options=parse_options(args.options))
+                         options=parse_options(args.options), stats=stats)
     for text in warnings:
         print(f"vmarc: warning: {text}", file=sys.stderr)
+    if args.output_json == "json":
+        print_json("create", summary(stats["archives"],
+                                     [output_entry(args.output, None, args.out_format)],
+                                     started, args.verify, stats["data_bytes"], warnings))
     return 0

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 from .. import open as open_archive
+from ..ops.damage import elsewhere
 from ..ops.extract import extract
-from .common import (add_progress_arg, add_salvage_args, add_source_args, add_sync_arg,
-                     add_verify_arg)
+from .common import (add_json_summary_arg, add_progress_arg, add_salvage_args,
+                     add_source_args, add_sync_arg, add_verify_arg, output_entry, print_json,
+                     summary)
 
 
 def add_parser(sub):
@@ -16,6 +21,7 @@ def add_parser(sub):
     p.add_argument("--disk", action="append", dest="disks",
                    help="only this disk (id, name, device or index); may be repeated")
     add_salvage_args(p)
+    add_json_summary_arg(p)
     add_verify_arg(p)
     add_progress_arg(p)
     add_sync_arg(p)
@@ -23,10 +29,22 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    started = time.monotonic()
+    stats: dict = {}
     with open_archive(args.source, args.fmt) as archive:
         written = extract(archive, args.directory, args.disks, verify=args.verify,
                           progress=args.progress, sync=args.sync, salvage=args.salvage,
-                          report=args.report)
+                          report=args.report, stats=stats)
+    if args.output_json == "json":
+        ids = {d.id for d in archive.disks} | {d.id for d, _ in archive.extra_streams()}
+        outputs = [output_entry(os.path.join(args.directory, fname),
+                                what if what in ids else None, "raw" if what in ids else "config")
+                   for what, fname in written.items()]
+        disks = [d for d in archive.disks if d.id in written]
+        warning = elsewhere(stats["checks"], disks)
+        print_json("extract", summary([archive], outputs, started, args.verify,
+                                      stats["data_bytes"], [warning] if warning else []))
+        return 0
     for what, fname in written.items():
         print(f"{fname}\t{what}")
     return 0

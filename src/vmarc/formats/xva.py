@@ -178,8 +178,8 @@ class XvaArchive(Archive):
             if self.source.compression:
                 self.source.drain()  # let the decompressor check its own trailer
         except CorruptError as e:
-            checks.stop(e)  # raises unless keeping intact disks or salvaging
-            ring.finish()   # the chunks handed out so far are still checked
+            ring.finish()   # the chunks handed out so far are checked, in order, first
+            checks.stop(e)  # raises unless keeping intact disks, collecting or salvaging
         finally:
             ring.close()
         self._report_missing(checks)

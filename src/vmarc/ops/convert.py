@@ -80,12 +80,14 @@ def spooled(pieces, disk: Disk):
 def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | None = None,
             verify: bool = True, progress: bool = False, sync: bool = True,
             options: dict | None = None, reopen=None, no_create: bool = False,
-            target_is_zero: bool = False, salvage: bool = False, report: str | None = None):
+            target_is_zero: bool = False, salvage: bool = False, report: str | None = None,
+            stats: dict | None = None):
     """Write one disk of archive to output ("-" for stdout; a device or an existing file
     is written in place: output.OutputFile). Returns the Disk written.
 
     Damage elsewhere in the archive leaves the disk intact (a warning); salvage writes
     what can be read of a damaged disk, a report, and raises SalvagedError (ops/damage).
+    stats, if given, gets the data bytes written and the Checks (for --output json).
 
     reopen() gives a fresh Archive of the same source: a dynamic VHD streamed to stdout
     needs a first pass to know its allocated blocks.
@@ -113,10 +115,14 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
         pieces = archive.stream([chosen], checks, verify=verify)
         if needs_order(out_format, opts, out.is_stream) and not archive.ordered:
             pieces = spooled(pieces, chosen)
+        written = 0
         with Progress(archive.source, progress, label=chosen.describe()) as bar:
             for _disk, offset, data in pieces:
                 writer.write(offset, data)
+                written += len(data)
                 bar.update()
+        if stats is not None:
+            stats.update(data_bytes=written, checks=checks)
         writer.finish()
         if salvage and checks.seen:
             report = report_path(output, report)

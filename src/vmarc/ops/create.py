@@ -39,9 +39,10 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
            out_format: str = "vma", fmt: str | None = None, compression: str | None = "auto",
            verify: bool = True, progress: bool = False, sync: bool = True,
            name: str | None = None, memory_mib: int | None = None, cpus: int | None = None,
-           options: dict | None = None) -> tuple[list[str], list[str]]:
+           options: dict | None = None, stats: dict | None = None) -> tuple[list[str], list[str]]:
     """Write an archive of the given (name, path) disks; returns the disk names and
-    warnings for the user.
+    warnings for the user. stats, if given, gets the input archives and the data bytes
+    copied (for --output json).
 
     Each path is opened with vmarc.open (raw by -f raw or a .raw/.img name) and must hold
     one disk. VMA names default to scsi0, scsi1...; XVA names are the disks' labels.
@@ -106,16 +107,19 @@ def create(output: str, disks: list[tuple[str | None, str]], configs: list[tuple
                     blobs["qemu-server.conf"] = conf
                 writer = VmaWriter(out, [(n, d.size) for n, (_, d) in zip(names, inputs)],
                                    blobs, ordered=all(a.ordered for a, _ in inputs))
+            copied = 0
             for k, (archive, disk) in enumerate(inputs):
-                _copy_disk(writer, k, archive, disk, out_format, verify,
-                           Progress(archive.source, progress, label=names[k]))
+                copied += _copy_disk(writer, k, archive, disk, out_format, verify,
+                                     Progress(archive.source, progress, label=names[k]))
+            if stats is not None:
+                stats.update(archives=[a for a, _ in inputs], data_bytes=copied)
             writer.close()
             out.commit(sync=sync)
     return names, warnings
 
 
-def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar) -> None:
-    """One input disk into the archive as its k-th disk."""
+def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar) -> int:
+    """One input disk into the archive as its k-th disk; returns the data bytes copied."""
     if out_format == "xva":
         feed = DiskSequencer([disk], lambda _i, n, data: writer.chunk(k, n, data),
                              lambda _i: writer.finish_disk(k),
@@ -124,16 +128,17 @@ def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar
     else:
         def add(_disk, offset, data):
             writer.add(k + 1, offset, data)
-    try:
+    copied = 0
+    with bar:
         for d, offset, data in archive.stream([disk], Checks(), verify=verify):
             add(d, offset, data)
+            copied += len(data)
             bar.update()
-    finally:
-        bar.close()
     if out_format == "xva":
         feed.close()
     else:
         writer.finish_device(k + 1)
+    return copied
 
 
 def _generated_conf(settings: VmSettings, names: list[str], warnings: list[str],

@@ -51,13 +51,18 @@ def write_report(path: str, source: str, outputs: dict[str, str], checks: Checks
         out.commit()
 
 
-def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:
-    """One line when the written disks are intact but the archive is damaged."""
+def elsewhere(checks: Checks, disks: list[Disk]) -> str | None:
+    """The warning when the written disks are intact but the archive is damaged."""
     if checks.damage or not checks.seen:
-        return
+        return None
     what = ", ".join(d.device or d.id for d in disks)
-    print(f"vmarc: warning: {what} complete and verified, but the archive is damaged: "
-          f"{checks.seen[0]}", file=sys.stderr)
+    return f"{what} complete and verified, but the archive is damaged: {checks.seen[0]}"
+
+
+def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:
+    text = elsewhere(checks, disks)
+    if text:
+        print(f"vmarc: warning: {text}", file=sys.stderr)
 
 
 CAUSES = {"checksum": "with a bad checksum (written as read)",

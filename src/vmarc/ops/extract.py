@@ -14,7 +14,8 @@ from .damage import checks_for, report_path, summary, warn_elsewhere, write_repo
 
 def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             verify: bool = True, progress: bool = False, sync: bool = True,
-            salvage: bool = False, report: str | None = None) -> dict[str, str]:
+            salvage: bool = False, report: str | None = None,
+            stats: dict | None = None) -> dict[str, str]:
     """Returns {what: file name} for everything written. Damage is handled as by
     convert (ops/damage.py)."""
     chosen = [archive.select(s) for s in disks] if disks else list(archive.disks)
@@ -36,9 +37,13 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             writers[d.id] = RawWriter(target.file(fname), d.size)
             written[d.id] = fname
         checks = checks_for(chosen, salvage)
+        copied = 0
         for disk, offset, data in archive.stream(chosen, checks, verify=verify):
             writers[disk.id].write(offset, data)
+            copied += len(data)
             bar.update()
+        if stats is not None:
+            stats.update(data_bytes=copied, checks=checks)
         for name, blob in archive.configs.items():
             safe = os.path.basename(name)
             with open(target.join(safe), "wb") as f:
