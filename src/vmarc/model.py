@@ -150,6 +150,7 @@ class Checks:
         self.elsewhere: list[CorruptError] = []  # spoiling other disks only (keep)
         self.stopped_by: CorruptError | None = None
         self.seen: list[CorruptError] = []       # every problem, in the order met
+        self.leaks: list[str] = []               # space allocated and unused: not damage
         self.warnings: list[str] = []
         self._raised: CorruptError | None = None
 
@@ -222,6 +223,9 @@ class Archive:
         """After a verifying pass: per disk id, what was "checked" and what the format
         keeps no way to check ("unchecked"); `verify` prints it."""
         return {d.id: {"checked": [], "unchecked": []} for d in self.disks}
+
+    def check_more(self, checks: "Checks") -> None:
+        """verify's checks beyond the streaming pass (qcow2: refcounts, as qemu-img check)."""
 
     def stream_checks(self) -> list[str]:
         """What the decompressor checked of the whole stream."""

@@ -1,4 +1,5 @@
-"""vmarc verify: exit 0 intact, 2 damaged (each problem named), 1 could not run."""
+"""vmarc verify: exit 0 intact, 2 damaged (each problem named), 3 intact with leaked
+clusters (qcow2, as qemu-img check), 1 could not run."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def run(args) -> int:
     with archive:
         checks = verify(archive, progress=args.progress)
         done = {"stream": archive.stream_checks(), "disks": archive.checked()}
-    return report(args, archive, checks.problems, checks.stopped, checks.warnings, done)
+    return report(args, archive, checks.problems, checks.stopped, checks.warnings, done,
+                  checks.leaks)
 
 
 CAUSES = ((IntegrityError, "checksum"), (TruncatedError, "truncated"),
@@ -43,12 +45,13 @@ def problem(err: CorruptError) -> dict:
             "source": first.get("source"), "damage": [d.as_dict() for d in err.damage]}
 
 
-def report(args, archive, problems, stopped, warnings=(), done=None) -> int:
+def report(args, archive, problems, stopped, warnings=(), done=None, leaks=()) -> int:
+    """Exit 0 intact, 2 damaged, 3 intact but with leaked clusters (qemu-img check's)."""
     ok = not problems
     if args.output == "json":
         out = {"ok": ok, "source": args.source, "format": None, "compression": None,
                "disks": [], "problems": [problem(p) for p in problems],
-               "stopped_early": stopped, "warnings": list(warnings),
+               "stopped_early": stopped, "warnings": list(warnings), "leaks": list(leaks),
                "checked": done if ok else None}
         if archive is not None:
             out.update({"source": archive.source.name, "format": archive.format,
@@ -60,6 +63,8 @@ def report(args, archive, problems, stopped, warnings=(), done=None) -> int:
             print(f"warning: {w}", file=sys.stderr)
         for p in problems:
             print(p)
+        for leak in leaks:
+            print(leak)
         if ok:
             comp = f" ({archive.compression})" if archive.compression else ""
             print(f"ok: {archive.format}{comp}, {len(archive.disks)} disk(s); checked:")
@@ -71,7 +76,10 @@ def report(args, archive, problems, stopped, warnings=(), done=None) -> int:
                     print(f"  {d.device or d.id}: {item}")
                 for item in what["unchecked"]:
                     print(f"  {d.device or d.id}: not checked: {item}")
+            if leaks:
+                print("leaked clusters: space allocated that nothing uses; no harm to the "
+                      "data (qemu-img check -r leaks reclaims it)")
         else:
             print(f"damaged: {len(problems)} problem(s)"
                   + ("; reading could not go on past one of them" if stopped else ""), file=sys.stderr)
-    return 0 if ok else 2
+    return 2 if not ok else 3 if leaks else 0

@@ -53,7 +53,9 @@ class Qcow2Archive(Archive):
             raise FormatError(f"{name}: {len(head)} bytes is too small for a qcow2 header")
         (magic, self.version, backing_off, backing_len, self.cluster_bits, size, crypt,
          l1_size, l1_off, self.refcount_table_offset, self.refcount_table_clusters,
-         self.nb_snapshots, _snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
+         self.nb_snapshots, self.snapshots_offset) = struct.unpack_from(">4sIQIIQIIQQIIQ",
+                                                                       head, 0)
+        self.l1_offset, self.refcount_order = l1_off, 4
         if self.version not in (2, 3):
             raise UnsupportedError(f"{name}: qcow2 version {self.version} (2 and 3 are read)")
         if not 9 <= self.cluster_bits <= 21:
@@ -68,8 +70,10 @@ class Qcow2Archive(Archive):
         if self.version == 3:
             if len(head) < 104:
                 raise FormatError(f"{name}: qcow2 v3 header cut short")
-            incompat, _compat, _autoclear, refcount_order, hdr_len = struct.unpack_from(
+            incompat, _compat, _autoclear, self.refcount_order, hdr_len = struct.unpack_from(
                 ">QQQII", head, 72)
+            if self.refcount_order > 6:
+                raise FormatError(f"{name}: qcow2 refcount_order {self.refcount_order} (0..6)")
             if incompat & ~KNOWN_INCOMPATIBLE:
                 raise UnsupportedError(f"{name}: unknown incompatible qcow2 features "
                                        f"{incompat & ~KNOWN_INCOMPATIBLE:#x}")
@@ -181,13 +185,19 @@ class Qcow2Archive(Archive):
 
     def checked(self):
         items = ["header fields; L1 and L2 tables and data clusters inside the file",
-                 "compressed clusters decompress to a whole cluster"]
+                 "compressed clusters decompress to a whole cluster",
+                 "every cluster's refcount against its references (as qemu-img check: "
+                 "tables, snapshots, data; COPIED flags; leaks)"]
         if self.backing is not None:
             items.append("the backing chain opens (each layer read the same way)")
         return {d.id: {"checked": items,
-                       "unchecked": ["the disk's data: qcow2 keeps no checksum of it",
-                                     "refcounts and leaks (qemu-img check counts them)"]}
+                       "unchecked": ["the disk's data: qcow2 keeps no checksum of it"]}
                 for d in self.disks}
+
+    def check_more(self, checks: Checks) -> None:
+        """What `qemu-img check` checks: refcounts against references (qcow2check.py)."""
+        from .qcow2check import check_refcounts
+        check_refcounts(self, checks)
 
     # -- mapping -------------------------------------------------------------------------
     def _l2(self, index: int):

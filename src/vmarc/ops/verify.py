@@ -16,6 +16,8 @@ def verify(archive: Archive, progress: bool = False) -> Checks:
     try:
         for _ in archive.stream(None, checks, verify=True):
             bar.update()
+        if checks.stopped_by is None:
+            archive.check_more(checks)  # qcow2: refcounts and leaks, as qemu-img check
     except CorruptError as e:  # a reader that cannot go on past its damage
         checks.seen.append(e)
         checks.stopped_by = e
