@@ -61,3 +61,39 @@ def test_xo_timestamp_is_a_warning_not_damage(xo_vhd):
     res = run("verify", vhd)
     assert res.code == 0, res
     assert "ok:" in res.text and "timestamp" in res.errtext and "warning" in res.errtext, res
+
+
+def test_xo_differencing_chain_reads_as_libvhdi_reads_it(tmp_path):
+    """A delta as Xen Orchestra links it: vhd-lib's chain() makes the child differencing
+    (parent uuid, name, locator) over a parent vhd-lib wrote too."""
+    need("node")
+    rnd = random.Random(9)
+    parent = rnd.randbytes(7 * MiB)
+    child = bytearray(7 * MiB)
+    child[64 << 10:192 << 10] = rnd.randbytes(128 << 10)
+    child[5 * MiB:5 * MiB + (64 << 10)] = rnd.randbytes(64 << 10)
+    (tmp_path / "parent.raw").write_bytes(parent)
+    (tmp_path / "child.raw").write_bytes(child)
+    for name in ("parent", "child"):
+        subprocess.run(["node", os.path.join(ORACLES, "xo-vhd.js"), tmp_path / f"{name}.raw",
+                        tmp_path / f"{name}.vhd"], check=True)
+    subprocess.run(["node", os.path.join(ORACLES, "xo-chain.js"), tmp_path / "parent.vhd",
+                    tmp_path / "child.vhd"], check=True)
+    need("vhdimount")
+    mnt = tmp_path / "vhdi"
+    mnt.mkdir()
+    subprocess.run(["vhdimount", tmp_path / "child.vhd", mnt], check=True, capture_output=True)
+    try:
+        layers = sorted(os.listdir(mnt))           # vhdi1 the parent ... the child last
+        want = (mnt / layers[-1]).read_bytes()
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+    assert len(layers) == 2
+    merged = bytearray(parent)
+    for at in range(0, len(child), 64 << 10):      # XO stores each non-zero 64 KiB
+        if any(child[at:at + (64 << 10)]):
+            merged[at:at + (64 << 10)] = child[at:at + (64 << 10)]
+    assert want[:len(merged)] == merged
+    res = run("convert", tmp_path / "child.vhd", tmp_path / "out.raw")
+    assert res.code == 0, res
+    assert (tmp_path / "out.raw").read_bytes() == want
