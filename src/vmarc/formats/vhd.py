@@ -360,9 +360,8 @@ class VhdArchive(Archive):
                 checks.fail(IntegrityError(f"{name}: {where} checksum mismatch (stored "
                                            f"{f.checksum:#010x}, computed {checksum(f.raw, 64):#010x})",
                                            meta(at)))
-            if not f.features & 2:
-                checks.fail(FormatError(f"{name}: {where}: reserved feature bit 0x2 not set",
-                                        meta(at)))
+            if not f.features & 2:  # the spec's "always set" bit: nobody reads it
+                checks.warn(f"{name}: {where}: reserved feature bit 0x2 not set")
             if f.version != 0x00010000:
                 checks.fail(FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000",
                                         meta(at)))
@@ -372,10 +371,9 @@ class VhdArchive(Archive):
                 checks.warn(f"{name}: {where}: timestamp {f.timestamp} lies in the future "
                             "when counted from 2000 (Unix time, as Xen Orchestra writes it?)")
         if self.footer.type == FIXED:
-            if self.footer.data_offset != 0xFFFFFFFFFFFFFFFF:
-                checks.fail(FormatError(f"{name}: fixed VHD with data_offset "
-                                        f"{self.footer.data_offset:#x}, not all ones",
-                                        meta(self.footer_at)))
+            if self.footer.data_offset != 0xFFFFFFFFFFFFFFFF:  # unused by a fixed disk
+                checks.warn(f"{name}: fixed VHD with data_offset "
+                            f"{self.footer.data_offset:#x}, not all ones")
             return
         if self.head_footer.raw != self.footer.raw:
             checks.fail(FormatError(f"{name}: the footer copy at offset 0 differs from the footer",
