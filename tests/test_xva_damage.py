@@ -246,3 +246,25 @@ def test_usage_errors_exit_1(tmp_path):
     assert res.code == 1 and "Traceback" not in res.errtext
     res = run("frobnicate")
     assert res.code == 1
+
+
+def test_data_past_the_virtual_size_is_damage_padding_is_not(tmp_path):
+    data = g.pattern_disk(3 * MiB)
+    for tail, code in ((bytes(4096), 0), (b"\x01" * 4096, 2)):
+        disk = g.XDisk("Ref:1", data[:-4096] + tail, "d", "0")
+        spec = g.XvaSpec(disks=[disk])
+        xml = g.ova_xml(spec).replace(str(len(data)).encode(), str(len(data) - 4096).encode())
+        spec.ova_xml = xml
+        path = tmp_path / "v.xva"
+        g.write(path, spec)
+        res = run("verify", path)
+        assert res.code == code, res
+        res = run("convert", path, tmp_path / "o.raw")
+        if code:
+            assert_clean_failure(res, 2, "past the disk's size")
+            res = run("convert", path, tmp_path / "o.raw", "--salvage")
+            assert res.code == 2 and (tmp_path / "o.raw").read_bytes() == data[:-4096], res
+        else:
+            assert res.code == 0 and (tmp_path / "o.raw").read_bytes() == data[:-4096], res
+        for p in tmp_path.glob("o.raw*"):
+            p.unlink()

@@ -16,7 +16,7 @@ from functools import partial
 
 from ..errors import CorruptError, FormatError, TruncatedError
 from ..hashing import DIGEST_NAME, INLINE, HashRing, sha1_text, xxh64_text
-from ..model import Archive, Checks, Damage, Disk
+from ..model import Archive, Checks, Damage, Disk, is_zero
 from ..tar import TarReader
 from . import ovaxml
 
@@ -171,6 +171,14 @@ class XvaArchive(Archive):
                     else:
                         ring.check(i, m.size, func, expected, where, damage)
                     inline = func in INLINE
+                if n < m.size and (keep or verify) and not is_zero(data[n:m.size]):
+                    # zero padding is what Xen Orchestra writes; data there, any importer
+                    # drops: the archive and its ova.xml disagree about the disk
+                    checks.fail(FormatError(
+                        f"{where}: {m.size - n} bytes past the disk's size ({disk.size}) hold "
+                        "data, not padding: ova.xml's virtual_size is too small for the "
+                        "chunks", [Damage(disk, disk.size, m.size - n, "structure",
+                                          member=m.name, archive_offset=m.data_offset + n)]))
                 if keep and n:
                     yield disk, start, data[:n]
                 self.source.release_views()  # the consumer is done with the chunk
