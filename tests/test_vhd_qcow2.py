@@ -370,3 +370,84 @@ def test_qcow2_writer_memory_is_flat_and_tables_survive_eviction(tmp_path, monke
     assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
     assert qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / "o.qcow2",
                     raw).returncode == 0
+
+
+def _set_backing(path, name: bytes, fmt: bytes | None):
+    """Point a qcow2 at another backing file name, with or without a backing_fmt
+    extension (qemu-img itself no longer writes one without)."""
+    raw = bytearray(path.read_bytes())
+    off, _ = struct.unpack_from(">QI", raw, 8)
+    hdr_len = struct.unpack_from(">I", raw, 100)[0]
+    pos = hdr_len
+    exts = []
+    while True:
+        kind, length = struct.unpack_from(">II", raw, pos)
+        if kind == 0:
+            break
+        if kind != 0xE2792ACA:
+            exts.append(raw[pos:pos + 8 + (length + 7) // 8 * 8])
+        pos += 8 + (length + 7) // 8 * 8
+    if fmt is not None:
+        exts.insert(0, struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt.ljust(-(-len(fmt) // 8) * 8, b"\0"))
+    table = b"".join(exts) + bytes(8)
+    raw[hdr_len:hdr_len + len(table)] = table
+    off = hdr_len + len(table)
+    raw[off:off + len(name)] = name
+    struct.pack_into(">QI", raw, 8, off, len(name))
+    path.write_bytes(raw)
+
+
+def test_a_backing_file_is_never_read_by_guess(tmp_path):
+    """qcow2 backing names pointing anywhere: never read as raw unless the header says
+    backing_fmt=raw or the user gives --parent; never a device; --no-backing reads the
+    top layer alone; the chain is shown."""
+    data = b"top!" * (64 << 8)                      # one 64 KiB cluster in the overlay
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "1M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x61 0 64k", top], check=True,
+                   capture_output=True)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"password\n" * 1000)
+    for name in (b"secret.txt", b"../" * 12 + b"etc/passwd", b"/etc/shadow"):
+        _set_backing(top, name, None)
+        res = run("convert", top, tmp_path / "o.raw")
+        assert_clean_failure(res, 2, "backing_fmt=raw")
+        assert not (tmp_path / "o.raw").exists()
+    _set_backing(top, b"/dev/zero", b"raw")
+    assert_clean_failure(run("convert", top, tmp_path / "o.raw"), 1, "not a regular file")
+    _set_backing(top, b"secret.txt", None)
+    res = run("convert", top, tmp_path / "o.raw", "--parent", secret)  # the user's choice
+    assert res.code == 0 and "reading through its backing chain" in res.errtext, res
+    out = (tmp_path / "o.raw").read_bytes()
+    assert out[:65536] == b"a" * 65536 and out[65536:len(secret.read_bytes())] == \
+        secret.read_bytes()[65536:]
+    res = run("convert", top, tmp_path / "alone.raw", "--no-backing")
+    assert res.code == 0, res
+    alone = (tmp_path / "alone.raw").read_bytes()
+    assert alone[:65536] == b"a" * 65536 and not alone[65536:].strip(b"\0")
+    _set_backing(top, b"base.qcow2", b"qcow2")
+    info = json.loads(run("info", top, "--output", "json").out)
+    assert info["details"]["backing_chain"] == [str(base)]
+
+
+def test_a_vhd_locator_naming_another_file_is_passed_over(tmp_path):
+    size = 2 * MiB
+    base = tmp_path / "base.vhd"
+    ub = os.urandom(16)
+    base.write_bytes(vhdgen.build(size, {0: b"\x11" * 512}, uid=ub))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(os.urandom(12345))
+    child = tmp_path / "child.vhd"
+    # the W2ru locator names the secret file, the parent name the real parent
+    child.write_bytes(vhdgen.build(size, {1: b"\x22" * 512}, parent=(
+        ub, "base.vhd", vhdgen.locators_for(str(child), str(secret), kinds=("W2ru",)))))
+    res = run("convert", child, tmp_path / "o.raw")
+    assert res.code == 0, res
+    out = (tmp_path / "o.raw").read_bytes()
+    assert out[:512] == b"\x11" * 512 and out[512:1024] == b"\x22" * 512
+    base.unlink()
+    res = run("convert", child, tmp_path / "o2.raw")
+    assert_clean_failure(res, 1, "not a VHD")
+    assert "12345" not in res.errtext and "12344" not in res.errtext

@@ -166,3 +166,24 @@ def test_python_api_and_disk_selection(tmp_path):
         for disk, off, data in a.stream():
             got[disk.id][off:off + len(data)] = data
     assert {k: bytes(b) for k, b in got.items()} == dict(disks)
+
+
+def test_names_read_from_the_header_are_never_dropped(tmp_path):
+    """Two devices or configs of one name, or a config named like a disk's file: one of
+    them would be dropped silently; the archive is refused as damaged instead."""
+    d1, d2 = v.disk_bytes(MiB, seed=1), v.disk_bytes(MiB, seed=2)
+    conf = ("qemu-server.conf", b"name: t\n")
+    cases = {
+        "twice": ([("drive-scsi0", d1), ("drive-scsi0", d2)], (conf,)),
+        "appears twice in": ([("drive-scsi0", d1)], (conf, ("qemu-server.conf", b"x\n"))),
+        "has the name of a disk's file": ([("drive-scsi0", d1)],
+                                          (conf, ("disk-drive-scsi0.raw", b"x"))),
+    }
+    for needle, (disks, configs) in cases.items():
+        path = tmp_path / "dup.vma"
+        path.write_bytes(v.build(disks, configs=configs))
+        for args in (["verify", path], ["extract", path, tmp_path / "x"],
+                     ["convert", path, tmp_path / "o.raw", "--disk", "0"]):
+            res = run(*args)
+            assert res.code == 2 and needle in res.errtext + res.text, (needle, args, res)
+        assert sorted(os.listdir(tmp_path)) == ["dup.vma"]

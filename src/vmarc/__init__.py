@@ -27,10 +27,11 @@ __version__ = "0.1.0"
 
 
 def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
-         parent: str | None = None) -> Archive:
+         parent: str | None = None, no_backing: bool = False) -> Archive:
     """Open a path, "-" (stdin) or a binary stream; the format is found by content
-    (raw only by fmt="raw" or a .raw/.img name), compression by magic. parent overrides
-    a differencing VHD's parent locators."""
+    (raw only by fmt="raw" or a .raw/.img name), compression by magic. parent replaces a
+    differencing VHD's parent locators or a qcow2's backing file name (and may then be
+    raw); no_backing reads the top layer alone."""
     source = open_source(src, name=name)
     try:
         if fmt is None:
@@ -40,10 +41,11 @@ def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
             why = reader.needs_file(source.peek(512))
             if why:
                 source = spooled(source, why)
-        if parent and reader.format != "vhd":
-            raise UsageError(f"{source.name}: --parent applies to differencing VHDs, this is "
-                             f"{reader.format}")
-        return reader(source, parent=parent) if parent else reader(source)
+        layers = {k: v for k, v in (("parent", parent), ("no_backing", no_backing)) if v}
+        if layers and reader.format not in ("vhd", "qcow2"):
+            raise UsageError(f"{source.name}: --parent and --no-backing apply to differencing "
+                             f"VHDs and qcow2 overlays, this is {reader.format}")
+        return reader(source, **layers)
     except BaseException:
         source.close()
         raise

@@ -488,11 +488,12 @@ def load_index(path: str, ident: dict):
 
 
 def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
-               parent: str | None = None, quiet: bool = False, verify: bool = True) -> Opened:
+               parent: str | None = None, no_backing: bool = False, quiet: bool = False,
+               verify: bool = True) -> Opened:
     """Open a file for random reads of its disks (see the module docstring)."""
     if path in ("-", None):
         raise UsageError("random access needs a file, not a pipe")
-    archive = open_archive(path, fmt, parent=parent)
+    archive = open_archive(path, fmt, parent=parent, no_backing=no_backing)
     try:
         return _open_disks(archive, path, index, quiet, verify)
     except BaseException:

@@ -7,6 +7,21 @@ def add_source_args(p) -> None:
     p.add_argument("source", help="archive or image path, or - for stdin")
     p.add_argument("-f", "--format", dest="fmt", help="input format (found by content if "
                    "omitted; raw only with -f raw or a .raw/.img name)")
+    add_layer_args(p)
+
+
+def add_layer_args(p) -> None:
+    """What lies under a differencing VHD or a qcow2 overlay."""
+    p.add_argument("--parent", help="the parent of a differencing VHD or the backing file of "
+                   "a qcow2, instead of the one the image names (may be raw)")
+    p.add_argument("--no-backing", action="store_true",
+                   help="read a differencing VHD or qcow2 overlay alone, without what lies "
+                   "under it")
+
+
+def layers(args) -> dict:
+    """open()'s keywords for --parent and --no-backing."""
+    return {"parent": args.parent, "no_backing": args.no_backing}
 
 
 def add_progress_arg(p) -> None:
@@ -40,7 +55,7 @@ def add_random_access_args(p) -> None:
                    "omitted)")
     p.add_argument("--index", help="index file to use or create (default: in "
                    "~/.cache/vmarc, keyed by the archive's size, mtime and head)")
-    p.add_argument("--parent", help="parent of a differencing VHD (overrides its locators)")
+    add_layer_args(p)
 
 
 def add_target_args(p) -> None:

@@ -11,7 +11,7 @@ from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
 from ..ops.damage import elsewhere
 from .common import (add_json_summary_arg, add_progress_arg, add_salvage_args, add_source_args,
-                     add_sync_arg, add_target_args, add_verify_arg, output_entry, print_json,
+                     add_sync_arg, add_target_args, add_verify_arg, layers, output_entry, print_json,
                      summary)
 
 
@@ -31,7 +31,6 @@ def add_parser(sub):
                    "subformat=dynamic|fixed (vhd); checksum=xxhash|sha1, header=v7|ustar, "
                    "compress=gzip|zstd|none (xva); compress=zstd|gzip|lzop|none (vma; "
                    "default from the name)")
-    p.add_argument("--parent", help="parent of a differencing VHD (instead of its locators)")
     p.add_argument("--disk", help="disk id, name, device or index (needed with several disks; "
                    "not with -O vma|xva, which carry every disk)")
     vm = p.add_argument_group("VM settings (-O vma)")
@@ -60,7 +59,7 @@ def run(args) -> int:
     stats: dict = {}
 
     def reopen():
-        return open_archive(args.source, args.fmt, parent=args.parent)
+        return open_archive(args.source, args.fmt, **layers(args))
     with reopen() as archive:
         if args.out_format in ARCHIVE_FORMATS:
             from ..ops.vmconvert import convert_vm  # on demand: the writers' imports

@@ -8,7 +8,7 @@ import time
 from .. import open as open_archive
 from ..ops.damage import elsewhere
 from ..ops.extract import extract
-from .common import (add_json_summary_arg, add_progress_arg, add_salvage_args,
+from .common import (layers, add_json_summary_arg, add_progress_arg, add_salvage_args,
                      add_source_args, add_sync_arg, add_verify_arg, output_entry, print_json,
                      summary)
 
@@ -31,7 +31,7 @@ def add_parser(sub):
 def run(args) -> int:
     started = time.monotonic()
     stats: dict = {}
-    with open_archive(args.source, args.fmt) as archive:
+    with open_archive(args.source, args.fmt, **layers(args)) as archive:
         written = extract(archive, args.directory, args.disks, verify=args.verify,
                           progress=args.progress, sync=args.sync, salvage=args.salvage,
                           report=args.report, stats=stats)

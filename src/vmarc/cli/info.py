@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import open as open_archive
-from .common import add_source_args, human_size, print_json
+from .common import layers, add_source_args, human_size, print_json
 
 
 def add_parser(sub):
@@ -18,7 +18,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    with open_archive(args.source, args.fmt) as archive:
+    with open_archive(args.source, args.fmt, **layers(args)) as archive:
         data = archive.info(configs=args.configs)
         for problem in archive.open_problems:  # readable, but damaged
             print(f"vmarc: warning: {problem}", file=sys.stderr)

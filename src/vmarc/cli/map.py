@@ -7,7 +7,7 @@ import sys
 
 from ..access import BAD, MappedDisk, open_disks
 from ..errors import UsageError
-from .common import add_random_access_args
+from .common import layers, add_random_access_args
 
 SECTOR = 512
 
@@ -25,7 +25,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent) as opened:
+    with open_disks(args.source, args.fmt, index=args.index, **layers(args)) as opened:
         disk = opened.select(args.disk)
         in_place = isinstance(disk, MappedDisk) and opened.how.startswith("index")
         if args.output == "dmsetup":

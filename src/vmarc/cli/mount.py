@@ -15,7 +15,7 @@ from ..access import ZEROS, open_disks
 from ..model import Archive
 from ..errors import SourceError, UnsupportedError, UsageError
 from ..partitions import partitions
-from .common import add_random_access_args, add_verify_arg
+from .common import layers, add_random_access_args, add_verify_arg
 
 BLKSIZE = 1 << 20  # st_blksize: cat and cp then read a MiB at a time (one FUSE request)
 # libfuse 3.14's fuse_main() prints this on every mount (a bug of that release)
@@ -105,7 +105,7 @@ def run(args) -> int:
     if not os.path.exists("/dev/fuse"):
         raise UnsupportedError("mount needs /dev/fuse (load the fuse module or give the "
                                "container the device)")
-    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent,
+    with open_disks(args.source, args.fmt, index=args.index, **layers(args),
                     verify=args.verify) as opened:
         files = tree(opened)
         ops = _operations(mfusepy, files, os.stat(args.source))
@@ -266,6 +266,8 @@ def _background(args) -> int:
         argv.append("--kernel-cache")
     if not args.verify:
         argv.append("--no-verify")
+    if args.no_backing:
+        argv.append("--no-backing")
     for opt, value in (("-f", args.fmt), ("--index", args.index), ("--parent", args.parent),
                        ("-o", args.options or None)):
         if value:

@@ -10,7 +10,7 @@ import threading
 from ..access import open_disks
 from ..errors import SourceError
 from ..nbd import Exports, make_server
-from .common import add_random_access_args, add_verify_arg, human_size
+from .common import layers, add_random_access_args, add_verify_arg, human_size
 
 
 def add_parser(sub):
@@ -27,7 +27,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    with open_disks(args.source, args.fmt, index=args.index, parent=args.parent,
+    with open_disks(args.source, args.fmt, index=args.index, **layers(args),
                     verify=args.verify) as opened:
         disks = {d.disk.id: d for d in opened.disks}
         default = opened.select(args.disk) if args.disk or len(disks) == 1 else \

@@ -8,7 +8,7 @@ import sys
 from .. import open as open_archive
 from ..errors import CorruptError, FormatError, IntegrityError, TruncatedError
 from ..ops.verify import verify
-from .common import add_progress_arg, add_source_args, print_json
+from .common import layers, add_progress_arg, add_source_args, print_json
 
 
 def add_parser(sub):
@@ -21,7 +21,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     try:
-        archive = open_archive(args.source, args.fmt)
+        archive = open_archive(args.source, args.fmt, **layers(args))
     except CorruptError as e:  # damaged before the disks could even be listed
         return report(args, None, [e], stopped=True)
     with archive:

@@ -48,10 +48,14 @@ def parse(data: bytes, where: str) -> dict:
     top = _value(root, where)
     if not isinstance(top, dict) or not isinstance(top.get("objects"), list):
         raise FormatError(f"{where}: ova.xml has no 'objects' array")
+    ids = set()
     for obj in top["objects"]:
         if not (isinstance(obj, dict) and isinstance(obj.get("class"), str)
                 and isinstance(obj.get("id"), str) and isinstance(obj.get("snapshot"), dict)):
             raise FormatError(f"{where}: ova.xml object without class, id or snapshot")
+        if obj["id"] in ids:  # one of the two would be dropped: which disk is which?
+            raise FormatError(f"{where}: ova.xml lists object {obj['id']} twice")
+        ids.add(obj["id"])
     return top
 
 

@@ -14,7 +14,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 
-from ..errors import FormatError, SourceError, UnsupportedError, UsageError
+from ..errors import FormatError, SourceError, UnknownFormatError, UnsupportedError, UsageError
 from ..model import Archive, Checks, Disk, is_zero
 from ..output import pwrite_all
 from .clusters import ClusterAssembler
@@ -44,7 +44,8 @@ class Qcow2Archive(Archive):
     def needs_file(cls, head: bytes) -> str | None:
         return "qcow2 is read through its tables"
 
-    def __init__(self, source, _chain: tuple = ()):
+    def __init__(self, source, parent: str | None = None, no_backing: bool = False,
+                 _chain: tuple = ()):
         super().__init__(source)
         name = source.name
         self.file_size = fsize = source.file_size
@@ -116,10 +117,13 @@ class Qcow2Archive(Archive):
             if backing_len > 1023 or backing_off + backing_len > fsize:
                 raise FormatError(f"{name}: backing file name at {backing_off} ({backing_len} "
                                   "bytes) is outside the file")
-            bname = source.pread(backing_len, backing_off, "backing file name").decode(
-                "utf-8", "replace")
-            self._open_backing(bname, backing_format, _chain)
+            raw_name = source.pread(backing_len, backing_off, "backing file name")
+            if b"\0" in raw_name:
+                raise FormatError(f"{name}: backing file name holds a NUL byte")
+            bname = raw_name.decode("utf-8", "replace")
             disk.meta["backing"] = bname
+            if not no_backing:
+                self._open_backing(parent or bname, backing_format, _chain, given=bool(parent))
 
     def _extensions(self, head: bytes, pos: int) -> dict[int, str]:
         """The header extensions vmarc uses (backing format, data file name), as text."""
@@ -155,17 +159,32 @@ class Qcow2Archive(Archive):
             raise UnsupportedError(f"{self.source.name}: data file {fname} is compressed")
         return source
 
-    def _open_backing(self, bname: str, bformat: str | None, chain: tuple):
+    def _open_backing(self, bname: str, bformat: str | None, chain: tuple, given: bool):
+        """The backing file: in the format the header names (backing_fmt), else found by
+        content, never raw by guess: a raw backing file needs backing_fmt=raw or the
+        user's --parent (given), or any file the name points at would be read."""
         from .. import open as open_archive
+        from ..formats import detect
+        from ..source import open_source
         name = self.source.name
         me = os.path.realpath(self.source.path or "-")
         path = self._beside(bname, "backing file", chain)
         fmt = BACKING_FORMATS.get(bformat or "", None)
-        if fmt == "qcow2" or (fmt is None and open(path, "rb").read(4) == MAGIC):
-            from ..source import open_source
+        if fmt is None:
+            with open_source(path) as probe:
+                try:
+                    fmt = detect(probe)
+                except UnknownFormatError:
+                    if not given:
+                        raise FormatError(
+                            f"{name}: backing file {bname} is neither qcow2 nor VHD and the "
+                            "image does not say backing_fmt=raw; to read it as raw anyway, "
+                            "give it with --parent") from None
+                    fmt = "raw"
+        if fmt == "qcow2":
             self.backing = Qcow2Archive(open_source(path), _chain=chain + (me,))
         else:
-            self.backing = open_archive(path, fmt or "raw")
+            self.backing = open_archive(path, fmt)
         if not hasattr(self.backing, "read_at"):
             raise UnsupportedError(f"{name}: backing file {bname} in format "
                                    f"{self.backing.format} cannot be read at random")
@@ -179,9 +198,18 @@ class Qcow2Archive(Archive):
 
     def details(self) -> dict:
         d = {"cluster_size": self.cluster_size, "compat": self.disks[0].meta["compat"]}
-        if self.backing is not None:
+        if "backing" in self.disks[0].meta:
             d["backing"] = self.disks[0].meta["backing"]
+            d["backing_chain"] = self.chain()
         return d
+
+    def chain(self) -> list[str]:
+        """The files read under this one, nearest first (empty with --no-backing)."""
+        out, layer = [], self.backing
+        while layer is not None:
+            out.append(layer.source.path or layer.source.name)
+            layer = getattr(layer, "backing", None) or getattr(layer, "parent", None)
+        return out
 
     def checked(self):
         items = ["header fields; L1 and L2 tables and data clusters inside the file",
@@ -350,6 +378,9 @@ class Qcow2Archive(Archive):
         disk = self.disks[0]
         if disks is not None and disk not in disks:
             return
+        if self.backing is not None:  # say which other files this reads
+            print(f"vmarc: {self.source.name}: reading through its backing chain: "
+                  + " -> ".join(self.chain()), file=sys.stderr)
         for guest, _length, data in self._pieces():
             yield disk, guest, memoryview(data)
 

@@ -52,6 +52,16 @@ def probe(head: bytes) -> bool:
     return head.startswith(COOKIE)  # dynamic and differencing start with a footer copy
 
 
+def _looks_like_vhd(path: str) -> bool:
+    """A VHD footer at the start or the end of the file (a parent found by a locator)."""
+    with open(path, "rb") as f:
+        if probe(f.read(FOOTER)):
+            return True
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - FOOTER))
+        return probe_tail(f.read(FOOTER))
+
+
 def probe_tail(tail: bytes) -> bool:
     """A fixed VHD is raw data with a footer at the end (512 bytes, or 511 from old tools)."""
     return tail[-FOOTER:].startswith(COOKIE) or tail[-FOOTER + 1:].startswith(COOKIE)
@@ -138,7 +148,8 @@ def bitmap_runs(bitmap: bytes, sectors: int):
 class VhdArchive(Archive):
     format = "vhd"
 
-    def __init__(self, source, parent: str | None = None, _children: tuple = ()):
+    def __init__(self, source, parent: str | None = None, no_backing: bool = False,
+                 _children: tuple = ()):
         super().__init__(source)
         self.parent_override = parent
         self.parent: VhdArchive | None = None
@@ -160,7 +171,7 @@ class VhdArchive(Archive):
                     size=size, meta={"subformat": TYPES[f.type],
                                      "creator": f.creator_app.decode("latin-1").rstrip("\0 ")})
         self.disks.append(disk)
-        if f.type == DIFFERENCING:
+        if f.type == DIFFERENCING and not no_backing:  # no_backing: this layer alone
             self._open_parent()
             disk.meta["parent"] = self.parent.source.path
 
@@ -286,10 +297,15 @@ class VhdArchive(Archive):
         want = uuidlib.UUID(bytes=self.header.parent_uuid)
         for how, path in candidates:
             if not os.path.isfile(path):
-                tried.append(f"{path} ({how}, missing)")
+                tried.append(f"{path} ({how}, missing or not a regular file)")
                 continue
             if os.path.realpath(path) in chain:
                 raise FormatError(f"{name}: parent chain loops back to {path}")
+            if not _looks_like_vhd(path):  # what it holds is none of our business
+                if how == "--parent":
+                    raise FormatError(f"{name}: parent {path} is not a VHD")
+                tried.append(f"{path} ({how}, not a VHD)")
+                continue
             parent = VhdArchive(open_source(path), _children=chain)
             got = uuidlib.UUID(bytes=parent.footer.uuid)
             if got != want:

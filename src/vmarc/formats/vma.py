@@ -136,6 +136,8 @@ class VmaArchive(Archive):
                 cname = text(names[i], f"config {i} name")
                 if "/" in cname or cname in ("", ".", ".."):
                     raise FormatError(f"{name}: config name {cname!r} cannot be a file name")
+                if cname in self.configs:  # the second would silently replace the first
+                    raise FormatError(f"{name}: config {cname!r} appears twice in the header")
                 self.configs[cname] = blob(datas[i], f"config {cname} data")
             elif datas[i]:
                 raise FormatError(f"{name}: config {i} has data but no name")
@@ -151,6 +153,9 @@ class VmaArchive(Archive):
             if dev_id in (0, 255):
                 raise FormatError(f"{name}: device id {dev_id} is reserved")
             devname = text(ptr, f"device {dev_id} name")
+            if any(d.id == devname for d in self.devices.values()):  # one would be dropped
+                raise FormatError(f"{name}: device name {devname!r} appears twice in the "
+                                  f"header (device {dev_id})")
             if size > MAX_DEVICE_SIZE:
                 raise FormatError(f"{name}: device {devname} claims {size} bytes")
             short = devname[6:] if devname.startswith("drive-") else devname
@@ -166,6 +171,10 @@ class VmaArchive(Archive):
                 self.disks.append(disk)
         for i, d in enumerate(self.disks):
             d.index = i
+        files = {self.disk_filename(d) for d in self.disks} | {"vmstate.bin"}
+        for cname in self.configs:  # extract writes both into one directory
+            if cname in files:
+                raise FormatError(f"{name}: config {cname!r} has the name of a disk's file")
         self.vm = pveconf.vm_summary(conf)
         self._streamed = False
 
