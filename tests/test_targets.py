@@ -321,3 +321,28 @@ def test_vma_names_must_agree_with_compression_and_vmid(tmp_path):
     configs = json.loads(run("info", out, "--output", "json", "--configs").out)["configs"]
     conf = next(c["content"] for c in configs if c["name"] == "qemu-server.conf")
     assert "vm-123-disk-0" in conf and "vm-100-" not in conf, conf
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_signals_leave_nothing_behind(sig, code, tmp_path):
+    import signal
+    import sys
+    import time
+    src, disks = CASES["xva"](tmp_path)
+    blob = src.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "vmarc", "convert", "-", out / "o.raw",
+                             "--disk", "xvda"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(blob[:-65536])                # then the source stalls
+    proc.stdin.flush()
+    deadline = time.time() + 30
+    while not os.listdir(out) and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(out), "the conversion never started writing"
+    proc.send_signal(getattr(signal, sig))
+    err = proc.stderr.read().decode()
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == code, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert os.listdir(out) == []

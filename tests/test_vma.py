@@ -187,3 +187,13 @@ def test_names_read_from_the_header_are_never_dropped(tmp_path):
             res = run(*args)
             assert res.code == 2 and needle in res.errtext + res.text, (needle, args, res)
         assert sorted(os.listdir(tmp_path)) == ["dup.vma"]
+
+
+def test_names_with_nul_or_too_long_are_one_line(tmp_path):
+    d = v.disk_bytes(MiB, seed=1)
+    for name in ("drive-scsi0\0x", "drive-" + "s" * 300):
+        path = tmp_path / "n.vma"
+        path.write_bytes(v.build([(name, d)]))
+        res = run("verify", path)
+        assert res.code == 2 and "NUL byte or is longer than 255" in res.errtext + res.text, res
+        assert "Traceback" not in res.errtext

@@ -268,3 +268,21 @@ def test_data_past_the_virtual_size_is_damage_padding_is_not(tmp_path):
             assert res.code == 0 and (tmp_path / "o.raw").read_bytes() == data[:-4096], res
         for p in tmp_path.glob("o.raw*"):
             p.unlink()
+
+
+def test_a_negative_pax_size_is_one_line(tmp_path):
+    spec = spec1()
+    blob = g.build(spec)
+    first = blob.index(b"Ref:1/00000000\0")          # the first chunk's header
+    record = b"11 size=-5\n"
+    pax = bytearray(g.tar_header("PaxHeader", len(record)))
+    pax[156:157] = b"x"
+    pax[148:156] = b" " * 8
+    pax[148:156] = b"%06o\0 " % sum(pax)
+    bad = blob[:first] + bytes(pax) + record + bytes(-len(record) % 512) + blob[first:]
+    (tmp_path / "pax.xva").write_bytes(bad)
+    for cmd in ("verify", "convert"):
+        args = [cmd, tmp_path / "pax.xva"] + ([tmp_path / "o.raw"] if cmd == "convert" else [])
+        res = run(*args)
+        assert res.code == 2 and "bad size" in res.errtext + res.text, res
+        assert "Traceback" not in res.errtext

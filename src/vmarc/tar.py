@@ -146,7 +146,10 @@ class TarReader:
                 try:
                     size = int(pax["size"])
                 except ValueError:
-                    raise FormatError(f"{self.src.name}: tar pax header at offset {where}: bad size") from None
+                    size = -1
+                if size < 0:
+                    raise FormatError(f"{self.src.name}: tar pax header at offset {where}: "
+                                      f"bad size {pax['size'][:20]!r}")
             self._left = size
             self._pad = -size % BLOCK
             return Member(name, size, where, self.src.offset, typeflag)

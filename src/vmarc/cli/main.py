@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from ..errors import VmarcError
@@ -34,12 +35,28 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every partial output is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise Terminated(signum)
+
+
 def main(argv=None) -> int:
     # Decompression and SHA-1 run on threads that hand the GIL back and forth with the
     # main thread's write calls; at the default 5 ms switch interval each handoff can
     # stall a syscall's return (bench/: gzip XVA -> raw 2.4 s at 5 ms, 1.7 s at 0.5 ms).
     sys.setswitchinterval(0.0005)
     args = build_parser(argv).parse_args(argv)
+    if args.command not in ("serve", "mount"):  # those stop on their own terms (libfuse
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # sets its handlers only over SIG_DFL)
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _terminate)
     try:
         return args.run(args) or 0
     except VmarcError as e:
@@ -48,6 +65,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("vmarc: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:  # 128 + the signal, as a shell reports it
+        print(f"vmarc: {signal.Signals(t.signum).name[3:].lower()}: stopped", file=sys.stderr)
+        return 128 + t.signum
     except BrokenPipeError:
         # The reader of our stdout went away; say so once, without a traceback.
         try:

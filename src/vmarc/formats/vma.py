@@ -127,6 +127,9 @@ class VmaArchive(Archive):
             raw = blob(ptr, what)
             if not raw.endswith(b"\0"):
                 raise FormatError(f"{name}: {what}: string blob at {ptr} is not NUL-terminated")
+            if b"\0" in raw[:-1] or len(raw) > 256:  # a file name: extract writes it
+                raise FormatError(f"{name}: {what}: string blob at {ptr} holds a NUL byte or "
+                                  "is longer than 255 bytes")
             return raw[:-1].decode("utf-8", "replace")
 
         names = struct.unpack_from(">256I", header, 2044)
