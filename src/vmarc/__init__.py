@@ -18,7 +18,7 @@ from .errors import (CorruptError, FormatError, IntegrityError, OutputError, Sal
                      UsageError, VmarcError)
 from .formats import detect, reader_for
 from .model import Archive, Checks, Damage, Disk
-from .source import open_source, spooled
+from .source import as_file, open_source
 
 __all__ = ["open", "Archive", "Disk", "Damage", "Checks", "VmarcError", "UsageError",
            "SourceError", "OutputError", "UnknownFormatError", "UnsupportedError",
@@ -40,7 +40,7 @@ def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
         if not source.seekable:
             why = reader.needs_file(source.peek(512))
             if why:
-                source = spooled(source, why)
+                source = as_file(source, why)
         layers = {k: v for k, v in (("parent", parent), ("no_backing", no_backing)) if v}
         if layers and reader.format not in ("vhd", "qcow2"):
             raise UsageError(f"{source.name}: --parent and --no-backing apply to differencing "

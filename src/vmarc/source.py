@@ -649,7 +649,7 @@ def open_source(src, *, name: str | None = None) -> Source:
                   file_size=file_size, raw_file=raw)
 
 
-def spooled(source: Source, why: str) -> Source:
+def as_file(source: Source, why: str) -> Source:
     """What is left of a source that cannot seek (a pipe, a compressed file), copied to a
     sparse temporary file and opened as a plain file, for readers that need random
     access (qcow2, a fixed or differencing VHD, raw of unknown size). Said on stderr."""
