@@ -197,3 +197,23 @@ def test_names_with_nul_or_too_long_are_one_line(tmp_path):
         res = run("verify", path)
         assert res.code == 2 and "NUL byte or is longer than 255" in res.errtext + res.text, res
         assert "Traceback" not in res.errtext
+
+
+def test_a_header_claiming_huge_devices_costs_no_memory(tmp_path):
+    """254 devices of 1 TiB in a 16 KiB header: memory follows the clusters present, not
+    the sizes claimed (run under a 2 GiB address-space limit; a flag per claimed cluster
+    would take 4.2 GB)."""
+    import resource
+    import subprocess
+    import sys
+    header = v.header([(f"drive-scsi{i}", 1 << 40) for i in range(254)], [], b"u" * 16)
+    path = tmp_path / "huge.vma"
+    path.write_bytes(header)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    res = subprocess.run([sys.executable, "-m", "vmarc", "verify", str(path)],
+                         capture_output=True, preexec_fn=limit, timeout=120)
+    assert res.returncode == 2, res
+    assert b"MemoryError" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
+    assert res.stdout.count(b"is incomplete: 0 of 16777216 clusters present") == 254

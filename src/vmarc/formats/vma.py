@@ -12,13 +12,13 @@ Proxmox's own `vma verify` does not do and this reader does.
 from __future__ import annotations
 
 import functools
-import re
 import struct
 
 from ..errors import CorruptError, FormatError, TruncatedError
 from ..hashing import md5_digest
 from ..model import Archive, Checks, Damage, Disk
 from . import pveconf
+from .clusters import ClusterFlags
 
 MAGIC = b"VMA\0"
 EXTENT_MAGIC = b"VMAE"
@@ -244,7 +244,7 @@ class VmaArchive(Archive):
         src = self.source
         name = src.name
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
-        seen = {dev_id: bytearray(d.meta["clusters"]) for dev_id, d in self.devices.items()}
+        seen = {dev_id: ClusterFlags(d.meta["clusters"]) for dev_id, d in self.devices.items()}
         self._seen, self._first_unseen, self._pending = seen, {}, None
         self._extents = 0  # extent headers whose md5 matched
         next_state = 0  # vmstate clusters must arrive in order
@@ -303,7 +303,7 @@ class VmaArchive(Archive):
                     base = cluster * CLUSTER
                     if marks[cluster]:  # a salvaged output gets the later copy over it
                         self._broken(checks, disk, cluster, where, "cluster appears a second time")
-                    marks[cluster] = 1
+                    marks.set(cluster)
                     if disk is self.vmstate:
                         if cluster != next_state:
                             self._broken(checks, disk, cluster, where, "vmstate cluster out of "
@@ -341,13 +341,12 @@ class VmaArchive(Archive):
                 self._cut_extent(checks, infos, extent, base_at)
         for dev_id, disk in self.devices.items():
             marks = seen[dev_id]
-            missing = len(marks) - marks.count(1)
+            missing = len(marks) - marks.set_count
             if missing:
-                first = marks.index(0)
-                damage = [Damage(disk, m.start() * CLUSTER,
-                                 min(m.end() * CLUSTER, disk.size) - m.start() * CLUSTER,
-                                 "missing", cluster=m.start(), clusters=m.end() - m.start())
-                          for m in re.finditer(b"\0+", marks)]
+                first = marks.find_unset()
+                damage = [Damage(disk, a * CLUSTER, min(b * CLUSTER, disk.size) - a * CLUSTER,
+                                 "missing", cluster=a, clusters=b - a)
+                          for a, b in marks.unset_runs()]
                 checks.fail(TruncatedError(
                     f"{name}: {disk.id} is incomplete: {len(marks) - missing} of {len(marks)} "
                     f"clusters present, {missing} missing (first missing: cluster {first}, disk "
@@ -387,7 +386,7 @@ class VmaArchive(Archive):
                 continue
             mask, cluster = bi >> 48, bi & 0xFFFFFFFF
             if cluster < len(self._seen[dev_id]):
-                self._seen[dev_id][cluster] = 1  # accounted for here, not as never seen
+                self._seen[dev_id].set(cluster)  # accounted for here, not as never seen
             base = cluster * CLUSTER
             damage = []
             for first, count, rank in mask_runs(mask):

@@ -105,7 +105,7 @@ class VmaWriter:
             seen = self._assemblers[dev_id].seen
             for skipped in range(self._next[dev_id], cluster):
                 if not seen[skipped]:
-                    seen[skipped] = 1
+                    seen.set(skipped)
                     self._store(dev_id, skipped, memoryview(b""))
         self._next[dev_id] = max(self._next[dev_id], cluster + 1)
         self._store(dev_id, cluster, data)
@@ -138,8 +138,8 @@ class VmaWriter:
         """The device's data is all given: list every cluster not seen as a zero cluster."""
         asm = self._assemblers[dev_id]
         asm.flush()
-        for cluster in list(asm.missing()):
-            asm.seen[cluster] = 1
+        for cluster in asm.missing():  # lazily: a huge sparse disk has many
+            asm.seen.set(cluster)
             self._store(dev_id, cluster, memoryview(b""))
 
     def _flush_extent(self) -> None:
@@ -157,6 +157,6 @@ class VmaWriter:
 
     def close(self) -> None:
         for dev_id, asm in enumerate(self._assemblers[1:], start=1):
-            if asm.seen.find(0) >= 0:
+            if asm.seen.find_unset() >= 0:
                 raise RuntimeError(f"device {dev_id} not finished")
         self._flush_extent()
