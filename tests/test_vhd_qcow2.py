@@ -451,3 +451,29 @@ def test_a_vhd_locator_naming_another_file_is_passed_over(tmp_path):
     res = run("convert", child, tmp_path / "o2.raw")
     assert_clean_failure(res, 1, "not a VHD")
     assert "12345" not in res.errtext and "12344" not in res.errtext
+
+
+def test_a_fixed_vhd_streams_from_a_pipe(tmp_path):
+    """Its footer, and so its size, comes last: raw output streams and checks the footer
+    at the end; other outputs need the size first and copy the input to a temporary file."""
+    data = os.urandom(3 * MiB)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(data)
+    vhd = tmp_path / "d.vhd"
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", raw, vhd)
+    blob = vhd.read_bytes()
+    res = run("convert", "-", tmp_path / "o.raw", "-f", "vhd", input=blob)
+    assert res.code == 0 and not res.errtext, res       # no temporary copy
+    assert (tmp_path / "o.raw").read_bytes() == data
+    res = run("convert", "-", "-", "-f", "vhd", input=blob)
+    assert res.code == 0 and res.out == data, res
+    res = run("convert", "-", tmp_path / "o.qcow2", "-O", "qcow2", "-f", "vhd", input=blob)
+    assert res.code == 0 and "temporary file" in res.errtext, res
+    for cut in (len(blob) - 100, len(blob) // 2):
+        res = run("convert", "-", tmp_path / "cut.raw", "-f", "vhd", input=blob[:cut])
+        assert_clean_failure(res, 2, "footer")
+        assert not (tmp_path / "cut.raw").exists()
+    bad = bytearray(blob)
+    bad[-512 + 70] ^= 1                                  # inside the footer's uuid
+    res = run("convert", "-", tmp_path / "bad.raw", "-f", "vhd", input=bytes(bad))
+    assert_clean_failure(res, 2, "checksum")

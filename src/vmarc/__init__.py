@@ -27,18 +27,21 @@ __version__ = "0.1.0"
 
 
 def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
-         parent: str | None = None, no_backing: bool = False) -> Archive:
+         parent: str | None = None, no_backing: bool = False,
+         unsized: bool = False) -> Archive:
     """Open a path, "-" (stdin) or a binary stream; the format is found by content
     (raw only by fmt="raw" or a .raw/.img name), compression by magic. parent replaces a
     differencing VHD's parent locators or a qcow2's backing file name (and may then be
-    raw); no_backing reads the top layer alone."""
+    raw); no_backing reads the top layer alone. unsized: the caller (a raw output) takes a
+    disk whose size is None until its stream ends (a fixed VHD from a pipe) rather than a
+    copy of the input in a temporary file."""
     source = open_source(src, name=name)
     try:
         if fmt is None:
             fmt = detect(source, path_hint=src if isinstance(src, (str, os.PathLike)) else None)
         reader = reader_for(fmt)
         if not source.seekable:
-            why = reader.needs_file(source.peek(512))
+            why = reader.needs_file(source.peek(512), unsized)
             if why:
                 source = as_file(source, why)
         layers = {k: v for k, v in (("parent", parent), ("no_backing", no_backing)) if v}

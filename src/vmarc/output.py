@@ -193,7 +193,7 @@ class OutputFile:
 
     def reserve(self, size: int) -> None:
         """Refuse, before anything is written, a device too small for size bytes."""
-        if self.device_size is not None and self.device_size < size:
+        if self.device_size is not None and size is not None and self.device_size < size:
             raise UsageError(f"{self.path}: the device holds {self.device_size} bytes, the "
                              f"disk needs {size}; nothing was written")
 

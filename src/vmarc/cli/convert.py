@@ -59,7 +59,8 @@ def run(args) -> int:
     stats: dict = {}
 
     def reopen():
-        return open_archive(args.source, args.fmt, **layers(args))
+        return open_archive(args.source, args.fmt, **layers(args),
+                            unsized=args.out_format == "raw")
     with reopen() as archive:
         if args.out_format in ARCHIVE_FORMATS:
             from ..ops.vmconvert import convert_vm  # on demand: the writers' imports

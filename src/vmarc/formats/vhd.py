@@ -155,8 +155,12 @@ class VhdArchive(Archive):
         self.parent: VhdArchive | None = None
         self._chain_paths = _children
         name = source.name
+        self.fixed_stream = False  # a fixed VHD from a pipe: its footer comes last
         if source.seekable:
             self._open_file()
+        elif not source.peek(FOOTER).startswith(COOKIE):
+            self._open_fixed_stream()
+            return
         else:
             self._open_stream()
         f = self.footer
@@ -213,12 +217,51 @@ class VhdArchive(Archive):
         self._read_header(lambda n, off, what: src.pread(n, off, what))
 
     @classmethod
-    def needs_file(cls, head: bytes) -> str | None:
-        if not head.startswith(COOKIE):
-            return "a fixed VHD keeps its footer at the end"
-        if struct.unpack_from(">I", head, 60)[0] == DIFFERENCING:
+    def needs_file(cls, head: bytes, unsized: bool = False) -> str | None:
+        if not head.startswith(COOKIE) and not unsized:
+            return "a fixed VHD keeps its footer, and so its size, at the end"
+        if head.startswith(COOKIE) and struct.unpack_from(">I", head, 60)[0] == DIFFERENCING:
             return "a differencing VHD is read block by block with its parent"
         return None
+
+    def _open_fixed_stream(self):
+        """A fixed VHD from a pipe (-f vhd): raw data, then the footer. Its size is known
+        only when the footer has come; until then disk.size is None, and only a raw output
+        (which needs no size before its end) can take it (vmarc.open(unsized=True))."""
+        self.fixed_stream = True
+        self.footer = self.header = None
+        self.file_size = self.footer_at = None
+        self.size = None
+        self.disks.append(Disk(id="vhd", name=self.source.name, size=None,
+                               meta={"subformat": "fixed"}))
+
+    def _stream_fixed_pipe(self, disk, checks: Checks):
+        """The data, holding back the last 512 bytes read: at the end they are the
+        footer, checked then, and the disk takes the size it states."""
+        src = self.source
+        buf = memoryview(bytearray(4 << 20))
+        tail = b""
+        pos = 0
+        while n := src.readinto_upto(buf):
+            chunk = tail + bytes(buf[:n]) if tail else bytes(buf[:n])
+            tail = chunk[-FOOTER:]
+            if len(chunk) > FOOTER:
+                yield disk, pos, memoryview(chunk)[:-FOOTER]
+                pos += len(chunk) - FOOTER
+        where = f"{src.name}: footer at offset {pos}"
+        if not tail.startswith(COOKIE):
+            raise FormatError(f"{src.name}: no VHD footer at the end of the stream (offset "
+                              f"{pos}): not a fixed VHD, or truncated")
+        self.footer = self.head_footer = Footer(tail, where)
+        self.footer_at = pos
+        if self.footer.type != FIXED:
+            raise FormatError(f"{where}: disk type {self.footer.type}; a VHD without a footer "
+                              "copy at the start must be fixed")
+        self.size = disk.size = self.footer.size
+        if self.size != pos:
+            raise FormatError(f"{where}: the footer gives {self.size} bytes but the data "
+                              f"before it holds {pos}")
+        self.check_structure(checks)
 
     def _open_stream(self):
         src = self.source
@@ -450,6 +493,9 @@ class VhdArchive(Archive):
         checks = checks or Checks()
         disk = self.disks[0]
         if disks is not None and disk not in disks:
+            return
+        if self.fixed_stream:
+            yield from self._stream_fixed_pipe(disk, checks)
             return
         self.check_structure(checks)
         if self.footer.type == FIXED:

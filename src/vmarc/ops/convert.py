@@ -123,6 +123,8 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
                 bar.update()
         if stats is not None:
             stats.update(data_bytes=written, checks=checks)
+        if writer.size is None:  # known once its stream ended (a fixed VHD from a pipe)
+            writer.size = chosen.size
         writer.finish()
         if salvage and checks.seen:
             report = report_path(output, report)
