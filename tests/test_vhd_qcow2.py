@@ -477,3 +477,13 @@ def test_a_fixed_vhd_streams_from_a_pipe(tmp_path):
     bad[-512 + 70] ^= 1                                  # inside the footer's uuid
     res = run("convert", "-", tmp_path / "bad.raw", "-f", "vhd", input=bytes(bad))
     assert_clean_failure(res, 2, "checksum")
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_differencing_vhd_streams_from_a_pipe_with_its_parent_named(levels, tmp_path):
+    top, merged = make_chain(tmp_path, levels)
+    parent = tmp_path / ("base.vhd" if levels == 1 else f"diff{levels - 2}.vhd")
+    with open(top, "rb") as f:
+        res = run("convert", "-", tmp_path / "o.raw", "--parent", parent, stdin=f)
+    assert res.code == 0 and "temporary file" not in res.errtext, res
+    assert (tmp_path / "o.raw").read_bytes() == merged

@@ -41,7 +41,7 @@ def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
             fmt = detect(source, path_hint=src if isinstance(src, (str, os.PathLike)) else None)
         reader = reader_for(fmt)
         if not source.seekable:
-            why = reader.needs_file(source.peek(512), unsized)
+            why = reader.needs_file(source.peek(512), unsized, parent)
             if why:
                 source = as_file(source, why)
         layers = {k: v for k, v in (("parent", parent), ("no_backing", no_backing)) if v}

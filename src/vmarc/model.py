@@ -207,7 +207,8 @@ class Archive:
         return self.source.compression
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False) -> str | None:
+    def needs_file(cls, head: bytes, unsized: bool = False,
+                   parent: str | None = None) -> str | None:
         """Why an input that starts with head cannot be read front to back (vmarc.open
         then copies it to a temporary file first), or None when it can. unsized: the
         caller takes a disk whose size is known only at the end of the stream."""

@@ -41,7 +41,8 @@ class Qcow2Archive(Archive):
     format = "qcow2"
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False) -> str | None:
+    def needs_file(cls, head: bytes, unsized: bool = False,
+                   parent: str | None = None) -> str | None:
         return "qcow2 is read through its tables"
 
     def __init__(self, source, parent: str | None = None, no_backing: bool = False,

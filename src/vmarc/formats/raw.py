@@ -74,7 +74,8 @@ class RawArchive(Archive):
         self.disks.append(Disk(id="disk", name=stem, size=size))
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False) -> str | None:
+    def needs_file(cls, head: bytes, unsized: bool = False,
+                   parent: str | None = None) -> str | None:
         return "a raw image has no size known before its end"
 
     def checked(self):

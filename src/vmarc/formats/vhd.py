@@ -217,11 +217,13 @@ class VhdArchive(Archive):
         self._read_header(lambda n, off, what: src.pread(n, off, what))
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False) -> str | None:
+    def needs_file(cls, head: bytes, unsized: bool = False, parent: str | None = None
+                   ) -> str | None:
         if not head.startswith(COOKIE) and not unsized:
             return "a fixed VHD keeps its footer, and so its size, at the end"
-        if head.startswith(COOKIE) and struct.unpack_from(">I", head, 60)[0] == DIFFERENCING:
-            return "a differencing VHD is read block by block with its parent"
+        if head.startswith(COOKIE) and struct.unpack_from(">I", head, 60)[0] == DIFFERENCING \
+                and not parent:
+            return "a differencing VHD names its parent in locators read at random"
         return None
 
     def _open_fixed_stream(self):
@@ -277,9 +279,11 @@ class VhdArchive(Archive):
             src.skip(off - src.offset, what)
             return src.read_exact(n, what)
         self._read_header(read)
-        # Read from a pipe, blocks come in file order: in disk order only if the BAT says so.
+        # Read from a pipe, blocks come in file order: in disk order only if the BAT says so
+        # (and a differencing disk adds its parents' blocks at the end).
         order = self._file_order()
-        self.ordered = all(a[1] < b[1] for a, b in zip(order, order[1:]))
+        self.ordered = self.footer.type != DIFFERENCING and \
+            all(a[1] < b[1] for a, b in zip(order, order[1:]))
 
     def _read_header(self, read):
         name = self.source.name
@@ -575,14 +579,17 @@ class VhdArchive(Archive):
                 lost.append((base + max(a, got), b - max(a, got)))
         return pieces, lost
 
-    def _block_pieces(self, index: int, layers: list, buf: bytearray | None = None):
+    def _block_pieces(self, index: int, layers: list, buf: bytearray | None = None,
+                      mine=None):
         """(disk offset, data) of every stretch of block index that some layer stores;
-        buf: a reusable buffer for this layer's block (one reader only: not read_at)."""
+        buf: a reusable buffer for this layer's block (one reader only: not read_at);
+        mine: this layer's (bitmap, data) when already read (from a pipe)."""
         bs = self.header.block_size
         spb = self.sectors_per_block
         base = index * bs
         limit = min(bs, self.size - base)
-        mine = self.block_layers(index, bs, buf)
+        if mine is None:
+            mine = self.block_layers(index, bs, buf)
         if mine is not None and len(layers) == 1:
             for first, count in bitmap_runs(mine[0], min(spb, -(-limit // SECTOR))):
                 a, b = first * SECTOR, min((first + count) * SECTOR, limit)
@@ -653,12 +660,14 @@ class VhdArchive(Archive):
 
     def _stream_pipe(self, disk):
         """Front to back: the blocks in file order (ascending in what vhd-tool and qemu-img
-        write), skipping what lies between."""
+        write), skipping what lies between. A differencing disk merges each block with its
+        parents' (files, read at random), then gives the blocks only the parents hold."""
         src = self.source
         bs = self.header.block_size
         order = self._file_order()
         buf = memoryview(bytearray(self.bitmap_size + bs))
         spb = self.sectors_per_block
+        layers = self._layers() if self.parent is not None else None
         for entry, index in order:
             off = entry * SECTOR
             if off < src.offset:
@@ -671,9 +680,19 @@ class VhdArchive(Archive):
             if limit <= 0:
                 continue
             bitmap = bytes(buf[:self.bitmap_size])
+            if layers is not None:
+                mine = (bitmap, buf[self.bitmap_size:])
+                yield from ((disk, at, data) for at, data in
+                            self._block_pieces(index, layers, mine=mine))
+                continue
             for first, count in bitmap_runs(bitmap, min(spb, -(-limit // SECTOR))):
                 a, b = first * SECTOR, min((first + count) * SECTOR, limit)
                 yield disk, base + a, buf[self.bitmap_size + a:self.bitmap_size + b]
+        if layers is not None:  # what only the parents hold
+            for index in range(-(-disk.size // bs)):
+                if index >= len(self.bat) or self.bat[index] == UNALLOCATED:
+                    yield from ((disk, at, data) for at, data in
+                                self._block_pieces(index, layers))
 
     def _file_order(self) -> list[tuple[int, int]]:
         """(BAT entry, block index) of the allocated blocks, in file order."""
