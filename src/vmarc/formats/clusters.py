@@ -11,6 +11,36 @@ from __future__ import annotations
 import re
 
 
+DENSE_LIMIT = 1 << 26  # flags kept one byte each up to this many clusters (64 MiB)
+
+
+def cluster_flags(n: int, total: int | None = None):
+    """Flags for n clusters: a plain byte each (indexing at C speed) while the clusters
+    of everything tracked at once (total) stay under DENSE_LIMIT, else paged."""
+    return DenseFlags(n) if (n if total is None else total) <= DENSE_LIMIT else ClusterFlags(n)
+
+
+class DenseFlags(bytearray):
+    """ClusterFlags' interface over one byte per cluster."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+
+    def set(self, i: int) -> None:
+        self[i] = 1
+
+    @property
+    def set_count(self) -> int:
+        return self.count(1)
+
+    def find_unset(self, start: int = 0) -> int:
+        return self.find(0, start)
+
+    def unset_runs(self):
+        for m in re.finditer(b"\0+", self):
+            yield m.start(), m.end()
+
+
 class ClusterFlags:
     """One flag per cluster of a disk, each set once. Kept in pages made on first touch and
     dropped once every flag in them is set, so memory follows the clusters in flight, not
@@ -35,6 +65,10 @@ class ClusterFlags:
         if page is not None:
             return page[i & self.MASK]
         return 1 if k in self._full else 0
+
+    def __setitem__(self, i: int, value: int) -> None:
+        if value:
+            self.set(i)
 
     def set(self, i: int) -> None:
         k = i >> self.BITS
@@ -100,7 +134,7 @@ class ClusterAssembler:
         self.disk_size = disk_size
         self.put = put                    # put(cluster_index, view): len = cluster, or less at the end
         self._partial: tuple[int, bytearray] | None = None
-        self.seen = ClusterFlags(-(-disk_size // cluster_size))  # clusters handed to put
+        self.seen = cluster_flags(-(-disk_size // cluster_size))  # clusters handed to put
 
     def add(self, offset: int, data) -> None:
         size, csize = self.disk_size, self.cluster_size

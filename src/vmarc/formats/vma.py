@@ -18,7 +18,7 @@ from ..errors import CorruptError, FormatError, TruncatedError
 from ..hashing import md5_digest
 from ..model import Archive, Checks, Damage, Disk
 from . import pveconf
-from .clusters import ClusterFlags
+from .clusters import cluster_flags
 
 MAGIC = b"VMA\0"
 EXTENT_MAGIC = b"VMAE"
@@ -244,7 +244,9 @@ class VmaArchive(Archive):
         src = self.source
         name = src.name
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
-        seen = {dev_id: ClusterFlags(d.meta["clusters"]) for dev_id, d in self.devices.items()}
+        total = sum(d.meta["clusters"] for d in self.devices.values())
+        seen = {dev_id: cluster_flags(d.meta["clusters"], total)
+                for dev_id, d in self.devices.items()}
         self._seen, self._first_unseen, self._pending = seen, {}, None
         self._extents = 0  # extent headers whose md5 matched
         next_state = 0  # vmstate clusters must arrive in order
@@ -303,7 +305,7 @@ class VmaArchive(Archive):
                     base = cluster * CLUSTER
                     if marks[cluster]:  # a salvaged output gets the later copy over it
                         self._broken(checks, disk, cluster, where, "cluster appears a second time")
-                    marks.set(cluster)
+                    marks[cluster] = 1
                     if disk is self.vmstate:
                         if cluster != next_state:
                             self._broken(checks, disk, cluster, where, "vmstate cluster out of "
