@@ -550,3 +550,11 @@ def test_a_damaged_spool_file_is_caught_when_reused(tmp_path):
         assert d.read(0, 4096) == disks[d.disk.id][:4096]
         with pytest.raises(IntegrityError, match="fails its xxh64 checksum.*the spool file"):
             d.read(pos, 1)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    for cmd in (["map", fifo], ["serve", fifo, "--socket", tmp_path / "s"]):
+        res = run(*cmd, timeout=30)
+        assert_clean_failure(res, 1, "regular file or a block device")

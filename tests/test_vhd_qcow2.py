@@ -487,3 +487,25 @@ def test_a_differencing_vhd_streams_from_a_pipe_with_its_parent_named(levels, tm
         res = run("convert", "-", tmp_path / "o.raw", "--parent", parent, stdin=f)
     assert res.code == 0 and "temporary file" not in res.errtext, res
     assert (tmp_path / "o.raw").read_bytes() == merged
+
+
+def test_a_piped_vhds_trailing_footer_is_checked_in_full(tmp_path):
+    data = os.urandom(3 * MiB)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(data)
+    vhd = tmp_path / "d.vhd"
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, vhd)
+    blob = bytearray(vhd.read_bytes())
+    bad = bytearray(blob)
+    bad[-512 + 40] ^= 1                                   # the trailing footer's size
+    res = run("convert", "-", tmp_path / "o.raw", input=bytes(bad))
+    assert_clean_failure(res, 2, "checksum mismatch")
+    bad = bytearray(blob)
+    bad[-512 + 24:-512 + 28] = b"\0\0\0\1"               # its timestamp, checksum fixed
+    struct.pack_into(">I", bad, len(bad) - 512 + 64, 0)
+    struct.pack_into(">I", bad, len(bad) - 512 + 64, ~sum(bad[-512:]) & 0xFFFFFFFF)
+    res = run("convert", "-", tmp_path / "o.raw", input=bytes(bad))
+    assert_clean_failure(res, 2, "differs from the footer copy")
+    res = run("convert", "-", tmp_path / "o.raw", input=bytes(blob[:len(blob) // 2]))
+    assert_clean_failure(res, 2)
+    assert res.errtext.count("at offset") <= 1, res   # the offset said once

@@ -1,6 +1,7 @@
 """VMA reading and strict verification, on the real Proxmox sample and generated archives."""
 
 import json
+import struct
 import os
 import subprocess
 
@@ -217,3 +218,10 @@ def test_a_header_claiming_huge_devices_costs_no_memory(tmp_path):
     assert res.returncode == 2, res
     assert b"MemoryError" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
     assert res.stdout.count(b"is incomplete: 0 of 16777216 clusters present") == 254
+
+
+def test_a_header_size_too_large_says_so(tmp_path):
+    blob = bytearray(v.build([("drive-scsi0", v.disk_bytes(MiB))]))
+    struct.pack_into(">I", blob, 56, 1 << 30)
+    (tmp_path / "big.vma").write_bytes(blob)
+    assert_clean_failure(run("convert", tmp_path / "big.vma", tmp_path / "o.raw"), 2, "too large")

@@ -20,6 +20,7 @@ import bisect
 import hashlib
 import json
 import os
+import stat
 import sys
 import threading
 from array import array
@@ -493,6 +494,12 @@ def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
     """Open a file for random reads of its disks (see the module docstring)."""
     if path in ("-", None):
         raise UsageError("random access needs a file, not a pipe")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):  # a FIFO would block, then not seek
+        raise UsageError(f"{path}: random access needs a regular file or a block device")
     archive = open_archive(path, fmt, parent=parent, no_backing=no_backing)
     try:
         return _open_disks(archive, path, index, quiet, verify)

@@ -93,7 +93,9 @@ class Source:
             raise TruncatedError(f"{self.name}: {self.compression} stream truncated near "
                                  f"decompressed offset {self.offset}: {e}") from None
         except OSError as e:
-            if self.compression and not isinstance(e, (PermissionError, FileNotFoundError)):
+            # a decompressor reports bad data as OSError without errno; an errno is the
+            # system's (EIO, ...): the input could not be read, which is not damage
+            if self.compression and not e.errno:
                 raise CorruptError(f"{self.name}: {self.compression} data corrupt near "
                                    f"decompressed offset {self.offset}: {e}") from None
             raise SourceError(f"{self.name}: read error at offset {self.offset}: "

@@ -674,7 +674,7 @@ class VhdArchive(Archive):
                 raise FormatError(f"{src.name}: block {index} at offset {off} overlaps data "
                                   "already read")
             src.skip(off - src.offset, f"VHD block {index}")
-            src.readinto_exact(buf, f"VHD block {index} at offset {off}")
+            src.readinto_exact(buf, f"VHD block {index}")
             base = index * bs
             limit = min(bs, disk.size - base)
             if limit <= 0:
@@ -699,14 +699,26 @@ class VhdArchive(Archive):
         return sorted((entry, i) for i, entry in enumerate(self.bat) if entry != UNALLOCATED)
 
     def _check_trailing_footer(self):
+        """A stream's footer, checked as completely as a file's: checksum, and agreement
+        with the copy at the start."""
         src = self.source
         rest = src.read_upto(64 << 20)
         tail = rest[-FOOTER:]
-        if not (tail.startswith(COOKIE) or rest[-(FOOTER - 1):].startswith(COOKIE)):
-            raise FormatError(f"{src.name}: no VHD footer at the end of the stream (offset "
-                              f"{src.offset}): truncated?")
+        if not tail.startswith(COOKIE):
+            tail = rest[-(FOOTER - 1):]
+            if not tail.startswith(COOKIE):
+                raise FormatError(f"{src.name}: no VHD footer at the end of the stream "
+                                  f"(offset {src.offset}): truncated?")
         if src.read_upto(1):
             raise FormatError(f"{src.name}: data after the VHD footer at offset {src.offset}")
+        footer = Footer(tail, f"{src.name}: footer at offset {src.offset - len(tail)}")
+        if not footer.checksum_ok:
+            raise IntegrityError(f"{src.name}: footer at offset {src.offset - len(tail)}: "
+                                 f"checksum mismatch (stored {footer.checksum:#010x}, "
+                                 f"computed {checksum(footer.raw, 64):#010x})")
+        if footer.raw != self.head_footer.raw:
+            raise FormatError(f"{src.name}: the footer at the end of the stream differs from "
+                              "the footer copy at offset 0")
 
 
 # -- writing ------------------------------------------------------------------------------

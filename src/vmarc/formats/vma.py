@@ -98,6 +98,9 @@ class VmaArchive(Archive):
         self.ctime, = struct.unpack_from(">q", head, 24)
         stored_md5 = head[32:48]
         blob_off, blob_size, header_size = struct.unpack_from(">III", head, 48)
+        if header_size % 512 == 0 and header_size > MAX_HEADER:
+            raise FormatError(f"{name}: VMA header_size {header_size} at offset 56 is too large "
+                              f"(at most {MAX_HEADER}: configs are small)")
         if not (HEADER_FIXED <= header_size <= MAX_HEADER) or header_size % 512:
             raise FormatError(f"{name}: VMA header_size {header_size} at offset 56 is not a "
                               f"multiple of 512 between {HEADER_FIXED} and {MAX_HEADER}")
