@@ -558,3 +558,24 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
     for cmd in (["map", fifo], ["serve", fifo, "--socket", tmp_path / "s"]):
         res = run(*cmd, timeout=30)
         assert_clean_failure(res, 1, "regular file or a block device")
+
+
+def test_a_gpt_with_absurd_entries_is_no_partition_table():
+    from vmarc.partitions import partitions
+
+    class Disk:
+        size = 1 << 30
+
+        def __init__(self):
+            self.mbr = bytearray(512)
+            self.mbr[446 + 4] = 0xEE                                   # protective MBR
+            self.mbr[510:512] = b"\x55\xaa"
+            self.head = bytearray(512)
+            self.head[:8] = b"EFI PART"
+            struct.pack_into("<QII", self.head, 72, 2, 128, 1 << 31)  # 2 GiB entries
+
+        def read(self, offset, n):
+            if n > 1 << 24:
+                raise AssertionError(f"asked for {n} bytes")
+            return {0: bytes(self.mbr), 512: bytes(self.head)}.get(offset, bytes(n))[:n]
+    assert partitions(Disk()) == []

@@ -509,3 +509,18 @@ def test_a_piped_vhds_trailing_footer_is_checked_in_full(tmp_path):
     res = run("convert", "-", tmp_path / "o.raw", input=bytes(blob[:len(blob) // 2]))
     assert_clean_failure(res, 2)
     assert res.errtext.count("at offset") <= 1, res   # the offset said once
+
+
+def test_a_bat_past_the_end_of_the_file_is_refused_at_once(tmp_path):
+    data = os.urandom(2 * MiB)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(data)
+    vhd = tmp_path / "d.vhd"
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, vhd)
+    b = bytearray(vhd.read_bytes())
+    struct.pack_into(">I", b, 512 + 28, 0x100000)        # max_table_entries: a 4 MiB BAT
+    struct.pack_into(">I", b, 512 + 32, 512)             # 512-byte blocks
+    b[512 + 36:512 + 40] = bytes(4)
+    struct.pack_into(">I", b, 512 + 36, ~sum(b[512:1536]) & 0xFFFFFFFF)
+    vhd.write_bytes(b)
+    assert_clean_failure(run("info", vhd), 2, "past the end of the file")

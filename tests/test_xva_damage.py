@@ -286,3 +286,26 @@ def test_a_negative_pax_size_is_one_line(tmp_path):
         res = run(*args)
         assert res.code == 2 and "bad size" in res.errtext + res.text, res
         assert "Traceback" not in res.errtext
+
+
+def test_an_ova_xml_nested_too_deep_is_one_line(tmp_path):
+    spec = spec1()
+    deep = b"<value><array><data>" * 2000 + b"<value>x</value>" + b"</data></array></value>" * 2000
+    spec.ova_xml = deep
+    path = tmp_path / "deep.xva"
+    g.write(path, spec)
+    assert_clean_failure(run("convert", path, tmp_path / "o.raw"), 2, "deep")
+
+
+def test_a_zstd_window_over_128_mib_needs_permission(tmp_path):
+    import subprocess
+    path = tmp_path / "zeros.img.zst"
+    with open(path, "wb") as f:       # from a pipe: no content size, the window stays 256 MiB
+        zeros = subprocess.Popen(["head", "-c", str(160 << 20), "/dev/zero"],
+                                 stdout=subprocess.PIPE)
+        subprocess.run(["zstd", "-q", "--long=28", "-c"], stdin=zeros.stdout, stdout=f,
+                       check=True)
+        zeros.wait()
+    res = run("convert", path, tmp_path / "o.raw", "-f", "raw")
+    assert res.code == 1 and "VMARC_ZSTD_LONG=1" in res.errtext, res
+    assert "Traceback" not in res.errtext

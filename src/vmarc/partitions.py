@@ -57,7 +57,7 @@ def _gpt(disk) -> list[tuple[int, int]]:
     if head[:8] != b"EFI PART":
         return []
     table_lba, count, size = struct.unpack_from("<QII", head, 72)
-    if size < 128 or count > 1024:
+    if size < 128 or size > 4096 or count > 1024:  # entries are 128 bytes in practice
         return []
     raw = disk.read(table_lba * SECTOR, min(count, MAX_PARTITIONS) * size)
     found = []

@@ -101,6 +101,11 @@ class Source:
             raise SourceError(f"{self.name}: read error at offset {self.offset}: "
                               f"{e.strerror or e}") from None
         except Exception as e:  # decompressor errors (zstd.ZstdError, zlib.error...)
+            if "window" in str(e).lower() or "too much memory" in str(e).lower():
+                raise UnsupportedError(
+                    f"{self.name}: a zstd frame needs a window over 128 MiB (made with "
+                    "zstd --long?); the zstd tool refuses it too; VMARC_ZSTD_LONG=1 reads "
+                    "it") from None
             raise CorruptError(f"{self.name}: {self.compression or 'data'} corrupt near "
                                f"decompressed offset {self.offset}: {e}") from None
 
@@ -557,6 +562,12 @@ def _open_gzip(raw, name, regular_file):
         return _Prefetch(gzip.GzipFile(fileobj=raw, mode="rb"))
 
 
+def zstd_window_log() -> int:
+    """The largest zstd window read: 128 MiB, as the zstd tool (vzdump writes no larger);
+    VMARC_ZSTD_LONG=1 allows 2 GiB (archives made with zstd --long=31)."""
+    return 31 if os.environ.get("VMARC_ZSTD_LONG") == "1" else 27
+
+
 def _open_zstd(raw, name, regular_file):
     # In-process decompression into the prefetch ring beats the zstd tool behind a pipe
     # (bench/: the pipe costs two copies of every byte on a two-core machine).
@@ -568,13 +579,14 @@ def _open_zstd(raw, name, regular_file):
         checked = _ZstdFrameCheck(raw, name)
         # Compressed reads stay under glibc's mmap threshold (128 KiB): larger fresh
         # buffers are mapped and unmapped on every read, which doubled the time (bench/).
-        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << zstd_window_log()).stream_reader(
             checked, read_size=64 << 10, read_across_frames=True)
         return _Prefetch(reader)
     tool = shutil.which("zstd")
     if tool:
         # --long=31 windows need the memory limit raised to be read at all.
-        return _Prefetch(_ProcessReader([tool, "-dcq", "--no-progress", "--memory=2048MB"],
+        return _Prefetch(_ProcessReader([tool, "-dcq", "--no-progress",
+                                         f"--memory={1 << (zstd_window_log() - 20)}MB"],
                                         raw, name, "zstd", regular_file))
     raise UnsupportedError(f"{name}: zstd-compressed input needs the zstandard package "
                            "(pip install 'vmarc[zstd]') or the zstd tool")

@@ -14,7 +14,12 @@ from ..errors import FormatError
 MAX_OVA_XML = 64 << 20  # XAPI's ova.xml is a few hundred KiB at most
 
 
-def _value(elem: ET.Element, where: str):
+MAX_DEPTH = 64  # XAPI's ova.xml nests five deep; more is an attack on the parser
+
+
+def _value(elem: ET.Element, where: str, depth: int = 0):
+    if depth > MAX_DEPTH:
+        raise FormatError(f"{where}: ova.xml nests values more than {MAX_DEPTH} deep")
     kids = list(elem)
     if not kids:
         return elem.text or ""
@@ -27,11 +32,12 @@ def _value(elem: ET.Element, where: str):
             val = member.find("value")
             if name is None or val is None:
                 raise FormatError(f"{where}: struct member without name or value")
-            out[name] = _value(val, where)
+            out[name] = _value(val, where, depth + 1)
         return out
     if tag == "array":
         data = typed.find("data")
-        return [] if data is None else [_value(v, where) for v in data.findall("value")]
+        return [] if data is None else [_value(v, where, depth + 1)
+                                        for v in data.findall("value")]
     if tag == "boolean":
         return (typed.text or "").strip() == "1"
     return typed.text or ""

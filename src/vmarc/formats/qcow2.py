@@ -325,7 +325,8 @@ class Qcow2Archive(Archive):
         try:
             if self.cluster_compression == "zstd":
                 import zstandard
-                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+                # at most a cluster, whatever the frame claims (a bomb inflates to GiBs)
+                out = zstandard.ZstdDecompressor().stream_reader(raw).read(cs)
             else:
                 out = zlib.decompressobj(-12).decompress(raw, cs)
         except ImportError:

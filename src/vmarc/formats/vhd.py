@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import struct
+import sys
+from array import array
 import time
 import urllib.parse
 import uuid as uuidlib
@@ -304,8 +306,14 @@ class VhdArchive(Archive):
         if h.table_offset < f.data_offset + HEADER and h.table_offset + 4 * h.max_table_entries \
                 > f.data_offset:
             raise FormatError(f"{name}: BAT at offset {h.table_offset} overlaps the dynamic header")
+        if self.file_size is not None and h.table_offset + 4 * h.max_table_entries > \
+                self.file_size:  # a header's claim checked against the file it is in
+            raise FormatError(f"{name}: a BAT of {h.max_table_entries} entries at offset "
+                              f"{h.table_offset} runs past the end of the file")
         raw = read(4 * h.max_table_entries, h.table_offset, "VHD block allocation table")
-        self.bat = struct.unpack(f">{h.max_table_entries}I", raw)
+        self.bat = array("I", raw)  # 4 bytes an entry, not a Python int each
+        if sys.byteorder == "little":
+            self.bat.byteswap()
         self.bitmap_size = -(-(h.block_size // SECTOR) // 8 // SECTOR) * SECTOR
         self.sectors_per_block = h.block_size // SECTOR
         self.meta_end = max(h.table_offset + 4 * h.max_table_entries, f.data_offset + HEADER,
