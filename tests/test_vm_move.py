@@ -386,3 +386,19 @@ def test_vma_repack_keeps_every_device(tmp_path):
     assert (tmp_path / "x" / "disk-drive-efidisk0.raw").read_bytes() == efi
     assert (tmp_path / "x" / "vmstate.bin").read_bytes() == state
     assert (tmp_path / "x" / "disk-drive-scsi0.raw").read_bytes() == d0
+
+
+def test_settings_that_cannot_be_carried_are_refused_or_said(tmp_path):
+    disk = vmagen.disk_bytes(MiB, seed=4)
+    bad = tmp_path / "bad.vma"
+    bad.write_bytes(vmagen.build([("drive-scsi0", disk)], configs=(
+        ("qemu-server.conf", b"name: t\nmemory: -5\ncores: 2\nscsi0: local-lvm:vm-100-disk-0,size=1M\n"),)))
+    assert_clean_failure(run("convert", bad, tmp_path / "o.xva", "-O", "xva"), 2,
+                         "memory", "damaged settings")
+    ctl = tmp_path / "ctl.vma"
+    ctl.write_bytes(vmagen.build([("drive-scsi0", disk)], configs=(
+        ("qemu-server.conf", b"#note \x01\x02 here\nname: t\x07x\nmemory: 512\n"
+                             b"scsi0: local-lvm:vm-100-disk-0,size=1M\n"),)))
+    res = run("convert", ctl, tmp_path / "c.xva", "-O", "xva")
+    assert res.code == 0 and "control characters" in res.errtext, res
+    assert run("verify", tmp_path / "c.xva").code == 0   # its ova.xml parses

@@ -7,6 +7,8 @@ element are strings too (Xen Orchestra writes those).
 
 from __future__ import annotations
 
+import re
+
 import xml.etree.ElementTree as ET
 
 from ..errors import FormatError
@@ -89,11 +91,20 @@ def render(value) -> str:
         return f"<value><dateTime.iso8601>{escape(value)}</dateTime.iso8601></value>"
     if isinstance(value, dict):
         return "<value><struct>" + "".join(
-            f"<member><name>{escape(str(k))}</name>{render(v)}</member>"
+            f"<member><name>{escape(xml_text(str(k)))}</name>{render(v)}</member>"
             for k, v in value.items()) + "</struct></value>"
     if isinstance(value, (list, tuple)):
         return "<value><array><data>" + "".join(map(render, value)) + "</data></array></value>"
-    return f"<value>{escape(str(value))}</value>"
+    return f"<value>{escape(xml_text(str(value)))}</value>"
+
+
+# characters XML 1.0 cannot hold, escaped or not
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text: str) -> str:
+    """text without the characters XML 1.0 cannot hold (an importer refuses them)."""
+    return _NOT_XML.sub("", text)
 
 
 def read_settings(top: dict, vm_id: str | None, disks, where: str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import FormatError
+
 DRIVE_KEY = re.compile(r"(ide|sata|scsi|virtio|efidisk|tpmstate|unused)\d+")
 
 
@@ -109,6 +111,13 @@ def read_settings(conf: str, disks):
     s.description = keys.get("description", "") or _description(conf)
     summary = vm_summary(conf)
     s.memory = summary.get("memory", 512 << 20)
+    for what, value, low, high in (("memory", s.memory >> 20, 16, 64 << 20),  # MiB: 64 TiB
+                                   ("cores", summary.get("cores", 1), 1, 1024),
+                                   ("sockets", summary.get("sockets", 1), 1, 64),
+                                   ("vcpus", summary.get("vcpus", 1), 1, 65536)):
+        if not low <= value <= high:  # Proxmox itself refuses these
+            raise FormatError(f"qemu-server.conf: {what} {value} is outside "
+                              f"{low}..{high}: damaged settings")
     if keys.get("balloon", "").isdigit() and 0 < int(keys["balloon"]) * (1 << 20) < s.memory:
         s.memory_min = int(keys["balloon"]) << 20
     s.sockets, s.cores = summary.get("sockets", 1), summary.get("cores", 1)
