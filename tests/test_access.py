@@ -579,3 +579,55 @@ def test_a_gpt_with_absurd_entries_is_no_partition_table():
                 raise AssertionError(f"asked for {n} bytes")
             return {0: bytes(self.mbr), 512: bytes(self.head)}.get(offset, bytes(n))[:n]
     assert partitions(Disk()) == []
+
+
+def _nbd_connect(sock_path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock_path))
+    s.settimeout(10)
+    return s
+
+
+def _nbd_export(s, name=b""):
+    """Old-style export option: the size and flags follow."""
+    s.recv(18, socket.MSG_WAITALL)
+    s.sendall(struct.pack(">I", 3))                                     # fixed, no zeroes
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, len(name)) + name)
+    return s.recv(10, socket.MSG_WAITALL)
+
+
+def test_nbd_write_is_refused_unread_and_connections_are_capped(tmp_path, serve):
+    source, _ = xva_case(tmp_path)
+    srv = serve(source)
+    s = _nbd_connect(srv.sock)
+    assert len(_nbd_export(s)) == 10
+    # a write of 4 GiB - 1 with no payload sent: EPERM at once, then the server hangs up
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 7, 0, 0xFFFFFFFF))
+    reply = s.recv(16, socket.MSG_WAITALL)
+    assert struct.unpack(">IIQ", reply) == (0x67446698, 1, 7)
+    assert s.recv(1) == b""
+    s.close()
+    held = [_nbd_connect(srv.sock) for _ in range(64)]
+    for c in held:
+        assert len(c.recv(18, socket.MSG_WAITALL)) == 18
+    extra = _nbd_connect(srv.sock)
+    assert extra.recv(18) == b""                 # the 65th is closed before the handshake
+    for c in held:
+        c.close()
+    extra.close()
+    time.sleep(0.5)
+    again = _nbd_connect(srv.sock)               # room again once they have gone
+    assert len(_nbd_export(again)) == 10
+    again.close()
+
+
+def test_a_silent_nbd_client_is_dropped(tmp_path, serve, monkeypatch):
+    monkeypatch.setenv("VMARC_NBD_IDLE_TIMEOUT", "1")
+    source, _ = xva_case(tmp_path)
+    srv = serve(source)
+    s = _nbd_connect(srv.sock)
+    assert len(_nbd_export(s)) == 10
+    started = time.time()
+    assert s.recv(1) == b""                      # closed by the server, not by us
+    assert time.time() - started < 8
+    s.close()

@@ -44,6 +44,9 @@ ALLOCATION_ID = 1
 MAX_REQUEST = 32 << 20      # the largest read a client may ask for
 MAX_OPTION = 64 << 10       # option payloads are small; refuse anything bigger
 MAX_EXTENTS = 4096          # block status descriptors per reply
+MAX_CLIENTS = 64            # connections served at once; more are closed at once
+# seconds a client may say nothing before it is dropped (the environment may shorten it)
+IDLE_TIMEOUT = int(os.environ.get("VMARC_NBD_IDLE_TIMEOUT", "600"))
 
 
 class _Disconnect(Exception):
@@ -69,17 +72,29 @@ class _Client(socketserver.BaseRequestHandler):
         self.sock: socket.socket = self.request
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) \
             if self.sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        # a silent client is dropped, not waited on: a receive timeout in the kernel
+        # (settimeout would make the socket non-blocking, which sendfile cannot use)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", IDLE_TIMEOUT, 0))
         self.exports: Exports = self.server.exports
         self.structured = False
         self.allocation = False
+        with self.server.clients_lock:
+            self.server.clients += 1
+            full = self.server.clients > MAX_CLIENTS
         try:
+            if full:
+                return  # over the cap: closed before the handshake
             disk = self._handshake()
             if disk is not None:
                 self._transmission(disk)
         except (_Disconnect, ConnectionError, OSError):
-            pass  # the client went away: the server carries on
+            pass  # the client went away (or fell silent): the server carries on
         except Exception as e:  # a bug or a damaged archive: one line, keep serving others
             print(f"vmarc serve: client {self.client_address or 'unix'}: {e}", file=sys.stderr)
+        finally:
+            with self.server.clients_lock:
+                self.server.clients -= 1
 
     # -- wire helpers --------------------------------------------------------------------
     def _recv(self, n: int) -> bytes:
@@ -193,8 +208,9 @@ class _Client(socketserver.BaseRequestHandler):
             if cmd == CMD_DISC:
                 return
             if cmd == CMD_WRITE:
-                self._recv(length)  # the payload follows; discard it
+                # the payload follows, up to 4 GiB: rather than read it, say no and close
                 self._error(handle, EPERM, "read-only export")
+                return
             elif offset + length > disk.size or (cmd == CMD_READ and length > MAX_REQUEST):
                 self._error(handle, EINVAL, "request outside the disk or too large")
             elif cmd == CMD_READ and self.structured and not flags & CMD_FLAG_DF \
@@ -297,10 +313,12 @@ class _Client(socketserver.BaseRequestHandler):
 class TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = MAX_CLIENTS
 
 
 class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = MAX_CLIENTS
 
 
 def make_server(exports: Exports, *, bind: str = "127.0.0.1", port: int = 10809,
@@ -311,6 +329,7 @@ def make_server(exports: Exports, *, bind: str = "127.0.0.1", port: int = 10809,
         TcpServer.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         server = TcpServer((bind, port), _Client)
     server.exports = exports
+    server.clients, server.clients_lock = 0, threading.Lock()
     return server
 
 
