@@ -1,0 +1,27 @@
+"""Seeded mutations of a small XVA, VMA, dynamic VHD and qcow2 through verify and convert
+(tests/fuzz.py): exit codes 0-3 only and never a traceback, nothing left behind after a
+failure, an XVA output either refused or exact, and peak memory under 256 MiB."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import need
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_mutated_inputs(seed, tmp_path):
+    need("qemu-img")
+    res = subprocess.run([sys.executable, os.path.join(HERE, "fuzz.py"), "--cases", "200",
+                          "--seed", str(seed), "--work", str(tmp_path / "w"), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.stdout, res.stderr
+    found = json.loads(res.stdout.splitlines()[-1])
+    assert found["cases"] == 200
+    assert found["findings"] == [], found["findings"][:5]
+    assert found["peak_rss_mib"] < 256, found
