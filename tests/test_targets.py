@@ -10,7 +10,7 @@ import pytest
 
 import xvagen as g
 from conftest import assert_clean_failure, need, vmarc as run
-from test_access import CASES
+from test_access import CASES, mounted, own_cache  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
 FILL = b"\xaa"
@@ -346,3 +346,33 @@ def test_signals_leave_nothing_behind(sig, code, tmp_path):
     assert proc.wait(timeout=30) == code, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert os.listdir(out) == []
+
+
+def test_a_file_too_large_for_its_limit_is_one_line(tmp_path):
+    import resource
+    import sys
+    src, disks = CASES["raw"](tmp_path)
+
+    def limit():  # the file-size limit of a quota or a file system, as the kernel sees it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    res = subprocess.run([sys.executable, "-m", "vmarc", "convert", src, tmp_path / "o.raw",
+                          "-f", "raw"], capture_output=True, preexec_fn=limit)
+    err = res.stderr.decode()
+    assert res.returncode == 1 and "File too large" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(p.name.startswith(".o.raw") or p.name == "o.raw" for p in tmp_path.iterdir())
+
+
+def test_a_read_error_under_gzip_is_exit_1_not_damage(tmp_path, own_cache, mounted):
+    """The input file returns EIO (a file in a vmarc mount of an archive cut short, past
+    the cut): a read error with exit 1, whatever the decompressor makes of it."""
+    import gzip
+    import xvagen as gen
+    inner = gzip.compress(os.urandom(3 << 20), compresslevel=1)   # a .gz, 3 MiB inside
+    disk = inner + bytes(-len(inner) % (1 << 20))
+    blob = gen.build(gen.XvaSpec(disks=[gen.XDisk("Ref:1", disk, "d", "0")]))
+    cut = blob.index(b"Ref:1/00000002\0") + 512 + 1000           # chunk 2 lost
+    (tmp_path / "cut.xva").write_bytes(blob[:cut])
+    mnt = mounted(tmp_path / "cut.xva")
+    res = run("convert", mnt / "xvda", tmp_path / "o.raw", "-f", "raw")
+    assert_clean_failure(res, 1, "read error")

@@ -4,6 +4,7 @@ the base:allocation meta context, one thread per client."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import socketserver
@@ -257,7 +258,14 @@ class _Client(socketserver.BaseRequestHandler):
                                    handle, 8 + n, start))
             sent = 0
             while sent < n:
-                got = os.sendfile(out, disk.store_fd, at + sent, n - sent)
+                try:
+                    got = os.sendfile(out, disk.store_fd, at + sent, n - sent)
+                except OSError as e:  # the archive's read failing mid-reply is worth a line
+                    if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                        print(f"vmarc serve: {disk.disk.describe()}: read at {start}: "
+                              f"{e.strerror}; the reply is cut, the client disconnected",
+                              file=sys.stderr)
+                    raise ConnectionError(e.strerror) from None
                 if got == 0:   # the archive file shrank under us: the reply cannot finish
                     raise ConnectionError("archive file ends inside indexed data")
                 sent += got

@@ -45,8 +45,31 @@ def _value(elem: ET.Element, where: str, depth: int = 0):
     return typed.text or ""
 
 
+MAX_ELEMENTS = 200_000  # an ova.xml of twenty disks holds ~20,000; a bomb holds millions
+
+
+def _count_elements(data: bytes, where: str) -> None:
+    """Refuse an element bomb before a tree is built for it (a few bytes an element
+    compressed, a few hundred in the tree)."""
+    from xml.parsers import expat
+    parser = expat.ParserCreate()
+    count = 0
+
+    def start(_name, _attrs):
+        nonlocal count
+        count += 1
+        if count > MAX_ELEMENTS:
+            raise FormatError(f"{where}: ova.xml holds more than {MAX_ELEMENTS:,} elements")
+    parser.StartElementHandler = start
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as e:
+        raise FormatError(f"{where}: ova.xml is not well-formed XML: {e}") from None
+
+
 def parse(data: bytes, where: str) -> dict:
     """The top-level struct ({'version': ..., 'objects': [...]})."""
+    _count_elements(data, where)
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
