@@ -171,7 +171,8 @@ class XvaArchive(Archive):
                     else:
                         ring.check(i, m.size, func, expected, where, damage)
                     inline = func in INLINE
-                if n < m.size and (keep or verify) and not is_zero(data[n:m.size]):
+                tail = n < m.size and (keep or verify) and not is_zero(data[n:m.size])
+                if tail:
                     # zero padding is what Xen Orchestra writes; data there, any importer
                     # drops: the archive and its ova.xml disagree about the disk
                     checks.fail(FormatError(
@@ -179,8 +180,10 @@ class XvaArchive(Archive):
                         "data, not padding: ova.xml's virtual_size is too small for the "
                         "chunks", [Damage(disk, disk.size, m.size - n, "structure",
                                           member=m.name, archive_offset=m.data_offset + n)]))
-                if keep and n:
-                    yield disk, start, data[:n]
+                if keep and (n or tail):
+                    # salvage keeps the tail too: a piece past the disk's size, which a raw
+                    # output grows to hold (convert and extract clip it for the others)
+                    yield disk, start, data[:m.size if tail and checks.salvage else n]
                 self.source.release_views()  # the consumer is done with the chunk
             ring.finish()
             if self.source.compression:

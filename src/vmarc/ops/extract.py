@@ -39,7 +39,9 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
         checks = checks_for(chosen, salvage)
         copied = 0
         for disk, offset, data in archive.stream(chosen, checks, verify=verify):
-            writers[disk.id].write(offset, data)
+            w = writers[disk.id]
+            w.write(offset, data)
+            w.size = max(w.size, offset + len(data))  # a salvaged tail past the size grows it
             copied += len(data)
             bar.update()
         if stats is not None:
