@@ -376,3 +376,17 @@ def test_a_read_error_under_gzip_is_exit_1_not_damage(tmp_path, own_cache, mount
     mnt = mounted(tmp_path / "cut.xva")
     res = run("convert", mnt / "xvda", tmp_path / "o.raw", "-f", "raw")
     assert_clean_failure(res, 1, "read error")
+
+
+def test_disk_full_while_spooling_for_serve_is_one_line(tmp_path, small_fs):
+    import sys
+    src, _ = CASES["xva.zst"](tmp_path)
+    cache = small_fs(1)                       # the spool of a zstd archive does not fit
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+    res = subprocess.run([sys.executable, "-m", "vmarc", "serve", src, "--socket",
+                          tmp_path / "s"], capture_output=True, env=env, timeout=120)
+    err = res.stderr.decode()
+    lines = [ln for ln in err.splitlines() if not ln.startswith("vmarc: ") or "No space" in ln]
+    assert res.returncode == 1 and "No space left on device" in err, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert not [p for p in cache.rglob("*") if p.is_file()]
