@@ -163,3 +163,32 @@ def test_compressed_cluster_with_copied_is_damage(tmp_path):
     assert theirs.returncode == 2
     assert run("verify", bad).code == 2
     assert run("verify", path).code == 0
+
+
+def test_a_zstd_cluster_inflating_to_gibs_is_damage_not_memory(tmp_path):
+    need("qemu-img")
+    import sys
+    import zstandard
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"vmarc " * 200000)
+    path = tmp_path / "z.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                    "compression_type=zstd", raw, path], check=True)
+    img = Image(path)
+    at, e = img.data_entries()[0]
+    assert e & (1 << 62)
+    z = zstandard.ZstdCompressor(level=1).compressobj()
+    frame = b"".join(z.compress(bytes(1 << 24)) for _ in range(128)) + z.flush()  # 2 GiB
+    where = -(-len(img.raw) // 512) * 512
+    img.raw += bytes(where - len(img.raw)) + frame + bytes(-len(frame) % 512)
+    sectors = -(-len(frame) // 512)
+    img.set64(at, (1 << 62) | ((sectors - 1) << 54) | where)
+    bomb = img.save("bomb.qcow2")
+    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', "
+             "'vmarc', 'convert', sys.argv[1], sys.argv[2]], capture_output=True); "
+             "print(r.returncode); print(r.stderr.decode().strip()); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, str(bomb), str(tmp_path / "o.raw")],
+                         capture_output=True, text=True, timeout=120).stdout.splitlines()
+    assert out[0] == "2" and "inflates past a cluster" in out[1], out
+    assert int(out[-1]) < 256 * 1024, out

@@ -252,3 +252,20 @@ def test_mount_refuses_a_busy_or_non_empty_mountpoint(tmp_path, own_cache, mount
     (full / "keep.txt").write_text("mine")
     assert_clean_failure(run("mount", path, full), 1, "not empty")
     assert (full / "keep.txt").read_text() == "mine"
+
+
+def test_serve_says_when_its_source_fails_mid_reply(tmp_path, own_cache, mounted, serve):
+    """A raw disk read from a file that fails with EIO past a point (a vmarc mount of an
+    archive cut short): the NBD client's read fails, and the server says where."""
+    path, d1, d2 = cut_inside_second_disk(tmp_path)
+    mnt = mounted(path)
+    srv = serve(mnt / "xvdb", "-f", "raw")
+    got = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read 0 {g.MiB}",
+                          "-c", f"read {2 * g.MiB} {g.MiB}", srv.url()],
+                         capture_output=True, text=True)
+    assert f"read {g.MiB}/{g.MiB} bytes" in got.stdout, got
+    assert "error" in (got.stdout + got.stderr).lower(), got
+    srv.proc.terminate()
+    srv.proc.wait(timeout=20)
+    err = srv.proc.stderr.read().decode()
+    assert "read at" in err and "Input/output error" in err, err

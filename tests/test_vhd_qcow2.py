@@ -541,3 +541,12 @@ def test_a_vhd_with_tiny_blocks_costs_little_memory(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
                          text=True, timeout=300).stdout.split()
     assert out[0] == "0" and int(out[1]) < 256 * 1024, out
+
+
+def test_a_backing_name_with_nul_is_one_line(tmp_path):
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "1M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    _set_backing(top, b"base\0.qcow2", b"qcow2")
+    assert_clean_failure(run("info", top), 2, "NUL")

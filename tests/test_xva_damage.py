@@ -332,3 +332,23 @@ def test_an_ova_xml_element_bomb_costs_no_memory(tmp_path):
                          text=True, timeout=120).stdout.splitlines()
     assert out[0] == "2" and "more than 200,000 elements" in out[1], out
     assert int(out[-1]) < 256 * 1024, out          # KiB
+
+
+def test_an_object_listed_twice_in_ova_xml_is_refused(tmp_path):
+    spec = spec1()
+    xml = g.ova_xml(spec)
+    start = xml.index(b"<value><struct><member><name>class</name>")
+    depth, pos = 0, start
+    while True:                                  # the object's own closing </struct>
+        opening, closing = xml.find(b"<struct>", pos), xml.find(b"</struct>", pos)
+        if opening != -1 and opening < closing:
+            depth, pos = depth + 1, opening + 8
+            continue
+        depth, pos = depth - 1, closing + 9
+        if depth == 0:
+            break
+    first = xml[start:pos + len(b"</value>")]
+    spec.ova_xml = xml.replace(first, first + first, 1)   # the first object, twice
+    g.write(tmp_path / "dup.xva", spec)
+    assert_clean_failure(run("convert", tmp_path / "dup.xva", tmp_path / "o.raw"), 2,
+                         "lists object Ref:0 twice")

@@ -326,7 +326,12 @@ class Qcow2Archive(Archive):
             if self.cluster_compression == "zstd":
                 import zstandard
                 # at most a cluster, whatever the frame claims (a bomb inflates to GiBs)
-                out = zstandard.ZstdDecompressor().stream_reader(raw).read(cs)
+                reader = zstandard.ZstdDecompressor().stream_reader(raw)
+                out = b""
+                while len(out) < cs and (more := reader.read(cs - len(out))):
+                    out += more
+                if reader.read(1):
+                    raise ValueError("it inflates past a cluster")
             else:
                 out = zlib.decompressobj(-12).decompress(raw, cs)
         except ImportError:
