@@ -325,12 +325,13 @@ class Qcow2Archive(Archive):
         try:
             if self.cluster_compression == "zstd":
                 import zstandard
-                # at most a cluster, whatever the frame claims (a bomb inflates to GiBs)
-                reader = zstandard.ZstdDecompressor().stream_reader(raw)
-                out = b""
-                while len(out) < cs and (more := reader.read(cs - len(out))):
-                    out += more
-                if reader.read(1):
+                # one read up to the end of the first frame, one byte past a cluster at
+                # most: a frame that gives more is damage (as qemu has it), and a bomb
+                # inflating to GiBs costs a cluster (the bytes after the frame belong to
+                # the next cluster)
+                out = zstandard.ZstdDecompressor().stream_reader(
+                    raw, read_across_frames=False).read(cs + 1)
+                if len(out) > cs:
                     raise ValueError("it inflates past a cluster")
             else:
                 out = zlib.decompressobj(-12).decompress(raw, cs)
