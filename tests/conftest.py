@@ -41,6 +41,29 @@ def vmarc(*args, stdin=None, input=None, timeout=300, stdout=subprocess.PIPE):
     return Result(proc)
 
 
+_PEAK_PROBE = """
+import resource, subprocess, sys
+with open(sys.argv[1], "wb") as out, open(sys.argv[2], "wb") as err:
+    code = subprocess.run([sys.executable, "-m", "vmarc", *sys.argv[3:]], stdout=out,
+                          stderr=err, stdin=subprocess.DEVNULL).returncode
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def vmarc_peak(*args):
+    """Run the command line; returns (Result, its peak RSS in KiB). It is started from a
+    small launcher: a child forked from the test process would count the test's own
+    memory in its peak."""
+    import tempfile
+    import types
+    with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
+        probe = subprocess.run([sys.executable, "-c", _PEAK_PROBE, out.name, err.name,
+                                *map(str, args)], capture_output=True, text=True, check=True)
+        code, peak = map(int, probe.stdout.split())
+        done = types.SimpleNamespace(returncode=code, stdout=out.read(), stderr=err.read())
+    return Result(done), peak
+
+
 def assert_clean_failure(res, code, *needles):
     """One line on stderr naming the problem, the given exit code, no traceback."""
     assert res.code == code, res

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import xvagen as g
-from conftest import assert_clean_failure, need, vmarc as run
+from conftest import assert_clean_failure, need, vmarc as run, vmarc_peak
 from test_access import CASES, mounted, own_cache  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
@@ -395,19 +395,13 @@ def test_disk_full_while_spooling_for_serve_is_one_line(tmp_path, small_fs):
 def test_writing_a_huge_sparse_disk_costs_little_memory(tmp_path):
     """An 8 TiB disk with one stretch of data into qcow2: the writer's per-cluster flags
     are paged (a byte per cluster was 128 MiB)."""
-    import sys
     src = tmp_path / "huge.raw"
     with open(src, "wb") as f:
         f.truncate(8 << 40)
         f.seek(5 << 40)
         f.write(b"data" * 1024)
-    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', "
-             "'vmarc', 'convert', sys.argv[1], sys.argv[2], '-O', 'qcow2'], "
-             "capture_output=True); print(r.returncode); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, str(src), str(tmp_path / "o.qcow2")],
-                         capture_output=True, text=True, timeout=300).stdout.split()
-    assert out[0] == "0" and int(out[1]) < 100 * 1024, out
+    res, peak = vmarc_peak("convert", src, tmp_path / "o.qcow2", "-O", "qcow2")
+    assert res.code == 0 and peak < 100 * 1024, (res, peak)
     need("qemu-img")
     subprocess.run(["qemu-img", "check", "-f", "qcow2", tmp_path / "o.qcow2"], check=True,
                    capture_output=True)

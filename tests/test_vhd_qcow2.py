@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import vhdgen
-from conftest import assert_clean_failure, need, vmarc as run
+from conftest import assert_clean_failure, need, vmarc as run, vmarc_peak
 
 MiB = 1 << 20
 
@@ -530,17 +530,12 @@ def test_a_vhd_with_tiny_blocks_costs_little_memory(tmp_path):
     """512-byte blocks give a BAT of 16 million entries for an 8 GiB disk; gzip makes the
     file 40 KB. The BAT is kept 4 bytes an entry (a Python int each took 600 MB)."""
     import gzip
-    import sys
     blob = vhdgen.build(8 << 30, {0: b"\1" * 512}, block_size=512)
     path = tmp_path / "tiny.vhd.gz"
     path.write_bytes(gzip.compress(blob, 6))
     assert path.stat().st_size < 1 << 20
-    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', "
-             "'vmarc', 'info', sys.argv[1]], capture_output=True); print(r.returncode); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
-                         text=True, timeout=300).stdout.split()
-    assert out[0] == "0" and int(out[1]) < 256 * 1024, out
+    res, peak = vmarc_peak("info", path)
+    assert res.code == 0 and peak < 256 * 1024, (res, peak)
 
 
 def test_a_backing_name_with_nul_is_one_line(tmp_path):

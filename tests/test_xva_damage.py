@@ -7,7 +7,7 @@ import time
 import pytest
 
 import xvagen as g
-from conftest import assert_clean_failure, vmarc as run
+from conftest import assert_clean_failure, vmarc as run, vmarc_peak
 
 MiB = g.MiB
 
@@ -316,22 +316,15 @@ def test_a_zstd_window_over_128_mib_needs_permission(tmp_path):
 
 
 def test_an_ova_xml_element_bomb_costs_no_memory(tmp_path):
-    import subprocess
-    import sys
     spec = spec1()
     spec.ova_xml = b"<value><array><data>" + b"<value/>" * 3_000_000 + b"</data></array></value>"
     spec.compress = "gzip"
     path = tmp_path / "bomb.xva.gz"
     g.write(path, spec)
     assert path.stat().st_size < 1 << 20           # small on disk, 24 MB of XML inside
-    probe = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', "
-             "'vmarc', 'info', sys.argv[1]], capture_output=True); print(r.returncode); "
-             "print(r.stderr.decode().strip()); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
-                         text=True, timeout=120).stdout.splitlines()
-    assert out[0] == "2" and "more than 200,000 elements" in out[1], out
-    assert int(out[-1]) < 256 * 1024, out          # KiB
+    res, peak = vmarc_peak("info", path)
+    assert res.code == 2 and "more than 200,000 elements" in res.errtext, res
+    assert peak < 256 * 1024, peak                 # KiB
 
 
 def test_an_object_listed_twice_in_ova_xml_is_refused(tmp_path):
