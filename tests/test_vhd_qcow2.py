@@ -489,12 +489,18 @@ def test_a_differencing_vhd_streams_from_a_pipe_with_its_parent_named(levels, tm
     assert (tmp_path / "o.raw").read_bytes() == merged
 
 
-def test_a_piped_vhds_trailing_footer_is_checked_in_full(tmp_path):
-    data = os.urandom(3 * MiB)
+def _qemu_vhd(tmp_path, size: int):
+    """A dynamic VHD qemu-img wrote of size random bytes: (path, the bytes)."""
+    data = os.urandom(size)
     raw = tmp_path / "d.raw"
     raw.write_bytes(data)
     vhd = tmp_path / "d.vhd"
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, vhd)
+    return vhd, data
+
+
+def test_a_piped_vhds_trailing_footer_is_checked_in_full(tmp_path):
+    vhd, _ = _qemu_vhd(tmp_path, 3 * MiB)
     blob = bytearray(vhd.read_bytes())
     bad = bytearray(blob)
     bad[-512 + 40] ^= 1                                   # the trailing footer's size
@@ -512,11 +518,7 @@ def test_a_piped_vhds_trailing_footer_is_checked_in_full(tmp_path):
 
 
 def test_a_bat_past_the_end_of_the_file_is_refused_at_once(tmp_path):
-    data = os.urandom(2 * MiB)
-    raw = tmp_path / "d.raw"
-    raw.write_bytes(data)
-    vhd = tmp_path / "d.vhd"
-    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", raw, vhd)
+    vhd, _ = _qemu_vhd(tmp_path, 2 * MiB)
     b = bytearray(vhd.read_bytes())
     struct.pack_into(">I", b, 512 + 28, 0x100000)        # max_table_entries: a 4 MiB BAT
     struct.pack_into(">I", b, 512 + 32, 512)             # 512-byte blocks
