@@ -136,8 +136,8 @@ class Checks:
       bytes of a bad chunk as read, zeros for what is missing).
 
     A reader that cannot go on (the input ends, a structure it needs is broken) calls
-    stop(): raised unless keeping or salvaging; then the reader ends its pass and reports
-    through fail() what each disk is missing.
+    stop(): raised unless collecting, keeping or salvaging; then the reader ends its pass
+    and reports through fail() what each disk is missing.
     """
 
     def __init__(self, collect: bool = False, limit: int = 1000, keep=None,
@@ -199,8 +199,8 @@ class Archive:
         self.disks: list[Disk] = []
         self.configs: dict[str, bytes] = {}
         self.vm: dict = {}
-        self.open_problems: list[CorruptError] = []  # damage seen while opening; stream()
-        #                                               reports it, info warns of it
+        # damage seen while opening: stream() reports it, info warns of it
+        self.open_problems: list[CorruptError] = []
 
     @property
     def compression(self):
@@ -224,7 +224,11 @@ class Archive:
     def checked(self) -> dict[str, dict[str, list[str]]]:
         """After a verifying pass: per disk id, what was "checked" and what the format
         keeps no way to check ("unchecked"); `verify` prints it."""
-        return {d.id: {"checked": [], "unchecked": []} for d in self.disks}
+        return self.every_disk([], [])
+
+    def every_disk(self, checked: list[str], unchecked: list[str]) -> dict:
+        """checked() when every disk had the same checks."""
+        return {d.id: {"checked": checked, "unchecked": unchecked} for d in self.disks}
 
     def check_more(self, checks: "Checks") -> None:
         """verify's checks beyond the streaming pass (qcow2: refcounts, as qemu-img check)."""

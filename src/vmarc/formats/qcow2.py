@@ -219,9 +219,7 @@ class Qcow2Archive(Archive):
                  "tables, snapshots, data; COPIED flags; leaks)"]
         if self.backing is not None:
             items.append("the backing chain opens (each layer read the same way)")
-        return {d.id: {"checked": items,
-                       "unchecked": ["the disk's data: qcow2 keeps no checksum of it"]}
-                for d in self.disks}
+        return self.every_disk(items, ["the disk's data: qcow2 keeps no checksum of it"])
 
     def check_more(self, checks: Checks) -> None:
         """What `qemu-img check` checks: refcounts against references (qcow2check.py)."""

@@ -31,8 +31,10 @@ class RawWriter:
         self.fd = out.fd
         self.hole_size = hole_size
         self.pos = 0  # stream: bytes written so far; else: everything below is settled
+        self.end = 0  # the end of the data given: a salvaged tail past size grows the output
 
     def write(self, offset: int, data: memoryview) -> None:
+        self.end = max(self.end, offset + len(data))
         if self.out.is_stream:
             self._write_stream(offset, data)
             return
@@ -52,12 +54,13 @@ class RawWriter:
         self.pos = offset + len(data)
 
     def finish(self) -> None:
+        size = max(self.size, self.end)
         if self.out.is_stream:
-            write_zeros(self.fd, self.size - self.pos)
+            write_zeros(self.fd, size - self.pos)
             return
         if not self.out.fresh:
-            self.out.zero(self.pos, self.size - self.pos)
-        self.out.set_size(self.size)
+            self.out.zero(self.pos, size - self.pos)
+        self.out.set_size(size)
 
 
 class RawArchive(Archive):
@@ -79,9 +82,8 @@ class RawArchive(Archive):
         return "a raw image has no size known before its end"
 
     def checked(self):
-        return {d.id: {"checked": [], "unchecked": [
-            "nothing to verify: a raw image has no metadata and no checksums"]}
-            for d in self.disks}
+        return self.every_disk([], ["nothing to verify: a raw image has no metadata and no "
+                                    "checksums"])
 
     def stream(self, disks=None, checks=None, verify=True):
         disk = self.disks[0]

@@ -406,9 +406,7 @@ class VhdArchive(Archive):
                       f"BAT: {n:,} blocks inside the file, none overlapping"]
         if self.parent is not None:
             items.append("each parent's uuid against the one its child records")
-        return {d.id: {"checked": items,
-                       "unchecked": ["the disk's data: VHD keeps no checksum of it"]}
-                for d in self.disks}
+        return self.every_disk(items, ["the disk's data: VHD keeps no checksum of it"])
 
     def check_structure(self, checks: Checks) -> None:
         """vhd-util check's rules (FORMATS.md); each problem to checks. Problems of the

@@ -77,14 +77,6 @@ def spooled(pieces, disk: Disk):
                 pos += n
 
 
-def past_the_end(writer, disk: Disk, offset: int, data):
-    """A salvaged piece reaching past the disk's size (data an XVA holds beyond what its
-    ova.xml says): a raw output grows to keep it, other writers take the disk's part."""
-    if isinstance(writer, RawWriter):
-        return data
-    return data[:max(0, disk.size - offset)]
-
-
 def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | None = None,
             verify: bool = True, progress: bool = False, sync: bool = True,
             options: dict | None = None, reopen=None, no_create: bool = False,
@@ -123,20 +115,21 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
         pieces = archive.stream([chosen], checks, verify=verify)
         if needs_order(out_format, opts, out.is_stream) and not archive.ordered:
             pieces = spooled(pieces, chosen)
-        written = end = 0
+        written = 0
         with Progress(archive.source, progress, label=chosen.describe()) as bar:
             for _disk, offset, data in pieces:
-                if chosen.size is not None and offset + len(data) > chosen.size:
-                    data = past_the_end(writer, chosen, offset, data)
+                if chosen.size is not None and offset + len(data) > chosen.size and \
+                        not isinstance(writer, RawWriter):
+                    # a salvaged tail past the disk's size (an XVA holding more than its
+                    # ova.xml says): raw grows to keep it, the other formats cannot
+                    data = data[:max(0, chosen.size - offset)]
                 writer.write(offset, data)
                 written += len(data)
-                end = max(end, offset + len(data))
                 bar.update()
         if stats is not None:
             stats.update(data_bytes=written, checks=checks)
         if writer.size is None:  # known once its stream ended (a fixed VHD from a pipe)
             writer.size = chosen.size
-        writer.size = max(writer.size, end) if isinstance(writer, RawWriter) else writer.size
         writer.finish()
         if salvage and checks.seen:
             report = report_path(output, report)

@@ -39,9 +39,7 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
         checks = checks_for(chosen, salvage)
         copied = 0
         for disk, offset, data in archive.stream(chosen, checks, verify=verify):
-            w = writers[disk.id]
-            w.write(offset, data)
-            w.size = max(w.size, offset + len(data))  # a salvaged tail past the size grows it
+            writers[disk.id].write(offset, data)
             copied += len(data)
             bar.update()
         if stats is not None:
