@@ -321,10 +321,13 @@ class MappedDisk(DiskAccess):
         refuse a lost stretch, check the chunks not checked before (CorruptError)."""
         for start, length, at in self.map.pieces(offset, n):
             if at is not None and at >= BAD:
-                raise CorruptError(f"{self.where}: disk offset {start} lies in a stretch "
-                                   f"the archive lost ({length} bytes here; `vmarc verify` "
-                                   "names the damage)")
+                raise self._lost(start, length)
         self.check_chunks(offset, n)
+
+    def _lost(self, start: int, length: int) -> CorruptError:
+        return CorruptError(f"{self.where}: disk offset {start} lies in a stretch the "
+                            f"archive lost ({length} bytes here; `vmarc verify` names the "
+                            "damage)")
 
     def in_place(self, offset: int, n: int):
         self.verify(offset, n)
@@ -332,9 +335,11 @@ class MappedDisk(DiskAccess):
 
     def read(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.size - offset))
-        self.verify(offset, n)
+        self.check_chunks(offset, n)
         parts = []
-        for _, length, at in self.map.pieces(offset, n):
+        for start, length, at in self.map.pieces(offset, n):  # one walk: lost stretches too
+            if at is not None and at >= BAD:
+                raise self._lost(start, length)
             parts.append(bytes(length) if at is None else self.store.pread(length, at))
         return b"".join(parts)
 
@@ -551,7 +556,7 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool,
     return Opened(archive, _mapped(archive, store, maps, verify), [store], how)
 
 
-def _scan(scan_archive, quiet: bool) -> dict[str, DiskMap]:
+def _scan(scan_archive, quiet: bool) -> tuple[dict[str, DiskMap], str | None]:
     """Every disk's map from one header scan. Damage does not stop it (as --salvage):
     what the archive lost becomes BAD stretches, so every other byte stays readable."""
     maps = {d.id: DiskMap() for d in scan_archive.disks}
