@@ -20,9 +20,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 sys.path.insert(0, HERE)
-from bench_xva import MiB, VMARC, bench_args, build, warm_memory  # noqa: E402
+from bench_xva import VMARC, MiB, bench_args, build, warm_memory  # noqa: E402
 
-from vmarc.access import open_disks  # noqa: E402
+from vmarc.access.open import open_disks  # noqa: E402
 
 
 def seconds(cmd, shell=False) -> float:
@@ -198,7 +198,7 @@ def references(raw: str, cache: str, helpers: list) -> dict:
             ksock = os.path.join(cache, f"nbdkit-{plugin}.sock")
             helpers.append(subprocess.Popen(["nbdkit", "-f", "-r", "-U", ksock, plugin, *args_],
                                             stderr=subprocess.DEVNULL))
-            wait_for(lambda: os.path.exists(ksock))
+            wait_for(lambda s=ksock: os.path.exists(s))
             refs[f"ref: nbdkit {plugin}, nbdcopy {' '.join(extra)}".rstrip()] = \
                 (lambda u=f"nbd+unix:///?socket={ksock}", e=extra:
                  read_timed(["nbdcopy", *e, u, "null:"]))

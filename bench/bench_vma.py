@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
-from bench_xva import allocation, VMARC, bench_args, interleaved, report  # noqa: E402  (same harness)
+from bench_xva import VMARC, allocation, bench_args, interleaved, report  # noqa: E402  (same harness)
 
 
 def build(work: str, size_mib: int) -> tuple[str, str, str]:
@@ -40,7 +40,8 @@ CONF = os.path.join(HERE, "qemu-server.conf")
 
 def realistic_disk(size_mib: int) -> bytearray:
     import random
-    from bench_xva import allocation, make_disk
+
+    from bench_xva import make_disk
     xdisk = make_disk(size_mib)
     data = bytearray(size_mib << 20)
     for c, chunk in xdisk.sparse.items():

@@ -13,11 +13,10 @@ import sys
 import time
 
 import pytest
-
 import vmagen
-import vhdgen
 import xvagen as g
-from conftest import assert_clean_failure, need, vmarc as run
+from conftest import assert_clean_failure, need
+from conftest import vmarc as run
 from test_vhd_qcow2 import make_chain
 
 MiB = g.MiB
@@ -226,11 +225,11 @@ def test_index_is_saved_and_reused(tmp_path):
         source, disks = CASES[case](tmp_path)
         with open_disks(str(source), quiet=True) as first:
             assert not first.how.endswith("(reused)")
-            got = {d.disk.id: d.read(0, d.size) for d in first.disks}
+            got = {d.disk.id: d.read_at(0, d.size) for d in first.disks}
         with open_disks(str(source), quiet=True) as second:
             assert second.how.endswith("(reused)"), (case, second.how)
             for d in second.disks:
-                assert d.read(0, d.size) == got[d.disk.id] == disks[d.disk.id]
+                assert d.read_at(0, d.size) == got[d.disk.id] == disks[d.disk.id]
     # gzip checkpoints are saved in gztool's format: sparse, compressed windows
     saved = list((tmp_path / "cache" / "vmarc").glob("*.gzidx"))
     assert len(saved) == 1 and saved[0].read_bytes()[:16] == bytes(8) + b"gzipindx"
@@ -256,7 +255,7 @@ def test_index_beside_the_archive_and_random_reads(tmp_path):
             for _ in range(300):
                 off = rnd.randrange(0, d.size)
                 n = rnd.choice([1, 512, 4096, 65536, 3 * MiB])
-                assert d.read(off, n) == data[off:off + n]
+                assert d.read_at(off, n) == data[off:off + n]
 
 
 def test_map_json_and_dmsetup_agree_with_the_disk(tmp_path):
@@ -416,7 +415,7 @@ def _damaged_xva(tmp_path, checksum="xxhash", compress=False):
     path = tmp_path / "vm.xva"
     g.write(path, g.XvaSpec(disks=[g.XDisk("Ref:10", data, "root", "0")], checksum=checksum))
     with open_disks(str(path), quiet=True, verify=False) as o:
-        at = next(o.disks[0].map.pieces(MiB + 100, 1))[2]
+        at = next(o.disks[0].extents(MiB + 100, 1)).at
     blob = bytearray(path.read_bytes())
     blob[at] ^= 0xFF
     path.write_bytes(blob)
@@ -435,16 +434,16 @@ def test_random_reads_check_xva_chunk_checksums(tmp_path, checksum, compress):
     for _ in range(2):  # the index is built, then reused: both keep the checksums
         with open_disks(str(path), quiet=True) as o:
             d = o.disks[0]
-            assert d.read(0, 4096) == data[:4096]
+            assert d.read_at(0, 4096) == data[:4096]
             with pytest.raises(IntegrityError, match="disk offset 1048576 fails its .*"
                                "the archive is damaged"):
-                d.read(MiB + 5000, 10)
+                d.read_at(MiB + 5000, 10)
             with pytest.raises(IntegrityError):  # a failed chunk stays failed
                 d.in_place(MiB, 4096)
-            assert d.read(3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
+            assert d.read_at(3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
     assert o.how.endswith("(reused)")
     with open_disks(str(path), quiet=True, verify=False) as o:  # --no-verify: as stored
-        assert o.disks[0].read(MiB + 100, 1) != data[MiB + 100:MiB + 101]
+        assert o.disks[0].read_at(MiB + 100, 1) != data[MiB + 100:MiB + 101]
 
 
 def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
@@ -476,7 +475,9 @@ def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
 
 def test_a_chunk_is_hashed_once_however_many_threads_read_it():
     import threading
+
     import xxhash
+
     from vmarc.access import ChunkChecks
     from vmarc.errors import IntegrityError
     data = random.Random(4).randbytes(MiB)
@@ -524,7 +525,7 @@ def test_a_damaged_index_is_built_again_not_trusted(tmp_path):
     with open_disks(str(source), quiet=True) as o:
         assert o.how == "index", "a damaged index was reused"
         for d in o.disks:
-            assert d.read(0, d.size) == disks[d.disk.id]
+            assert d.read_at(0, d.size) == disks[d.disk.id]
     with open_disks(str(source), quiet=True) as o:  # the rebuilt one is saved and reused
         assert o.how == "index (reused)"
 
@@ -536,8 +537,8 @@ def test_a_damaged_spool_file_is_caught_when_reused(tmp_path):
     with open_disks(str(source), quiet=True) as o:
         assert o.how == "spool"
         d = o.disks[0]
-        assert d.read(0, d.size) == disks[d.disk.id]
-        pos, _, at = next(p for p in d.map.pieces(MiB, d.size - MiB) if p[2] is not None)
+        assert d.read_at(0, d.size) == disks[d.disk.id]
+        pos, _, _, at, *_ = next(e for e in d.extents(MiB, d.size - MiB) if e.kind == "data")
     spool = next((tmp_path / "cache" / "vmarc").glob("*.spool"))
     with open(spool, "r+b") as f:  # a bit rots in the cached spool
         f.seek(at)
@@ -547,9 +548,9 @@ def test_a_damaged_spool_file_is_caught_when_reused(tmp_path):
     with open_disks(str(source), quiet=True) as o:
         assert o.how == "spool (reused)"
         d = o.disks[0]
-        assert d.read(0, 4096) == disks[d.disk.id][:4096]
+        assert d.read_at(0, 4096) == disks[d.disk.id][:4096]
         with pytest.raises(IntegrityError, match="fails its xxh64 checksum.*the spool file"):
-            d.read(pos, 1)
+            d.read_at(pos, 1)
 
 
 def test_a_fifo_is_refused_not_waited_on(tmp_path):
@@ -561,7 +562,7 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
 
 
 def test_a_gpt_with_absurd_entries_is_no_partition_table():
-    from vmarc.partitions import partitions
+    from vmarc.access.partitions import partitions
 
     class Disk:
         size = 1 << 30
@@ -574,7 +575,7 @@ def test_a_gpt_with_absurd_entries_is_no_partition_table():
             self.head[:8] = b"EFI PART"
             struct.pack_into("<QII", self.head, 72, 2, 128, 1 << 31)  # 2 GiB entries
 
-        def read(self, offset, n):
+        def read_at(self, offset, n):
             if n > 1 << 24:
                 raise AssertionError(f"asked for {n} bytes")
             return {0: bytes(self.mbr), 512: bytes(self.head)}.get(offset, bytes(n))[:n]

@@ -5,11 +5,11 @@ import json
 import os
 
 import pytest
-from jsonschema import Draft202012Validator
-
 import vmagen
 import xvagen as g
-from conftest import ROOT, vmarc as run
+from conftest import ROOT
+from conftest import vmarc as run
+from jsonschema import Draft202012Validator
 from test_access import CASES
 
 with open(os.path.join(ROOT, "docs", "json-schema.json")) as f:

@@ -6,8 +6,8 @@ import struct
 import subprocess
 
 import pytest
-
-from conftest import need, vmarc as run, vmarc_peak
+from conftest import need, vmarc_peak
+from conftest import vmarc as run
 
 CS = 65536
 OFFSET_MASK = 0x00FFFFFFFFFFFE00

@@ -9,8 +9,8 @@ import os
 import subprocess
 
 import pytest
-
-from conftest import SHARED_REALDATA, assert_clean_failure, need, vmarc as run
+from conftest import SHARED_REALDATA, assert_clean_failure, need
+from conftest import vmarc as run
 
 CLUSTER = 65536
 

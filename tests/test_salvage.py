@@ -8,10 +8,10 @@ import os
 import subprocess
 
 import pytest
-
 import vmagen
 import xvagen as g
-from conftest import SHARED_FIXTURES, SHARED_REALDATA, assert_clean_failure, vmarc as run
+from conftest import SHARED_FIXTURES, SHARED_REALDATA, assert_clean_failure
+from conftest import vmarc as run
 from test_access import mounted, own_cache, serve  # noqa: F401 (fixtures)
 
 MiB = g.MiB

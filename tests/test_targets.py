@@ -7,9 +7,9 @@ import stat
 import subprocess
 
 import pytest
-
 import xvagen as g
-from conftest import assert_clean_failure, need, vmarc as run, vmarc_peak
+from conftest import assert_clean_failure, need, vmarc_peak
+from conftest import vmarc as run
 from test_access import CASES, mounted, own_cache  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
@@ -367,6 +367,7 @@ def test_a_read_error_under_gzip_is_exit_1_not_damage(tmp_path, own_cache, mount
     """The input file returns EIO (a file in a vmarc mount of an archive cut short, past
     the cut): a read error with exit 1, whatever the decompressor makes of it."""
     import gzip
+
     import xvagen as gen
     inner = gzip.compress(os.urandom(3 << 20), compresslevel=1)   # a .gz, 3 MiB inside
     disk = inner + bytes(-len(inner) % (1 << 20))

@@ -7,9 +7,9 @@ import struct
 import subprocess
 
 import pytest
-
 import vhdgen
-from conftest import assert_clean_failure, need, vmarc as run, vmarc_peak
+from conftest import assert_clean_failure, need, vmarc_peak
+from conftest import vmarc as run
 
 MiB = 1 << 20
 
@@ -93,7 +93,7 @@ def test_vmarc_outputs_pass_qemu_img_and_vhdiinfo(out_format, opts, qfmt, tmp_pa
 
 
 def test_dynamic_vhd_on_stdout_and_from_a_pipe(tmp_path):
-    data = source_raw(tmp_path / "src.raw")
+    source_raw(tmp_path / "src.raw")
     with open(tmp_path / "s.vhd", "wb") as f:
         res = subprocess.run([os.sys.executable, "-m", "vmarc", "convert", "-O", "vhd",
                               str(tmp_path / "src.raw"), "-"], stdout=f, stderr=subprocess.PIPE)
@@ -349,7 +349,7 @@ def test_qcow2_writer_memory_is_flat_and_tables_survive_eviction(tmp_path, monke
     """L2 tables are written back and read again when more are in play than the cache
     holds: scattered writes over 6 tables with room for 2 still give qemu-img's bytes."""
     from vmarc.formats import qcow2
-    from vmarc.output import OutputFile
+    from vmarc.io.output import OutputFile
     monkeypatch.setattr(qcow2, "L2_CACHE", 2)
     size = 3 * 1024 * MiB
     rnd = random.Random(8)
@@ -401,12 +401,11 @@ def test_a_backing_file_is_never_read_by_guess(tmp_path):
     """qcow2 backing names pointing anywhere: never read as raw unless the header says
     backing_fmt=raw or the user gives --parent; never a device; --no-backing reads the
     top layer alone; the chain is shown."""
-    data = b"top!" * (64 << 8)                      # one 64 KiB cluster in the overlay
     base = tmp_path / "base.qcow2"
     qemu_img("create", "-f", "qcow2", base, "1M")
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x61 0 64k", top], check=True,
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 64k", top], check=True,
                    capture_output=True)
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"password\n" * 1000)

@@ -10,11 +10,11 @@ import re
 import subprocess
 
 import pytest
-
 import vmagen
 import xapimodel
 import xvagen
-from conftest import SHARED_FIXTURES, assert_clean_failure, need, vmarc as run
+from conftest import SHARED_FIXTURES, assert_clean_failure, need
+from conftest import vmarc as run
 from test_vma_create import make_raw
 
 MiB = 1 << 20

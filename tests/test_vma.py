@@ -1,15 +1,15 @@
 """VMA reading and strict verification, on the real Proxmox sample and generated archives."""
 
 import json
-import struct
 import os
+import struct
 import subprocess
 
 import pytest
-
 import vmagen as v
 import xvagen
-from conftest import SHARED_FIXTURES, assert_clean_failure, vmarc as run
+from conftest import SHARED_FIXTURES, assert_clean_failure
+from conftest import vmarc as run
 
 SAMPLE = os.path.join(SHARED_FIXTURES, "proxmox-test.vma.gz")
 MiB = 1 << 20

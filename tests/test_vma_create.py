@@ -7,11 +7,11 @@ import struct
 import subprocess
 
 import pytest
-from dissect.archive.vma import VMA
-
 import vmagen
 import xvagen
-from conftest import assert_clean_failure, vmarc as run
+from conftest import assert_clean_failure
+from conftest import vmarc as run
+from dissect.archive.vma import VMA
 
 MiB = 1 << 20
 CONF = b"name: moved\nmemory: 1024\ncores: 2\nscsi0: local-lvm:vm-120-disk-0,size=4M\n"

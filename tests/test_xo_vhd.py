@@ -7,8 +7,8 @@ import random
 import subprocess
 
 import pytest
-
-from conftest import ROOT, need, vmarc as run
+from conftest import ROOT, need
+from conftest import vmarc as run
 
 ORACLES = os.path.join(ROOT, "tests", "oracles")
 MiB = 1 << 20

@@ -4,10 +4,11 @@ import json
 import os
 
 import pytest
+import xvagen as g
+from conftest import assert_clean_failure
+from conftest import vmarc as run
 
 import vmarc
-import xvagen as g
-from conftest import assert_clean_failure, vmarc as run
 
 MiB = g.MiB
 
@@ -214,10 +215,11 @@ def test_zstd_with_and_without_the_zstd_tool(tool, tmp_path, monkeypatch):
     """The zstd tool (a separate process) and python-zstandard (fallback) read alike,
     and both refuse a stream cut in the middle of a frame."""
     import shutil
-    import vmarc.source
+
+    import vmarc.io.codecs
     if not tool:
         real = shutil.which
-        monkeypatch.setattr(vmarc.source.shutil, "which",
+        monkeypatch.setattr(vmarc.io.codecs.shutil, "which",
                             lambda name: None if name == "zstd" else real(name))
     spec = two_disk_spec(compress="zstd")
     data = g.build(spec)

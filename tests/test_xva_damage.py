@@ -5,9 +5,9 @@ import os
 import time
 
 import pytest
-
 import xvagen as g
-from conftest import assert_clean_failure, vmarc as run, vmarc_peak
+from conftest import assert_clean_failure, vmarc_peak
+from conftest import vmarc as run
 
 MiB = g.MiB
 

@@ -155,7 +155,7 @@ def check_objects(top: dict, check_fields: bool = True) -> dict:
             try:
                 int(snap[f])
             except (TypeError, ValueError):
-                raise ImportRefused(f"{cls} {o['id']}: {f} is not an integer: {snap[f]!r}")
+                raise ImportRefused(f"{cls} {o['id']}: {f} is not an integer: {snap[f]!r}") from None
         for f in DATE_FIELDS.get(cls, []):
             if f in snap and not (isinstance(snap[f], tuple) and snap[f][0] == "date"):
                 raise ImportRefused(f"{cls} {o['id']}: {f} is not a <dateTime.iso8601>")

@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import os
 
-from .errors import (CorruptError, FormatError, IntegrityError, OutputError, SalvagedError,
-                     SourceError, TruncatedError, UnknownFormatError, UnsupportedError,
-                     UsageError, VmarcError)
+from .errors import (
+    CorruptError,
+    FormatError,
+    IntegrityError,
+    OutputError,
+    SalvagedError,
+    SourceError,
+    TruncatedError,
+    UnknownFormatError,
+    UnsupportedError,
+    UsageError,
+    VmarcError,
+)
 from .formats import detect, reader_for
+from .io.source import as_file, open_source
 from .model import Archive, Checks, Damage, Disk
-from .source import as_file, open_source
 
 __all__ = ["open", "Archive", "Disk", "Damage", "Checks", "VmarcError", "UsageError",
            "SourceError", "OutputError", "UnknownFormatError", "UnsupportedError",

@@ -1,17 +1,27 @@
 """The one model every format reader produces and every writer consumes.
 
 An Archive is a set of Disks plus named config blobs and a summary of the VM. A Disk is
-a size plus an extent map: data at known offsets, zeros everywhere else. Readers offer a
-*streaming pass* (`Archive.stream`) that yields (disk, offset, bytes) in source order, so
-every command that only needs one pass works from a pipe and a compressed stream.
+a size and an id; its contents are reached two ways:
+
+- the *streaming pass* (`Archive.stream`) yields (disk, offset, bytes) in source order,
+  so every command that only needs one pass works from a pipe and a compressed stream;
+- *random access* (`DiskView`): `extents(offset, length)` says what each stretch holds
+  (`Extent`: data at a place in a file, zeros, or lost) and `read_at(offset, n)` reads
+  it. map, NBD block status, FUSE and the writers' first passes all ask `extents`.
+
+Which of these a format offers beyond streaming, it declares in `Archive.access`
+(qemu's BlockDriver table, in short): RANDOM (its own tables reach any offset: raw,
+qcow2, VHD), SCAN (a header-only pass maps where each disk lies in the file: XVA, VMA)
+or STREAM (neither: random access spools it). access/ turns each into DiskViews.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
+from typing import NamedTuple
 
-from .errors import CorruptError, UsageError
+from .errors import CorruptError, UnsupportedError, UsageError
 
 ZERO_CHUNK = bytes(1 << 20)
 
@@ -76,6 +86,84 @@ def _maybe_zero(view: memoryview, head: int, full: int, block: int) -> list[int]
             found.append(head + pos // 8 * block)
         pos = firsts.find(_ZERO_WORD, (pos // 8 + 1) * 8)
     return found
+
+
+# -- random access ------------------------------------------------------------------------
+DATA = "data"   # stored bytes (at: their offset in file, None when not plain: compressed)
+ZERO = "zero"   # reads as zeros: a hole, or a stretch no layer of a chain stores
+LOST = "lost"   # the archive lost it (cut short, damaged): reading it fails (EIO)
+
+# how a format reaches its disks besides stream() (Archive.access)
+STREAM, SCAN, RANDOM = "stream", "scan", "random"
+
+
+class Extent(NamedTuple):
+    """One stretch of a disk as random access sees it (qemu's block_status)."""
+
+    start: int               # disk offset
+    length: int
+    kind: str                # DATA, ZERO or LOST
+    at: int | None = None    # DATA: where the bytes lie in file (None: not in plain form)
+    file: str | None = None  # the file (or store) holding them
+    depth: int = 0           # the layer of a chain it comes from (0: the image itself)
+
+
+def filled(extents, offset: int, end: int, file: str | None = None,
+           depth: int = 0) -> Iterator[Extent]:
+    """The extents with the gaps between them (and up to end) as ZERO: data-only lists
+    (what a layer stores) made into the full cover DiskView.extents promises."""
+    pos = offset
+    for e in extents:
+        if e.start > pos:
+            yield Extent(pos, e.start - pos, ZERO, None, file, depth)
+        yield e
+        pos = e.start + e.length
+    if pos < end:
+        yield Extent(pos, end - pos, ZERO, None, file, depth)
+
+
+class DiskView:
+    """Random reads of one disk: the one interface serve, mount, map and the writers'
+    first passes use, whatever the format and the store behind it."""
+
+    def __init__(self, disk: Disk):
+        self.disk = disk
+        self.size = disk.size
+
+    # the plain file DATA extents' `at` point into, when bytes may be handed out by
+    # (fd, offset) without Python touching them (NBD sendfile, FUSE read_buf); else None
+    store_fd: int | None = None
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Extents covering [offset, offset + length) (to the disk's end by default), in
+        order, without gaps."""
+        raise NotImplementedError
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """n bytes at offset (fewer past the disk's end); CorruptError on a lost stretch
+        or a bad checksum."""
+        raise NotImplementedError
+
+    def verify(self, offset: int, n: int) -> None:
+        """Check [offset, offset + n) before its bytes are handed out another way than
+        read_at (by store_fd): refuse lost stretches, check stored checksums."""
+
+    def in_place(self, offset: int, n: int):
+        """Where [offset, offset + n) can be read without Python touching the bytes:
+        ZERO when it is all zeros, (fd, position) when it is one plain stored run, else
+        None. Verifies first."""
+        self.verify(offset, n)
+        first = next(iter(self.extents(offset, n)), None)
+        if first is None or first.length != n:
+            return None
+        if first.kind == ZERO:
+            return ZERO
+        if first.kind == DATA and self.store_fd is not None and first.at is not None:
+            return (self.store_fd, first.at)
+        return None
+
+    def _clip(self, offset: int, length: int | None) -> int:
+        return self.size - offset if length is None else max(0, min(length, self.size - offset))
 
 
 class Disk:
@@ -190,6 +278,7 @@ class Archive:
     """Base of every reader. Subclasses fill the fields and implement stream()."""
 
     format: str = "?"
+    access: str = STREAM  # what it offers besides stream(): SCAN, RANDOM (see the top)
     # True when each disk's pieces come in ascending offset order (writers that need
     # that, such as VHD, spool the others to a temporary file first).
     ordered: bool = True
@@ -230,7 +319,7 @@ class Archive:
         """checked() when every disk had the same checks."""
         return {d.id: {"checked": checked, "unchecked": unchecked} for d in self.disks}
 
-    def check_more(self, checks: "Checks") -> None:
+    def check_more(self, checks: Checks) -> None:
         """verify's checks beyond the streaming pass (qcow2: refcounts, as qemu-img check)."""
 
     def stream_checks(self) -> list[str]:
@@ -242,8 +331,8 @@ class Archive:
                     self.compression, [])
 
     def settings(self):
-        """The VM's settings (vmsettings.VmSettings); a bare image gives its disks only."""
-        from .vmsettings import DiskSlot, VmSettings
+        """The VM's settings (settings.neutral.VmSettings); a bare image gives its disks only."""
+        from .settings.neutral import DiskSlot, VmSettings
         return VmSettings(name=self.vm.get("name", ""), memory=self.vm.get("memory", 0),
                           disks=[DiskSlot(d, size=d.size, label=d.name) for d in self.disks])
 
@@ -256,6 +345,25 @@ class Archive:
         """During stream(): the offset below which the disk's data has all been yielded
         (the rest of it zero), or None when the reader cannot tell before the end.
         Ordered readers need not say: their pieces come in ascending order."""
+        return None
+
+    def scan(self, checks: Checks | None = None):
+        """access SCAN: (disk, disk offset, length, file offset, checksum or None) of each
+        stored run, from a pass that reads headers and seeks over data."""
+        raise UnsupportedError(f"{self.format} cannot be scanned")
+
+    def extents(self, offset: int = 0, length: int | None = None,
+                depth: int = 0) -> Iterator[Extent]:
+        """access RANDOM (one disk): extents covering the range, through every layer of a
+        chain (each Extent says its depth and file)."""
+        raise UnsupportedError(f"{self.format} cannot be read at random")
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """access RANDOM (one disk): n bytes at offset, zeros past the end."""
+        raise UnsupportedError(f"{self.format} cannot be read at random")
+
+    def lower(self) -> Archive | None:
+        """The image this one reads through (a backing file, a parent), if any."""
         return None
 
     def select(self, selector: str | None) -> Disk:

@@ -7,12 +7,22 @@ import time
 
 from .. import open as open_archive
 from ..errors import UsageError
-from ..formats.pveconf import BUS_SLOTS
 from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
 from ..ops.damage import elsewhere
-from .common import (add_json_summary_arg, add_progress_arg, add_salvage_args, add_source_args,
-                     add_sync_arg, add_target_args, add_verify_arg, layers, output_entry, print_json,
-                     summary)
+from ..settings.proxmox import BUS_SLOTS
+from .common import (
+    add_json_summary_arg,
+    add_progress_arg,
+    add_salvage_args,
+    add_source_args,
+    add_sync_arg,
+    add_target_args,
+    add_verify_arg,
+    layers,
+    output_entry,
+    print_json,
+    summary,
+)
 
 
 def add_parser(sub):

@@ -8,8 +8,15 @@ import time
 from ..errors import UsageError
 from ..ops.convert import parse_options
 from ..ops.create import CREATE_FORMATS, create
-from .common import (add_json_summary_arg, add_progress_arg, add_sync_arg, add_verify_arg,
-                     output_entry, print_json, summary)
+from .common import (
+    add_json_summary_arg,
+    add_progress_arg,
+    add_sync_arg,
+    add_verify_arg,
+    output_entry,
+    print_json,
+    summary,
+)
 
 
 def name_path(text: str) -> tuple[str | None, str]:

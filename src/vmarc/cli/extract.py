@@ -8,9 +8,18 @@ import time
 from .. import open as open_archive
 from ..ops.damage import elsewhere
 from ..ops.extract import extract
-from .common import (layers, add_json_summary_arg, add_progress_arg, add_salvage_args,
-                     add_source_args, add_sync_arg, add_verify_arg, output_entry, print_json,
-                     summary)
+from .common import (
+    add_json_summary_arg,
+    add_progress_arg,
+    add_salvage_args,
+    add_source_args,
+    add_sync_arg,
+    add_verify_arg,
+    layers,
+    output_entry,
+    print_json,
+    summary,
+)
 
 
 def add_parser(sub):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import open as open_archive
-from .common import layers, add_source_args, human_size, print_json
+from .common import add_source_args, human_size, layers, print_json
 
 
 def add_parser(sub):

@@ -23,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(argv=None) -> argparse.ArgumentParser:
     """The parser; given argv naming a subcommand, with that subcommand only."""
     import importlib
+
     from .. import __version__
     parser = _Parser(prog="vmarc", description="Read, verify, convert and create VM backup "
                      "archives (XVA, VMA) and disk images.")

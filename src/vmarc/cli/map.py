@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
-from ..access import BAD, MappedDisk, open_disks
+from ..access import MappedDisk, open_disks
 from ..errors import UsageError
-from .common import layers, add_random_access_args
+from ..model import LOST, ZERO
+from .common import add_random_access_args, layers
 
 SECTOR = 512
 
@@ -27,7 +28,11 @@ def add_parser(sub):
 def run(args) -> int:
     with open_disks(args.source, args.fmt, index=args.index, **layers(args)) as opened:
         disk = opened.select(args.disk)
+        # file offsets mean something to the user for a plain archive read in place and
+        # for an image's own tables (a backing file's offsets, with its name); not for a
+        # spool or gzip checkpoints
         in_place = isinstance(disk, MappedDisk) and opened.how.startswith("index")
+        offsets = in_place or opened.how == "tables"
         if args.output == "dmsetup":
             if not in_place:
                 raise UsageError(f"{args.source}: a dmsetup table maps an uncompressed XVA or "
@@ -36,44 +41,27 @@ def run(args) -> int:
             _dmsetup(disk, args.device or args.source)
         elif args.output == "json":
             rows = []
-            for start, n, data, at, _file in _runs(disk, in_place, args.source):
-                row = {"start": start, "length": n, "depth": 0, "present": data,
+            for e in disk.extents():
+                data = e.kind != ZERO
+                row = {"start": e.start, "length": e.length, "depth": 0, "present": data,
                        "zero": not data, "data": data}
-                if at is not None and at >= BAD:
+                if e.kind == LOST:
                     row["damaged"] = True  # the archive lost it: reads fail
-                elif at is not None:
-                    row["offset"] = at
+                elif offsets and e.at is not None:
+                    row["offset"] = e.at
                 rows.append(json.dumps(row))
             print("[" + ",\n".join(rows) + "]")
         else:
             print(f"{'offset':>16} {'length':>16} {'mapped to':>16}  file")
-            for start, n, data, at, file in _runs(disk, in_place, args.source):
-                if data:
-                    where = (f"{'(damaged)':>16}" if at is not None and at >= BAD else
-                             f"{at:#16x}" if at is not None else f"{'(' + opened.how + ')':>16}")
-                    print(f"{start:#16x} {n:#16x} {where}  {file}")
+            for e in disk.extents():
+                if e.kind == ZERO:
+                    continue
+                where = (f"{'(damaged)':>16}" if e.kind == LOST else
+                         f"{e.at:#16x}" if offsets and e.at is not None else
+                         f"{'(' + opened.how + ')':>16}")
+                print(f"{e.start:#16x} {e.length:#16x} {where}  "
+                      f"{e.file if offsets else args.source}")
     return 0
-
-
-def _runs(disk, in_place: bool, source: str):
-    """(start, length, holds data, file offset or None, file). Offsets are given for an
-    uncompressed archive read in place and for qcow2 and VHD (a backing file's own,
-    with its name), where they are offsets in that file."""
-    if in_place:
-        for start, n, at in disk.store_pieces():
-            yield start, n, at is not None, at, source
-    elif hasattr(disk, "sources"):  # an image read through its tables
-        pos = 0
-        for start, n, at, file in disk.sources():
-            if start > pos:
-                yield pos, start - pos, False, None, source
-            yield start, n, True, at, file
-            pos = start + n
-        if pos < disk.size:
-            yield pos, disk.size - pos, False, None, source
-    else:
-        for start, n, data in disk.pieces():
-            yield start, n, data, None, source
 
 
 def _dmsetup(disk, device: str) -> None:
@@ -81,15 +69,14 @@ def _dmsetup(disk, device: str) -> None:
         print(f"vmarc: {disk.disk.describe()}: device-mapper reads the archive as it is: "
               "chunk checksums are not checked through this table (run vmarc verify)",
               file=sys.stderr)
-    for start, n, at in disk.store_pieces():
-        if at is not None and at >= BAD:  # lost by the archive: reads fail, as served
-            at = "error"
-        if start % SECTOR or (n % SECTOR and start + n != disk.size) or \
-                (isinstance(at, int) and at % SECTOR):
-            raise UsageError(f"{disk.disk.describe()}: a run at disk offset {start} is not "
+    for e in disk.extents():
+        target = {ZERO: "zero", LOST: "error"}.get(e.kind)  # lost: reads fail, as served
+        if e.start % SECTOR or (e.length % SECTOR and e.start + e.length != disk.size) or \
+                (target is None and e.at % SECTOR):
+            raise UsageError(f"{disk.disk.describe()}: a run at disk offset {e.start} is not "
                              "sector-aligned; device-mapper cannot map it")
-        sectors = -(-n // SECTOR)
-        if at is None or at == "error":
-            print(f"{start // SECTOR} {sectors} {at or 'zero'}")
+        sectors = -(-e.length // SECTOR)
+        if target is not None:
+            print(f"{e.start // SECTOR} {sectors} {target}")
         else:
-            print(f"{start // SECTOR} {sectors} linear {device} {at // SECTOR}")
+            print(f"{e.start // SECTOR} {sectors} linear {device} {e.at // SECTOR}")

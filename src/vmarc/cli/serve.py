@@ -9,8 +9,9 @@ import threading
 
 from ..access import open_disks
 from ..errors import SourceError
-from ..nbd import Exports, make_server
-from .common import layers, add_random_access_args, add_verify_arg, human_size
+from ..serve.exports import Exports
+from ..serve.nbd import make_server
+from .common import add_random_access_args, add_verify_arg, human_size, layers
 
 
 def add_parser(sub):
@@ -29,13 +30,7 @@ def add_parser(sub):
 def run(args) -> int:
     with open_disks(args.source, args.fmt, index=args.index, **layers(args),
                     verify=args.verify) as opened:
-        disks = {d.disk.id: d for d in opened.disks}
-        default = opened.select(args.disk) if args.disk or len(disks) == 1 else \
-            (opened.disks[0] if opened.disks else None)
-        exports = Exports(disks, default)
-        for d in opened.disks:  # xvda, scsi0, names and indexes work as export names too
-            for alias in d.disk.selectors() | opened.archive.extra_selectors(d.disk):
-                exports.aliases.setdefault(alias, d)
+        exports = Exports(opened, args.disk)
         try:
             server = make_server(exports, bind=args.bind, port=args.port,
                                  unix_socket=args.socket)

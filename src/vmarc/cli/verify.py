@@ -8,7 +8,7 @@ import sys
 from .. import open as open_archive
 from ..errors import CorruptError, FormatError, IntegrityError, TruncatedError
 from ..ops.verify import verify
-from .common import layers, add_progress_arg, add_source_args, print_json
+from .common import add_progress_arg, add_source_args, layers, print_json
 
 
 def add_parser(sub):

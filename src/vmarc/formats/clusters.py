@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-
 DENSE_LIMIT = 1 << 26  # flags kept one byte each up to this many clusters (64 MiB)
 
 

@@ -15,8 +15,8 @@ from array import array
 from collections import OrderedDict
 
 from ..errors import FormatError, SourceError, UnknownFormatError, UnsupportedError, UsageError
-from ..model import Archive, Checks, Disk, is_zero
-from ..output import pwrite_all
+from ..io.output import pwrite_all
+from ..model import DATA, RANDOM, ZERO, Archive, Checks, Disk, Extent, is_zero
 from .clusters import ClusterAssembler
 
 MAGIC = b"QFI\xfb"
@@ -39,6 +39,7 @@ def probe(head: bytes) -> bool:
 
 class Qcow2Archive(Archive):
     format = "qcow2"
+    access = RANDOM
 
     @classmethod
     def needs_file(cls, head: bytes, unsized: bool = False,
@@ -153,7 +154,7 @@ class Qcow2Archive(Archive):
         return path
 
     def _open_data_file(self, fname: str, chain: tuple):
-        from ..source import open_source
+        from ..io.source import open_source
         source = open_source(self._beside(fname, "data file", chain))
         if not source.seekable:
             source.close()
@@ -165,8 +166,8 @@ class Qcow2Archive(Archive):
         content, never raw by guess: a raw backing file needs backing_fmt=raw or the
         user's --parent (given), or any file the name points at would be read."""
         from .. import open as open_archive
-        from ..formats import detect
-        from ..source import open_source
+        from ..io.source import open_source
+        from . import detect
         name = self.source.name
         me = os.path.realpath(self.source.path or "-")
         path = self._beside(bname, "backing file", chain)
@@ -186,9 +187,12 @@ class Qcow2Archive(Archive):
             self.backing = Qcow2Archive(open_source(path), _chain=chain + (me,))
         else:
             self.backing = open_archive(path, fmt)
-        if not hasattr(self.backing, "read_at"):
+        if self.backing.access != RANDOM:
             raise UnsupportedError(f"{name}: backing file {bname} in format "
                                    f"{self.backing.format} cannot be read at random")
+
+    def lower(self):
+        return self.backing
 
     def close(self):
         if self.backing is not None:
@@ -209,7 +213,7 @@ class Qcow2Archive(Archive):
         out, layer = [], self.backing
         while layer is not None:
             out.append(layer.source.path or layer.source.name)
-            layer = getattr(layer, "backing", None) or getattr(layer, "parent", None)
+            layer = layer.lower()
         return out
 
     def checked(self):
@@ -238,7 +242,7 @@ class Qcow2Archive(Archive):
         return struct.unpack(f">{self.l2_entries}Q",
                              self.source.pread(self.cluster_size, off, f"L2 table {index}"))
 
-    def extents(self, start: int = 0):
+    def _l2_runs(self, start: int = 0):
         """(guest offset, length, kind, host offset or L2 entry) in guest order from the
         L2 table that covers start; kind is 'data', 'zero' (reads as zero here),
         'backing' (from the backing file) or 'compressed'. Contiguous data clusters are
@@ -290,25 +294,31 @@ class Qcow2Archive(Archive):
         if run:
             yield tuple(run)
 
-    def mapping(self, start: int = 0, end: int | None = None, depth: int = 0):
-        """(guest offset, length, file offset or None, file, depth) of what some layer of
-        the chain stores within [start, end): data clusters here (in the data file, if
-        any), compressed ones (no plain offset), and below the clusters that fall through
-        to the backing file, what that file stores (qemu-img map's present: true)."""
-        end = self.size if end is None else min(end, self.size)
-        for guest, length, kind, host in self.extents(start):
+    def extents(self, offset: int = 0, length: int | None = None, depth: int = 0):
+        """Extents covering the range through the chain: data clusters here (in the data
+        file, if any), compressed ones (DATA with no plain offset), zero clusters, and
+        what falls through to the backing file as that file has it (qemu-img map)."""
+        end = self.size if length is None else min(self.size, offset + length)
+        here = self.source.path or self.source.name
+        for guest, n, kind, host in self._l2_runs(offset):
             if guest >= end:
                 return
-            a, b = max(guest, start), min(guest + length, end)
+            a, b = max(guest, offset), min(guest + n, end)
             if a >= b:
                 continue
             if kind == "data":
-                yield a, b - a, host + (a - guest), self.data.path or self.data.name, depth
+                yield Extent(a, b - a, DATA, host + (a - guest), self.data.path or self.data.name,
+                             depth)
             elif kind == "compressed":
-                yield a, b - a, None, self.source.path or self.source.name, depth
+                yield Extent(a, b - a, DATA, None, here, depth)
             elif kind == "backing" and self.backing is not None:
-                yield from self.backing.mapping(a, min(b, self.backing.disks[0].size),
-                                                depth + 1)
+                bsize = self.backing.disks[0].size
+                if a < bsize:
+                    yield from self.backing.extents(a, min(b, bsize) - a, depth + 1)
+                if b > bsize:
+                    yield Extent(max(a, bsize), b - max(a, bsize), ZERO, None, here, depth + 1)
+            else:
+                yield Extent(a, b - a, ZERO, None, here, depth)
 
     def _decompress(self, entry: int, guest: int) -> bytes:
         cs, bits = self.cluster_size, self.cluster_bits
@@ -355,7 +365,7 @@ class Qcow2Archive(Archive):
     def _pieces(self, start: int = 0, end: int | None = None):
         """(guest offset, length, bytes) for every non-zero stretch, in guest order."""
         end = self.size if end is None else min(end, self.size)
-        for guest, length, kind, host in self.extents(start):
+        for guest, length, kind, host in self._l2_runs(start):
             if guest + length <= start or kind == "zero":
                 continue
             if guest >= end:

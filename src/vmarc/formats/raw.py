@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from ..model import HOLE, Archive, Disk, data_runs
-from ..source import next_data
-from ..output import OutputFile, pwrite_all, write_all, write_zeros
+from ..io.output import OutputFile, pwrite_all, write_all, write_zeros
+from ..io.source import next_data
+from ..model import DATA, HOLE, RANDOM, Archive, Disk, Extent, data_runs, filled
 
 READ_SIZE = 4 << 20
 
@@ -69,6 +69,7 @@ class RawArchive(Archive):
     sparse file are skipped with SEEK_DATA instead of being read."""
 
     format = "raw"
+    access = RANDOM
 
     def __init__(self, source):
         super().__init__(source)
@@ -105,10 +106,14 @@ class RawArchive(Archive):
                 yield disk, pos, buf[:n]
                 pos += n
 
-    def mapping(self, start: int = 0, end: int | None = None, depth: int = 0):
-        """(offset, length, file offset, file, depth) of what the file stores within
-        [start, end) (SEEK_DATA): as a backing file, or in place."""
-        end = self.disks[0].size if end is None else min(end, self.disks[0].size)
+    def extents(self, offset: int = 0, length: int | None = None, depth: int = 0):
+        """What the file stores (SEEK_DATA) and its holes: as a backing file, or in place."""
+        size = self.disks[0].size
+        end = size if length is None else min(offset + length, size)
+        name = self.source.path or self.source.name
+        return filled(self._stored(offset, end, name, depth), offset, end, name, depth)
+
+    def _stored(self, start: int, end: int, name: str, depth: int):
         fd = self.source._raw_file.fileno()
         pos = start
         while pos < end:
@@ -116,7 +121,7 @@ class RawArchive(Archive):
             if data_at is None or data_at >= end:
                 return
             stop = min(hole_at, end)
-            yield data_at, stop - data_at, data_at, self.source.path or self.source.name, depth
+            yield Extent(data_at, stop - data_at, DATA, data_at, name, depth)
             pos = stop
 
     def read_at(self, offset: int, n: int) -> bytes:

@@ -13,19 +13,38 @@ import os
 import re
 import struct
 import sys
-from array import array
 import time
 import urllib.parse
 import uuid as uuidlib
+from array import array
 
-from ..errors import (CorruptError, FormatError, IntegrityError, SourceError,
-                      UnsupportedError, UsageError)
-from ..model import HOLE, ZERO_CHUNK, Archive, Checks, Damage, Disk, data_runs, is_zero
-from ..output import pwrite_all, write_all, write_zeros
-from ..source import Source, open_source
-from ..tar import TarReader, parse_header
+from ..errors import (
+    CorruptError,
+    FormatError,
+    IntegrityError,
+    SourceError,
+    UnsupportedError,
+    UsageError,
+)
+from ..io.output import pwrite_all, write_all, write_zeros
+from ..io.source import Source, open_source
+from ..model import (
+    DATA,
+    HOLE,
+    RANDOM,
+    ZERO_CHUNK,
+    Archive,
+    Checks,
+    Damage,
+    Disk,
+    Extent,
+    data_runs,
+    filled,
+    is_zero,
+)
 from .clusters import ClusterAssembler
 from .raw import RawWriter
+from .tar import TarReader, parse_header
 
 COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
@@ -149,6 +168,7 @@ def bitmap_runs(bitmap: bytes, sectors: int):
 
 class VhdArchive(Archive):
     format = "vhd"
+    access = RANDOM
 
     def __init__(self, source, parent: str | None = None, no_backing: bool = False,
                  _children: tuple = ()):
@@ -642,14 +662,23 @@ class VhdArchive(Archive):
                     out[a - offset:b - offset] = data[a - at:b - at]
         return bytes(out)
 
-    def mapping(self, start: int = 0, end: int | None = None, depth: int = 0):
-        """(disk offset, length, file offset, file, depth) within [start, end) of every
-        block some layer of the chain allocates, from the newest layer that does (a
-        block's sector bitmap is not consulted, as qemu-img map does not)."""
-        end = self.size if end is None else min(end, self.size)
+    def lower(self):
+        return self.parent
+
+    def extents(self, offset: int = 0, length: int | None = None, depth: int = 0):
+        """Every block some layer of the chain allocates, from the newest layer that does
+        (a block's sector bitmap is not consulted, as qemu-img map does not), and ZERO
+        where none does."""
+        end = self.size if length is None else min(offset + length, self.size)
+        below = len(self._layers()) - 1 if self.footer.type != FIXED else 0
+        return filled(self._stored(offset, end, depth), offset, end,
+                      self.source.path or self.source.name, depth + below)
+
+    def _stored(self, start: int, end: int, depth: int):
         if self.footer.type == FIXED:
             if start < end:
-                yield start, end - start, start, self.source.path or self.source.name, depth
+                yield Extent(start, end - start, DATA, start,
+                             self.source.path or self.source.name, depth)
             return
         bs = self.header.block_size
         layers = self._layers()
@@ -657,11 +686,11 @@ class VhdArchive(Archive):
             a, b = max(start, index * bs), min(end, (index + 1) * bs)
             for k, p in enumerate(layers):
                 if p.header is None:  # a fixed parent stores everything
-                    yield a, b - a, a, p.source.path or p.source.name, depth + k
+                    yield Extent(a, b - a, DATA, a, p.source.path or p.source.name, depth + k)
                     break
                 if index < len(p.bat) and p.bat[index] != UNALLOCATED:
                     at = p.bat[index] * SECTOR + p.bitmap_size + (a - index * bs)
-                    yield a, b - a, at, p.source.path or p.source.name, depth + k
+                    yield Extent(a, b - a, DATA, at, p.source.path or p.source.name, depth + k)
                     break
 
     def _stream_pipe(self, disk):

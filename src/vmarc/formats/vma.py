@@ -15,9 +15,9 @@ import functools
 import struct
 
 from ..errors import CorruptError, FormatError, TruncatedError
-from ..hashing import md5_digest
-from ..model import Archive, Checks, Damage, Disk
-from . import pveconf
+from ..io.hashing import md5_digest
+from ..model import SCAN, Archive, Checks, Damage, Disk
+from ..settings import proxmox
 from .clusters import cluster_flags
 
 MAGIC = b"VMA\0"
@@ -83,6 +83,7 @@ class _ExtentData:
 
 class VmaArchive(Archive):
     format = "vma"
+    access = SCAN
     ordered = False  # clusters come as the backup job wrote them
 
     def __init__(self, source):
@@ -151,7 +152,7 @@ class VmaArchive(Archive):
         self.devices: dict[int, Disk] = {}
         self.vmstate: Disk | None = None
         conf = self.configs.get("qemu-server.conf", b"").decode("utf-8", "replace")
-        drives = pveconf.drives(conf)
+        drives = proxmox.drives(conf)
         for dev_id in range(256):
             ptr, _reserved, size = struct.unpack_from(">IIQ", header, 4096 + 32 * dev_id)
             if not ptr:
@@ -181,12 +182,12 @@ class VmaArchive(Archive):
         for cname in self.configs:  # extract writes both into one directory
             if cname in files:
                 raise FormatError(f"{name}: config {cname!r} has the name of a disk's file")
-        self.vm = pveconf.vm_summary(conf)
+        self.vm = proxmox.vm_summary(conf)
         self._streamed = False
 
     def settings(self):
         conf = self.configs.get("qemu-server.conf", b"").decode("utf-8", "replace")
-        return pveconf.read_settings(conf, self.disks)
+        return proxmox.read_settings(conf, self.disks)
 
     def covered(self, disk: Disk) -> int:
         """Disk offset below which every cluster has been read (see Archive.covered)."""
@@ -374,7 +375,7 @@ class VmaArchive(Archive):
             Damage(disk, base, min(CLUSTER, disk.size - base), "structure", cluster=cluster,
                    extent_offset=where)]))
 
-    def _cut_extent(self, checks: Checks, infos, extent: "_ExtentData", base_at: int) -> None:
+    def _cut_extent(self, checks: Checks, infos, extent: _ExtentData, base_at: int) -> None:
         """An extent whose data broke off: its stored blocks not handed out are missing
         (its header was whole and md5-checked, so where they belong is known)."""
         # bytes of the extent's data that arrived: handed out (wanted disks) or skipped;

@@ -16,11 +16,19 @@ import time
 import uuid as uuidlib
 
 from ..errors import UsageError
-from ..hashing import md5_digest
+from ..io.hashing import md5_digest
 from ..model import ZERO_CHUNK, is_zero
 from .clusters import ClusterAssembler
-from .vma import (BLOCK, BLOCKINFOS, BLOCKS_PER_CLUSTER, CLUSTER, EXTENT_HEADER, EXTENT_MAGIC,
-                  HEADER_FIXED, MAGIC)
+from .vma import (
+    BLOCK,
+    BLOCKINFOS,
+    BLOCKS_PER_CLUSTER,
+    CLUSTER,
+    EXTENT_HEADER,
+    EXTENT_MAGIC,
+    HEADER_FIXED,
+    MAGIC,
+)
 
 CLUSTERS_PER_EXTENT = BLOCKINFOS - 1   # what Proxmox's writer puts in one extent
 MAX_BLOB = 65535                       # a blob's length is a u16

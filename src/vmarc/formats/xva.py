@@ -15,10 +15,10 @@ import re
 from functools import partial
 
 from ..errors import CorruptError, FormatError, TruncatedError
-from ..hashing import DIGEST_NAME, INLINE, HashRing, sha1_text, xxh64_text
-from ..model import Archive, Checks, Damage, Disk, is_zero
-from ..tar import TarReader
-from . import ovaxml
+from ..io.hashing import DIGEST_NAME, INLINE, HashRing, sha1_text, xxh64_text
+from ..model import SCAN, Archive, Checks, Damage, Disk, is_zero
+from ..settings import xapi
+from .tar import TarReader
 
 CHUNK = 1 << 20
 MAGIC = b"ova.xml\0"
@@ -46,6 +46,7 @@ class _DiskState:
 
 class XvaArchive(Archive):
     format = "xva"
+    access = SCAN
 
     def __init__(self, source):
         super().__init__(source)
@@ -54,9 +55,9 @@ class XvaArchive(Archive):
         if first is None or first.name != "ova.xml":
             raise FormatError(f"{source.name}: first tar member is "
                               f"{first.name if first else 'missing'!r}; an XVA starts with ova.xml")
-        if first.size > ovaxml.MAX_OVA_XML:
+        if first.size > xapi.MAX_OVA_XML:
             raise FormatError(f"{source.name}: ova.xml member claims {first.size} bytes "
-                              f"(limit {ovaxml.MAX_OVA_XML}) at offset {first.offset}")
+                              f"(limit {xapi.MAX_OVA_XML}) at offset {first.offset}")
         raw = self.tar.read(first)
         self.configs["ova.xml"] = raw
         self._parse_ova(raw, f"{source.name}: ova.xml")
@@ -65,7 +66,7 @@ class XvaArchive(Archive):
 
     # -- ova.xml ----------------------------------------------------------------------
     def _parse_ova(self, raw: bytes, where: str) -> None:
-        top = ovaxml.parse(raw, where)
+        top = xapi.parse(raw, where)
         self.ova = top
         objs = {o["id"]: o for o in top["objects"]}
         by_class: dict[str, list[dict]] = {}
@@ -80,9 +81,9 @@ class XvaArchive(Archive):
                 "name": s.get("name_label", ""),
                 "description": s.get("name_description", ""),
                 "uuid": s.get("uuid", ""),
-                "memory": ovaxml.to_int(s.get("memory_static_max", "0") or "0",
+                "memory": xapi.to_int(s.get("memory_static_max", "0") or "0",
                                         "VM memory_static_max", where),
-                "vcpus": ovaxml.to_int(s.get("VCPUs_max", "0") or "0", "VM VCPUs_max", where),
+                "vcpus": xapi.to_int(s.get("VCPUs_max", "0") or "0", "VM VCPUs_max", where),
             }
 
         # Disks that carry data: the VM's non-CD VBDs' VDIs, plus a suspend image,
@@ -110,7 +111,7 @@ class XvaArchive(Archive):
                 continue
             if "/" in vdi_id or vdi_id in (".", ".."):
                 raise FormatError(f"{where}: VDI id {vdi_id!r} cannot name a tar directory")
-            size = ovaxml.to_int(vs.get("virtual_size", ""), f"VDI {vdi_id} virtual_size", where)
+            size = xapi.to_int(vs.get("virtual_size", ""), f"VDI {vdi_id} virtual_size", where)
             device = vbd.get("device") or _device_of(vbd.get("userdevice"))
             disks.append(Disk(id=vdi_id, name=vs.get("name_label", ""), size=size,
                               device=device,
@@ -125,7 +126,7 @@ class XvaArchive(Archive):
         self._by_id = {d.id: d for d in disks}
 
     def settings(self):
-        return ovaxml.read_settings(self.ova, self._vm_id, self.disks,
+        return xapi.read_settings(self.ova, self._vm_id, self.disks,
                                     f"{self.source.name}: ova.xml")
 
     def stream_order(self):

@@ -16,15 +16,15 @@ from __future__ import annotations
 import uuid as uuidlib
 
 from ..errors import UsageError
-from ..hashing import sha1_text, xxh64_text
+from ..io.hashing import sha1_text, xxh64_text
 from ..model import ZERO_CHUNK, is_zero
-from ..vmsettings import XAPI_BOOT_LETTER, XAPI_TEMPLATE_FOR, VmSettings, is_uuid, is_windows
-from . import ovaxml
+from ..settings import xapi
+from ..settings.neutral import XAPI_BOOT_LETTER, XAPI_TEMPLATE_FOR, VmSettings, is_uuid, is_windows
 
 CHUNK = 1 << 20
 BLOCK = 512
 NULL = "OpaqueRef:NULL"
-EPOCH = ovaxml.DateTime("19700101T00:00:00Z")
+EPOCH = xapi.DateTime("19700101T00:00:00Z")
 CHECKSUMS = {"xxhash": (".xxhash", xxh64_text), "sha1": (".checksum", sha1_text)}
 HEADERS = ("v7", "ustar")
 
@@ -178,7 +178,7 @@ def ova_xml(s: VmSettings, refs: list[str], network_names=None) -> bytes:
     """ova.xml for VmSettings whose data disks get the VDI refs given (in s.disks order)."""
     for field in ("name", "description"):
         text = getattr(s, field)
-        if ovaxml.xml_text(text) != text:  # dropped by render(); said here
+        if xapi.xml_text(text) != text:  # dropped by render(); said here
             s.lost.append(f"control characters in the VM {field} (XML cannot hold them)")
     vm_ref, sr_ref = "Ref:0001", "Ref:0002"
     new_uuid = lambda: str(uuidlib.uuid4())  # noqa: E731
@@ -263,7 +263,7 @@ def ova_xml(s: VmSettings, refs: list[str], network_names=None) -> bytes:
                        "product_brand": "XCP-ng", "build_number": "vmarc", "xapi_major": "1",
                        "xapi_minor": "20", "export_vsn": "2"},
            "objects": objects}
-    return ovaxml.render(top).encode()
+    return xapi.render(top).encode()
 
 
 def _userdevices(disks: int, cds: int) -> list[str]:

@@ -10,10 +10,10 @@ from ..errors import UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
+from ..io.output import OutputFile, pwrite_all, temp_writes, writing
 from ..model import Archive, Checks, Disk
-from ..output import OutputFile, pwrite_all, temp_writes, writing
-from ..progress import Progress
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
+from .progress import Progress
 
 OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
 ARCHIVE_FORMATS = ("vma", "xva")   # whole-VM outputs: ops/vmconvert.py

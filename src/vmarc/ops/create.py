@@ -7,15 +7,16 @@ import os
 
 from .. import open as open_archive
 from ..errors import SourceError, UsageError
-from ..formats import pveconf
 from ..formats.vma_writer import VmaWriter, device_name
 from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
+from ..io.codecs import compression_for
+from ..io.output import StreamOutput, writing
 from ..model import Checks
-from ..sequencer import DiskSequencer
-from ..vmsettings import DiskSlot, VmSettings
-from ..output import StreamOutput, compression_for, writing
+from ..settings import proxmox
+from ..settings.neutral import DiskSlot, VmSettings
+from .progress import Progress
+from .sequencer import DiskSequencer
 from .vmconvert import vma_name_rules
-from ..progress import Progress
 
 CREATE_FORMATS = ("vma", "xva")
 
@@ -146,12 +147,12 @@ def _generated_conf(settings: VmSettings, names: list[str], warnings: list[str],
     """A qemu-server.conf for disks named by Proxmox slot (drive-scsi0...), so that the
     archive restores with qmrestore."""
     keys = [n[6:] for n in names]
-    if not all(pveconf.DISK_KEY.fullmatch(k) for k in keys):
+    if not all(proxmox.DISK_KEY.fullmatch(k) for k in keys):
         warnings.append("no qemu-server.conf given and the disk names are not Proxmox "
                         "slots (scsi0, virtio0...); a Proxmox restore needs one "
                         "(--config qemu-server.conf=FILE)")
         return None
     settings.boot = ["disk"]
-    conf, _ = pveconf.render(settings, pveconf.DISK_KEY.fullmatch(keys[0])[1], "local-lvm",
+    conf, _ = proxmox.render(settings, proxmox.DISK_KEY.fullmatch(keys[0])[1], "local-lvm",
                              vmid, disk_keys=keys)
     return conf.encode()

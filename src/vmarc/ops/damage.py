@@ -15,8 +15,8 @@ import os
 import sys
 
 from ..errors import SalvagedError
+from ..io.output import OutputFile, write_all, writing
 from ..model import Checks, Disk
-from ..output import OutputFile, write_all, writing
 
 
 def checks_for(disks: list[Disk], salvage: bool) -> Checks:

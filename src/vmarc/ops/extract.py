@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 from ..formats.raw import RawWriter
+from ..io.output import OutputDir, writing
 from ..model import Archive
-from ..output import OutputDir, writing
-from ..progress import Progress
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
+from .progress import Progress
 
 
 def extract(archive: Archive, directory: str, disks: list[str] | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CorruptError
 from ..model import Archive, Checks
-from ..progress import Progress
+from .progress import Progress
 
 
 def verify(archive: Archive, progress: bool = False) -> Checks:

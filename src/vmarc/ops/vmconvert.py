@@ -5,7 +5,7 @@ XVA -> VMA streams straight through (a VMA takes clusters in any order). Into an
 disk must come whole and in order, one after the other: disks are written in the order
 the source finishes them, so an XVA or a one-disk source streams straight through; what a
 source gives out of turn (a multi-disk VMA interleaves its disks) is held in a temporary
-file until its turn, and the command says so (sequencer.py).
+file until its turn, and the command says so (ops/sequencer.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import re
 import time
 
 from ..errors import UsageError
-from ..formats import pveconf
 from ..formats.vma_writer import VmaWriter
 from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
-from ..model import Archive, Checks
+from ..io.codecs import compression_for
+from ..io.output import StreamOutput, writing
+from ..model import DATA, SCAN, Archive, Checks
+from ..settings import proxmox
 from .convert import ARCHIVE_FORMATS
-from ..output import StreamOutput, compression_for, writing
-from ..progress import Progress
-from ..sequencer import DiskSequencer
+from .progress import Progress
+from .sequencer import DiskSequencer
 
 XVA_OPTIONS = {"checksum", "header", "compress"}
 VMA_OPTIONS = {"compress"}
@@ -96,7 +97,7 @@ def _interleaved_file(archive: Archive, order) -> bool:
     """Several disks whose data interleaves (VMA) in a plain file: read each disk in turn
     through an index of the archive's headers instead of holding the others back."""
     src = archive.source
-    return (len(order) > 1 and not archive.ordered and hasattr(archive, "scan")
+    return (len(order) > 1 and not archive.ordered and archive.access == SCAN
             and src.path is not None and src.compression is None and src.seekable)
 
 
@@ -104,20 +105,21 @@ def _indexed_pieces(archive: Archive, order):
     """(disk, offset, data) of each disk in turn, in disk order: scan() checks every
     header and structure rule and maps where each disk's data lies in the file, then the
     data is read from there (nothing read twice, nothing held)."""
-    from ..access import DiskMap, FileStore
-    maps = {d.id: DiskMap() for d in order}
-    for disk, start, n, at, _ in archive.scan(Checks()):
-        if disk.id in maps:
-            maps[disk.id].add(start, n, at)
+    from ..access.open import scan_maps
+    from ..access.stores import FileStore
+    from ..access.views import MappedDisk
+    maps = scan_maps(archive, Checks())
     store = FileStore(archive.source.path)
     try:
         for disk in order:
-            for start, length, at in maps[disk.id].finish().pieces(0, disk.size):
-                if at is None:
+            view = MappedDisk(disk, store, maps[disk.id].finish(), archive.source.name,
+                              verify=False)  # scan checked the structure; XVA never comes here
+            for e in view.extents():
+                if e.kind != DATA:
                     continue
-                for step in range(0, length, READ_STEP):
-                    n = min(READ_STEP, length - step)
-                    yield disk, start + step, memoryview(store.pread(n, at + step))
+                for step in range(0, e.length, READ_STEP):
+                    n = min(READ_STEP, e.length - step)
+                    yield disk, e.start + step, memoryview(store.pread(n, e.at + step))
     finally:
         store.close()
 
@@ -132,7 +134,7 @@ def write_vma(out, archive: Archive, settings, *, storage: str, vmid: int, bus: 
         configs = dict(archive.configs)
         names = [d.id for d in data_disks]
     else:
-        conf, keys = pveconf.render(settings, bus, storage, vmid, bridge)
+        conf, keys = proxmox.render(settings, bus, storage, vmid, bridge)
         configs = {"qemu-server.conf": conf.encode()}
         names = [f"drive-{k}" for k in keys]
     writer = VmaWriter(out, [(n, d.size) for n, d in zip(names, data_disks)], configs,

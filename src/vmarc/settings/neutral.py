@@ -1,7 +1,7 @@
 """A VM's settings in neutral terms: what moves between XenServer/XCP-ng and Proxmox.
 
-Readers fill a VmSettings from ova.xml (formats/ovaxml.py) or qemu-server.conf
-(formats/pveconf.py); writers render one back into the other format. Whatever a source
+Readers fill a VmSettings from ova.xml (settings/xapi.py) or qemu-server.conf
+(settings/proxmox.py); writers render one back into the other format. Whatever a source
 says that the neutral model cannot hold goes into `lost`, and a writer adds what its own
 format cannot hold: the command prints every line as a warning, nothing is dropped silently.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .model import Disk
+from ..model import Disk
 
 MiB = 1 << 20
 BOOT_CLASSES = ("disk", "cdrom", "net")

@@ -8,8 +8,8 @@ both are read. pax 'x' and GNU 'L' long-name records are honoured for the next m
 
 from __future__ import annotations
 
-from .errors import FormatError, TruncatedError
-from .source import Source
+from ..errors import FormatError, TruncatedError
+from ..io.source import Source
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)

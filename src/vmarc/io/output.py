@@ -12,17 +12,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import io
 import os
+import shutil
 import stat
 import struct
-import shutil
-import subprocess
 import sys
 import tempfile
 
-from .errors import OutputError, UnsupportedError, UsageError
-from .model import ZERO_CHUNK
+from ..errors import OutputError, UsageError
+from ..model import ZERO_CHUNK
+from .codecs import open_compressor
 
 
 def write_all(fd: int, data) -> None:
@@ -337,17 +336,6 @@ class OutputDir:
             self.tmp = None
 
 
-COMPRESSION_SUFFIXES = {".zst": "zstd", ".gz": "gzip", ".lzo": "lzop"}
-
-
-def compression_for(path: str) -> str | None:
-    """The compression an output name asks for (vzdump's names: .vma.zst, .vma.gz...)."""
-    for suffix, kind in COMPRESSION_SUFFIXES.items():
-        if path.lower().endswith(suffix):
-            return kind
-    return None
-
-
 class StreamOutput:
     """A byte stream written front to back into an OutputFile, optionally through a
     compressor: the zstd and lzop tools in their own processes (zstd on every core,
@@ -361,31 +349,13 @@ class StreamOutput:
         self._writer = None    # a file object for in-process compressors
         self._fd = self.file.fd
         try:
-            if compression in ("zstd", "lzop"):
-                self._start_tool(compression)
-            elif compression == "gzip":
-                raw = io.FileIO(self.file.fd, "wb", closefd=False)
-                try:
-                    from isal import igzip_threaded
-                    self._writer = igzip_threaded.open(raw, "wb", threads=-1)
-                except ImportError:
-                    import gzip
-                    self._writer = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)
-            elif compression is not None:
-                raise UsageError(f"unknown output compression {compression!r}")
+            if compression is not None:
+                self._writer, self._proc = open_compressor(compression, self.file.fd, path)
+                if self._proc is not None:
+                    self._fd = self._proc.stdin.fileno()
         except BaseException:
             self.file.abort()
             raise
-
-    def _start_tool(self, kind: str) -> None:
-        argv = {"zstd": ["zstd", "-q", "-c", "-T0"], "lzop": ["lzop", "-q", "-c"]}[kind]
-        tool = shutil.which(argv[0])
-        if tool is None:
-            raise UnsupportedError(f"{self.path}: {kind} output needs the {argv[0]} tool "
-                                   f"(apt-get install {argv[0]})")
-        self._proc = subprocess.Popen([tool, *argv[1:]], stdin=subprocess.PIPE,
-                                      stdout=self.file.fd, stderr=subprocess.PIPE, bufsize=0)
-        self._fd = self._proc.stdin.fileno()
 
     def write(self, data) -> None:
         try:

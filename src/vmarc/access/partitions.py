@@ -1,6 +1,6 @@
 """Partitions of a disk from its MBR (primary and logical) or GPT, for `mount`.
 
-Only the tables are read (through DiskAccess.read); anything odd (an entry past the
+Only the tables are read (through DiskView.read_at); anything odd (an entry past the
 disk's end, a loop in the logical chain) ends the list instead of failing the mount.
 """
 
@@ -16,7 +16,7 @@ MAX_PARTITIONS = 128
 
 def partitions(disk) -> list[tuple[int, int]]:
     """(offset, length) in bytes of each partition, in table order."""
-    mbr = disk.read(0, SECTOR)
+    mbr = disk.read_at(0, SECTOR)
     if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
         return []
     entries = [struct.unpack_from("<B3xB3xII", mbr, 446 + 16 * i)[1:] for i in range(4)]
@@ -39,7 +39,7 @@ def _logical(disk, ext_start: int) -> list[tuple[int, int]]:
     found, seen, ebr = [], set(), ext_start
     while ebr not in seen and len(found) < MAX_PARTITIONS and ebr * SECTOR < disk.size:
         seen.add(ebr)
-        sec = disk.read(ebr * SECTOR, SECTOR)
+        sec = disk.read_at(ebr * SECTOR, SECTOR)
         if sec[510:512] != b"\x55\xaa":
             break
         kind, start, count = struct.unpack_from("<B3xB3xII", sec, 446)[1:]
@@ -53,13 +53,13 @@ def _logical(disk, ext_start: int) -> list[tuple[int, int]]:
 
 
 def _gpt(disk) -> list[tuple[int, int]]:
-    head = disk.read(SECTOR, 92)
+    head = disk.read_at(SECTOR, 92)
     if head[:8] != b"EFI PART":
         return []
     table_lba, count, size = struct.unpack_from("<QII", head, 72)
     if size < 128 or size > 4096 or count > 1024:  # entries are 128 bytes in practice
         return []
-    raw = disk.read(table_lba * SECTOR, min(count, MAX_PARTITIONS) * size)
+    raw = disk.read_at(table_lba * SECTOR, min(count, MAX_PARTITIONS) * size)
     found = []
     for i in range(len(raw) // size):
         entry = raw[i * size:(i + 1) * size]

@@ -1,4 +1,4 @@
-"""A read-only NBD server over DiskAccess objects (the protocol of NetworkBlockDevice's
+"""A read-only NBD server over the disk views of serve/exports.py (the protocol of NetworkBlockDevice's
 doc/proto.md): fixed newstyle handshake, NBD_OPT_GO/INFO/LIST, structured replies and
 the base:allocation meta context, one thread per client."""
 
@@ -11,6 +11,8 @@ import socketserver
 import struct
 import sys
 import threading
+
+from ..model import ZERO
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054
@@ -54,20 +56,6 @@ class _Disconnect(Exception):
     pass
 
 
-class Exports:
-    """Export name -> DiskAccess; the empty name is the default export."""
-
-    def __init__(self, disks: dict, default):
-        self.disks = disks      # id -> DiskAccess
-        self.default = default  # DiskAccess or None
-        self.aliases: dict = {}
-
-    def find(self, name: str):
-        if name == "":
-            return self.default
-        return self.disks.get(name) or self.aliases.get(name)
-
-
 class _Client(socketserver.BaseRequestHandler):
     def handle(self):
         self.sock: socket.socket = self.request
@@ -77,7 +65,7 @@ class _Client(socketserver.BaseRequestHandler):
         # (settimeout would make the socket non-blocking, which sendfile cannot use)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                              struct.pack("ll", IDLE_TIMEOUT, 0))
-        self.exports: Exports = self.server.exports
+        self.exports = self.server.exports  # serve/exports.py
         self.structured = False
         self.allocation = False
         with self.server.clients_lock:
@@ -224,7 +212,7 @@ class _Client(socketserver.BaseRequestHandler):
                 self._read_in_place(disk, handle, offset, length)
             elif cmd == CMD_READ:
                 try:
-                    data = disk.read(offset, length)
+                    data = disk.read_at(offset, length)
                 except Exception as e:
                     self._read_failed(disk, handle, offset, e)
                     continue
@@ -247,10 +235,10 @@ class _Client(socketserver.BaseRequestHandler):
         zeros on the wire). The last chunk carries the DONE flag: no empty final chunk."""
         sock, out = self.sock, self.sock.fileno()
         head = struct.Struct(">IHHQIQ")
-        pieces = list(disk.map.pieces(offset, length))
-        for i, (start, n, at) in enumerate(pieces):
+        pieces = list(disk.extents(offset, length))  # verify() refused LOST ones
+        for i, (start, n, kind, at, *_) in enumerate(pieces):
             flags = REPLY_FLAG_DONE if i == len(pieces) - 1 else 0
-            if at is None:
+            if kind == ZERO:
                 sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE,
                                        handle, 12, start) + struct.pack(">I", n))
                 continue
@@ -299,8 +287,9 @@ class _Client(socketserver.BaseRequestHandler):
 
     def _block_status(self, disk, handle: int, offset: int, length: int, one: bool):
         descs = []
-        for _, n, data in disk.pieces(offset, length):
-            state = 0 if data else STATE_HOLE | STATE_ZERO
+        for e in disk.extents(offset, length):
+            n = e.length
+            state = STATE_HOLE | STATE_ZERO if e.kind == ZERO else 0  # LOST: data (EIO)
             while n:  # descriptor lengths are 32-bit
                 step = min(n, 1 << 31)
                 if descs and descs[-1][1] == state and descs[-1][0] + step < 1 << 32:
@@ -329,7 +318,7 @@ class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     request_queue_size = MAX_CLIENTS
 
 
-def make_server(exports: Exports, *, bind: str = "127.0.0.1", port: int = 10809,
+def make_server(exports, *, bind: str = "127.0.0.1", port: int = 10809,
                 unix_socket: str | None = None):
     if unix_socket:
         server = UnixServer(unix_socket, _Client)

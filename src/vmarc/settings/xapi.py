@@ -8,7 +8,6 @@ element are strings too (Xen Orchestra writes those).
 from __future__ import annotations
 
 import re
-
 import xml.etree.ElementTree as ET
 
 from ..errors import FormatError
@@ -132,8 +131,7 @@ def xml_text(text: str) -> str:
 
 def read_settings(top: dict, vm_id: str | None, disks, where: str):
     """VmSettings of the VM object vm_id; disks are the archive's data disks in slot order."""
-    from ..vmsettings import (DiskSlot, Nic, VmSettings, boot_from_letters, mac_ok,
-                              ostype_from_template)
+    from .neutral import DiskSlot, Nic, VmSettings, boot_from_letters, mac_ok, ostype_from_template
     objs = {o["id"]: o for o in top["objects"]}
     s = VmSettings()
     vm = objs.get(vm_id, {}).get("snapshot", {}) if vm_id else {}

@@ -14,8 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
-from .errors import IntegrityError
-from .model import Checks
+from ..errors import IntegrityError
+from ..model import Checks
 
 
 def xxh64_text(data) -> str:

@@ -17,8 +17,8 @@ import os
 import sys
 import tempfile
 
-from .model import ZERO_CHUNK
-from .output import pwrite_all, temp_writes
+from ..io.output import pwrite_all, temp_writes
+from ..model import ZERO_CHUNK
 
 # VMARC_HOLD_MEMORY (bytes) moves the bound; 0 sends everything held to the file
 HOLD_MEMORY = int(os.environ.get("VMARC_HOLD_MEMORY", 32 << 20))

@@ -104,7 +104,7 @@ def read_settings(conf: str, disks):
     """VmSettings from a qemu-server.conf and the archive's disks (VMA devices named
     drive-<key>). A drive in the config but not in the archive, or the other way round,
     is said in `lost`."""
-    from ..vmsettings import DiskSlot, Nic, VmSettings, mac_ok
+    from .neutral import DiskSlot, Nic, VmSettings, mac_ok
     keys = main_section(conf)
     s = VmSettings()
     s.name = keys.get("name", "")
@@ -213,7 +213,7 @@ def render(s, bus: str, storage: str, vmid: int, bridge: str | None = None,
     """qemu-server.conf for a VmSettings: the text and the drive key of each data disk
     (the archive's devices are drive-<key>): bus0, bus1... unless disk_keys are given.
     What Proxmox cannot hold is added to s.lost."""
-    from ..vmsettings import is_uuid, is_windows
+    from .neutral import is_uuid, is_windows
     if bus not in BUS_SLOTS:
         raise ValueError(bus)
     if len(s.disks) > BUS_SLOTS[bus]:
