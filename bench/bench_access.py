@@ -55,8 +55,10 @@ def main() -> int:
     for p in (plain, gz, raw):
         subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
     size = os.path.getsize(raw)
-    print(f"archive {os.path.getsize(plain) / MiB:.0f} MiB plain, disk {size / MiB:.0f} MiB; "
-          f"median of {args.runs} runs")
+    print(
+        f"archive {os.path.getsize(plain) / MiB:.0f} MiB plain, disk {size / MiB:.0f} MiB; "
+        f"median of {args.runs} runs"
+    )
 
     def timed_open(path):
         t = time.perf_counter()
@@ -72,8 +74,10 @@ def main() -> int:
         o.close()
         idx_first.append(t1)
         idx_again.append(t2)
-    print(f"index a plain XVA (headers only):   {statistics.median(idx_first):6.3f} s; "
-          f"reopen with the saved index {statistics.median(idx_again):6.3f} s")
+    print(
+        f"index a plain XVA (headers only):   {statistics.median(idx_first):6.3f} s; "
+        f"reopen with the saved index {statistics.median(idx_again):6.3f} s"
+    )
 
     shutil.rmtree(cache, ignore_errors=True)
     t = time.perf_counter()
@@ -87,16 +91,20 @@ def main() -> int:
     again_gz = time.perf_counter() - t
     rps_gz = random_reads(lambda off: o.disks[0].read(off, 4096), size)
     o.close()
-    print(f"first random read from .xva.gz:     {first_gz:6.3f} s (builds the index and "
-          f"gzip checkpoints); with them saved {again_gz:6.3f} s")
+    print(
+        f"first random read from .xva.gz:     {first_gz:6.3f} s (builds the index and "
+        f"gzip checkpoints); with them saved {again_gz:6.3f} s"
+    )
 
     o, _ = timed_open(plain)
     rps_plain = random_reads(lambda off: o.disks[0].read(off, 4096), size)
     o.close()
     with open(raw, "rb") as f:
         rps_raw = random_reads(lambda off: os.pread(f.fileno(), 4096, off), size)
-    print(f"4 KiB random reads/s (Python API):  plain XVA {rps_plain:8.0f}, .xva.gz "
-          f"{rps_gz:8.0f}, raw file {rps_raw:8.0f}")
+    print(
+        f"4 KiB random reads/s (Python API):  plain XVA {rps_plain:8.0f}, .xva.gz "
+        f"{rps_gz:8.0f}, raw file {rps_raw:8.0f}"
+    )
 
     try:
         sequential(args, plain, raw, size, cache)
@@ -131,43 +139,56 @@ def sequential(args, plain: str, raw: str, size: int, cache: str) -> None:
                 finally:
                     rss["mount"] = max(rss.get("mount", 0), peak_rss(proc.pid))
                     unmount(mnt, proc)
+
             return run
 
         def nbd_read(*extra, serve_args=()):
             def run():
                 if os.path.exists(sock):  # a server killed before it could remove it
                     os.unlink(sock)
-                server = subprocess.Popen(VMARC + ["serve", plain, "--socket", sock,
-                                                   *serve_args], stderr=subprocess.DEVNULL)
+                server = subprocess.Popen(
+                    VMARC + ["serve", plain, "--socket", sock, *serve_args],
+                    stderr=subprocess.DEVNULL,
+                )
                 try:
                     wait_for(lambda: os.path.exists(sock), server)
-                    return read_timed(["nbdcopy", *extra, f"nbd+unix:///?socket={sock}",
-                                       "null:"])
+                    return read_timed(["nbdcopy", *extra, f"nbd+unix:///?socket={sock}", "null:"])
                 finally:
                     rss["serve"] = max(rss.get("serve", 0), peak_rss(server.pid))
                     server.terminate()
                     server.wait()
+
             return run
 
-        rows = {"cat raw file > /dev/null": lambda: read_timed(f"cat {raw} > /dev/null"),
-                "dd bs=1M raw file > /dev/null": lambda: read_timed(
-                    ["dd", f"if={raw}", "of=/dev/null", "bs=1M", "status=none"]),
-                "vmarc serve: nbdcopy > null": nbd_read(),
-                "vmarc serve: nbdcopy --no-extents": nbd_read("--no-extents"),
-                "vmarc serve --no-verify: nbdcopy": nbd_read(serve_args=["--no-verify"]),
-                "vmarc mount: cat > /dev/null": fuse_read(),
-                "vmarc mount --no-verify: cat": fuse_read("--no-verify"),
-                "vmarc mount --kernel-cache: cat": fuse_read("--kernel-cache")}
+        rows = {
+            "cat raw file > /dev/null": lambda: read_timed(f"cat {raw} > /dev/null"),
+            "dd bs=1M raw file > /dev/null": lambda: read_timed(
+                ["dd", f"if={raw}", "of=/dev/null", "bs=1M", "status=none"]
+            ),
+            "vmarc serve: nbdcopy > null": nbd_read(),
+            "vmarc serve: nbdcopy --no-extents": nbd_read("--no-extents"),
+            "vmarc serve --no-verify: nbdcopy": nbd_read(serve_args=["--no-verify"]),
+            "vmarc mount: cat > /dev/null": fuse_read(),
+            "vmarc mount --no-verify: cat": fuse_read("--no-verify"),
+            "vmarc mount --kernel-cache: cat": fuse_read("--kernel-cache"),
+        }
         refs = references(raw, cache, helpers)
-        cold_rows = (*DIRECT, "vmarc serve: nbdcopy > null",
-                     "vmarc mount: cat > /dev/null")
-        print(f"\nsequential read of the whole disk, median of {args.runs} "
-              "(acceptance: >= 50% of reading the raw file directly)")
-        table(interleave({**rows, **refs}, args.runs, cold=False), size,
-              "page cache warm (archive and raw file both cached)")
+        cold_rows = (*DIRECT, "vmarc serve: nbdcopy > null", "vmarc mount: cat > /dev/null")
+        print(
+            f"\nsequential read of the whole disk, median of {args.runs} "
+            "(acceptance: >= 50% of reading the raw file directly)"
+        )
+        table(
+            interleave({**rows, **refs}, args.runs, cold=False),
+            size,
+            "page cache warm (archive and raw file both cached)",
+        )
         if os.access("/proc/sys/vm/drop_caches", os.W_OK):
-            table(interleave({k: rows[k] for k in cold_rows}, args.runs, cold=True), size,
-                  "page cache cold (dropped before each read: a backup read from disk)")
+            table(
+                interleave({k: rows[k] for k in cold_rows}, args.runs, cold=True),
+                size,
+                "page cache cold (dropped before each read: a backup read from disk)",
+            )
         else:
             print("  (cold-cache reads need root to drop the page cache: not measured)")
         print("peak RSS: " + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in rss.items()))
@@ -193,15 +214,22 @@ def references(raw: str, cache: str, helpers: list) -> dict:
     and fuse_floor.c serving the raw file (FUSE with nothing but the kernel's copy)."""
     refs = {}
     if shutil.which("nbdkit"):
-        for plugin, args_, extra in (("file", [raw], []),
-                                     ("null", [f"{os.path.getsize(raw)}"], ["--no-extents"])):
+        for plugin, args_, extra in (
+            ("file", [raw], []),
+            ("null", [f"{os.path.getsize(raw)}"], ["--no-extents"]),
+        ):
             ksock = os.path.join(cache, f"nbdkit-{plugin}.sock")
-            helpers.append(subprocess.Popen(["nbdkit", "-f", "-r", "-U", ksock, plugin, *args_],
-                                            stderr=subprocess.DEVNULL))
+            helpers.append(
+                subprocess.Popen(
+                    ["nbdkit", "-f", "-r", "-U", ksock, plugin, *args_], stderr=subprocess.DEVNULL
+                )
+            )
             wait_for(lambda s=ksock: os.path.exists(s))
-            refs[f"ref: nbdkit {plugin}, nbdcopy {' '.join(extra)}".rstrip()] = \
-                (lambda u=f"nbd+unix:///?socket={ksock}", e=extra:
-                 read_timed(["nbdcopy", *e, u, "null:"]))
+            refs[f"ref: nbdkit {plugin}, nbdcopy {' '.join(extra)}".rstrip()] = (
+                lambda u=f"nbd+unix:///?socket={ksock}", e=extra: read_timed(
+                    ["nbdcopy", *e, u, "null:"]
+                )
+            )
     else:
         print("(nbdkit not installed: no NBD reference rows)")
     floor = build_fuse_floor(cache)
@@ -217,6 +245,7 @@ def references(raw: str, cache: str, helpers: list) -> dict:
                 return read_timed(f"cat {fmnt}/f > /dev/null")
             finally:
                 unmount(fmnt, proc)
+
         refs["ref: fuse_floor.c (C, splice): cat"] = floor_read
     return refs
 
@@ -226,8 +255,9 @@ def build_fuse_floor(cache: str) -> str | None:
         print("(fuse_floor reference needs root and a C compiler: not measured)")
         return None
     exe = os.path.join(cache, "fuse_floor")
-    r = subprocess.run(["cc", "-O2", "-o", exe, os.path.join(HERE, "fuse_floor.c")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["cc", "-O2", "-o", exe, os.path.join(HERE, "fuse_floor.c")], capture_output=True, text=True
+    )
     if r.returncode:
         print(f"(fuse_floor.c did not build: {r.stderr.strip().splitlines()[-1:]})")
         return None
@@ -272,21 +302,25 @@ def table(times: dict, size: int, title: str) -> None:
     print(f" {title}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:38} {med:6.2f} s  {size / med / MiB:7.0f} MiB/s  "
-              f"{base / med * 100:5.0f}% of direct")
+        print(
+            f"  {name:38} {med:6.2f} s  {size / med / MiB:7.0f} MiB/s  "
+            f"{base / med * 100:5.0f}% of direct"
+        )
 
 
 def mount(archive: str, mnt: str, *extra) -> subprocess.Popen:
     """vmarc mount in the foreground, as a child whose peak RSS can be read."""
-    proc = subprocess.Popen(VMARC + ["mount", "-F", archive, mnt, *extra],
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        VMARC + ["mount", "-F", archive, mnt, *extra], stderr=subprocess.DEVNULL
+    )
     wait_for(lambda: os.path.ismount(mnt), proc)
     return proc
 
 
 def unmount(mnt: str, proc: subprocess.Popen) -> None:
-    subprocess.run(["umount", mnt] if os.geteuid() == 0 else ["fusermount3", "-u", mnt],
-                   capture_output=True)
+    subprocess.run(
+        ["umount", mnt] if os.geteuid() == 0 else ["fusermount3", "-u", mnt], capture_output=True
+    )
     proc.wait()
 
 

@@ -24,12 +24,23 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     disk = os.path.join(args.work, "disk.raw")
     if not os.path.exists(disk):  # shared with bench_vma
-        subprocess.run([sys.executable, os.path.join(HERE, "bench_vma.py"), "--build-only",
-                        "--size-mib", str(args.size_mib), "--work", args.work], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(HERE, "bench_vma.py"),
+                "--build-only",
+                "--size-mib",
+                str(args.size_mib),
+                "--work",
+                args.work,
+            ],
+            check=True,
+        )
     vhd = os.path.join(args.work, "disk.vhd")
     if not os.path.exists(vhd):
-        subprocess.run(["qemu-img", "convert", "-O", "vpc", "-o", "force_size=on", disk, vhd],
-                       check=True)
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "vpc", "-o", "force_size=on", disk, vhd], check=True
+        )
     outd = args.out_dir or args.work
     out = {k: os.path.join(outd, f"out.{k}") for k in ("raw", "qcow2", "vhd")}
 
@@ -41,24 +52,68 @@ def main() -> int:
     for p in (disk, vhd):
         subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
     jobs = {
-        "vhd->raw: qemu-img convert": ["qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, out["raw"]],
+        "vhd->raw: qemu-img convert": [
+            "qemu-img",
+            "convert",
+            "-f",
+            "vpc",
+            "-O",
+            "raw",
+            vhd,
+            out["raw"],
+        ],
         "vhd->raw: vmarc convert": VMARC + ["convert", "--no-sync", vhd, out["raw"]],
-        "raw->qcow2: qemu-img convert": ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, out["qcow2"]],
-        "raw->qcow2: vmarc convert": VMARC + ["convert", "--no-sync", "-O", "qcow2", disk, out["qcow2"]],
-        "raw->vhd: qemu-img convert": ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o",
-                                       "force_size=on", disk, out["vhd"]],
+        "raw->qcow2: qemu-img convert": [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            disk,
+            out["qcow2"],
+        ],
+        "raw->qcow2: vmarc convert": VMARC
+        + ["convert", "--no-sync", "-O", "qcow2", disk, out["qcow2"]],
+        "raw->vhd: qemu-img convert": [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "force_size=on",
+            disk,
+            out["vhd"],
+        ],
         "raw->vhd: vmarc convert": VMARC + ["convert", "--no-sync", "-O", "vhd", disk, out["vhd"]],
     }
-    print(f"disk: {args.size_mib} MiB raw; median of {args.runs} interleaved runs; output in "
-          f"{outd}; qemu-img flushes nothing by default, so vmarc runs with --no-sync")
+    print(
+        f"disk: {args.size_mib} MiB raw; median of {args.runs} interleaved runs; output in "
+        f"{outd}; qemu-img flushes nothing by default, so vmarc runs with --no-sync"
+    )
     res = interleaved(jobs, args.runs, rm)
     rm()
-    report(res, [(f"{k}: vmarc convert", f"{k}: qemu-img convert")
-                 for k in ("vhd->raw", "raw->qcow2", "raw->vhd")])
+    report(
+        res,
+        [
+            (f"{k}: vmarc convert", f"{k}: qemu-img convert")
+            for k in ("vhd->raw", "raw->qcow2", "raw->vhd")
+        ],
+    )
     sub = lambda argv, path: [("OUT" if a == path else a) for a in argv]  # noqa: E731
-    allocation([(k, sub(jobs[f"{k}: vmarc convert"], out[o]), sub(jobs[f"{k}: qemu-img convert"], out[o]))
-                for k, o in (("vhd->raw", "raw"), ("raw->qcow2", "qcow2"), ("raw->vhd", "vhd"))],
-               outd)
+    allocation(
+        [
+            (
+                k,
+                sub(jobs[f"{k}: vmarc convert"], out[o]),
+                sub(jobs[f"{k}: qemu-img convert"], out[o]),
+            )
+            for k, o in (("vhd->raw", "raw"), ("raw->qcow2", "qcow2"), ("raw->vhd", "vhd"))
+        ],
+        outd,
+    )
     return 0
 
 

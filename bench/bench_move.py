@@ -26,12 +26,16 @@ from bench_xva import VMARC, bench_args, interleaved, report  # noqa: E402
 
 
 def main() -> int:
-    args = bench_args(0, "unused: the archives of bench_xva.py and bench_vma.py are used").parse_args()
+    args = bench_args(
+        0, "unused: the archives of bench_xva.py and bench_vma.py are used"
+    ).parse_args()
     os.makedirs(args.work, exist_ok=True)
     xva = bench_xva.build(args.work, 1536)["plain"]
     vma = bench_vma.build(args.work, 1024)[0]
     outd = args.out_dir or args.work
-    out = {k: os.path.join(outd, f"move-out.{k}") for k in ("vma", "vma.zst", "xva", "xva.zst", "cat")}
+    out = {
+        k: os.path.join(outd, f"move-out.{k}") for k in ("vma", "vma.zst", "xva", "xva.zst", "cat")
+    }
 
     def rm():
         for p in out.values():
@@ -45,20 +49,24 @@ def main() -> int:
         "cat xva > file": f"cat {xva} > {out['cat']}",
         "xva->vma: vmarc convert": VMARC + ["convert", *nosync, xva, out["vma"], "-O", "vma"],
         "zstd -T0 xva > file": f"zstd -q -T0 -c {xva} > {out['cat']}",
-        "xva->vma.zst: vmarc convert": VMARC + ["convert", *nosync, xva, out["vma.zst"],
-                                                "-O", "vma"],
+        "xva->vma.zst: vmarc convert": VMARC
+        + ["convert", *nosync, xva, out["vma.zst"], "-O", "vma"],
         "cat vma > file": f"cat {vma} > {out['cat']}",
         "vma->xva: vmarc convert": VMARC + ["convert", *nosync, vma, out["xva"], "-O", "xva"],
         "zstd -T0 vma > file": f"zstd -q -T0 -c {vma} > {out['cat']}",
-        "vma->xva zstd: vmarc convert": VMARC + ["convert", *nosync, vma, out["xva.zst"],
-                                                 "-O", "xva", "-o", "compress=zstd"],
+        "vma->xva zstd: vmarc convert": VMARC
+        + ["convert", *nosync, vma, out["xva.zst"], "-O", "xva", "-o", "compress=zstd"],
     }
-    pairs = [("xva->vma: vmarc convert", "cat xva > file"),
-             ("xva->vma.zst: vmarc convert", "zstd -T0 xva > file"),
-             ("vma->xva: vmarc convert", "cat vma > file"),
-             ("vma->xva zstd: vmarc convert", "zstd -T0 vma > file")]
-    print(f"xva {os.path.getsize(xva) >> 20} MiB, vma {os.path.getsize(vma) >> 20} MiB; median "
-          f"of {args.runs} interleaved runs; output in {outd}")
+    pairs = [
+        ("xva->vma: vmarc convert", "cat xva > file"),
+        ("xva->vma.zst: vmarc convert", "zstd -T0 xva > file"),
+        ("vma->xva: vmarc convert", "cat vma > file"),
+        ("vma->xva zstd: vmarc convert", "zstd -T0 vma > file"),
+    ]
+    print(
+        f"xva {os.path.getsize(xva) >> 20} MiB, vma {os.path.getsize(vma) >> 20} MiB; median "
+        f"of {args.runs} interleaved runs; output in {outd}"
+    )
     res = interleaved(jobs, args.runs, rm)
     rm()
     report(res, pairs, target=None)  # the issue asks for the figures, sets no ratio

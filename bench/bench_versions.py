@@ -29,25 +29,30 @@ def main() -> int:
     args = ap.parse_args()
     have = [i for i in INPUTS if os.path.exists(os.path.join(args.work, i))]
     if not have:
-        raise SystemExit(f"bench: no archives in {args.work}; run bench_xva.py, bench_vma.py "
-                         "and bench_images.py first")
+        raise SystemExit(
+            f"bench: no archives in {args.work}; run bench_xva.py, bench_vma.py "
+            "and bench_images.py first"
+        )
     out = os.path.join(args.out_dir or args.work, "versions.raw")
     old = tempfile.mkdtemp(prefix="vmarc-old-")
-    subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", old, args.rev],
-                   check=True)
+    subprocess.run(
+        ["git", "-C", ROOT, "worktree", "add", "-q", "--detach", old, args.rev], check=True
+    )
     try:
         py = sys.executable
         jobs, pairs = {}, []
         for name in have:
             src = os.path.join(args.work, name)
             jobs[f"{name}: new vmarc"] = f"{py} -m vmarc convert --no-sync {src} {out}"
-            jobs[f"{name}: old vmarc"] = (f"PYTHONPATH={old}/src {py} -m vmarc convert "
-                                          f"--no-sync {src} {out}")
+            jobs[f"{name}: old vmarc"] = (
+                f"PYTHONPATH={old}/src {py} -m vmarc convert --no-sync {src} {out}"
+            )
             pairs.append((f"{name}: new vmarc", f"{name}: old vmarc", None))
 
         def rm():
             if os.path.exists(out):
                 os.unlink(out)
+
         print(f"this checkout against {args.rev}; median of {args.runs} interleaved runs")
         res = interleaved(jobs, args.runs, rm)
         rm()

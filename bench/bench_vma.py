@@ -30,8 +30,10 @@ def build(work: str, size_mib: int) -> tuple[str, str, str]:
     disk = os.path.join(work, "disk.raw")
     if not all(os.path.exists(p) for p in (plain, zst, disk, os.path.join(work, "worst.vma"))):
         # a child process: the generator holds the disk in memory (see bench_xva)
-        subprocess.run([sys.executable, __file__, "--build-only", "--size-mib", str(size_mib),
-                        "--work", work], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--build-only", "--size-mib", str(size_mib), "--work", work],
+            check=True,
+        )
     return plain, zst, disk
 
 
@@ -42,20 +44,22 @@ def realistic_disk(size_mib: int) -> bytearray:
     import random
 
     from bench_xva import make_disk
+
     xdisk = make_disk(size_mib)
     data = bytearray(size_mib << 20)
     for c, chunk in xdisk.sparse.items():
-        data[c << 20:(c + 1) << 20] = chunk
+        data[c << 20 : (c + 1) << 20] = chunk
     rnd = random.Random(5)
     for cl in range(0, len(data), 65536):
         if rnd.random() < 0.12:  # a partly used cluster: a few zero 4 KiB blocks
             for b in rnd.sample(range(16), rnd.randint(1, 6)):
-                data[cl + b * 4096:cl + (b + 1) * 4096] = bytes(4096)
+                data[cl + b * 4096 : cl + (b + 1) * 4096] = bytes(4096)
     return data
 
 
 def build_files(work: str, size_mib: int) -> None:
     import vmagen
+
     data = realistic_disk(size_mib)
     with open(os.path.join(work, "vm.vma"), "wb") as f:
         f.write(vmagen.build([("drive-scsi0", data)], order="backup"))
@@ -64,8 +68,19 @@ def build_files(work: str, size_mib: int) -> None:
         f.write(vmagen.build([("drive-scsi0", worst)], order="shuffle"))
     with open(os.path.join(work, "disk.raw"), "wb") as f:  # the same disk as a raw file
         f.write(data)
-    subprocess.run(["zstd", "-q", "-3", "-T0", "-f", os.path.join(work, "vm.vma"), "-o",
-                    os.path.join(work, "vm.vma.zst")], check=True)
+    subprocess.run(
+        [
+            "zstd",
+            "-q",
+            "-3",
+            "-T0",
+            "-f",
+            os.path.join(work, "vm.vma"),
+            "-o",
+            os.path.join(work, "vm.vma.zst"),
+        ],
+        check=True,
+    )
 
 
 def main() -> int:
@@ -95,30 +110,55 @@ def main() -> int:
         "zstd -dc > file": f"zstd -dc {zst} > {out}",
         "vma.zst: vmarc convert --no-sync": VMARC + ["convert", "--no-sync", zst, out],
         "cat raw > file": f"cat {disk} > {out_vma}",
-        "create: vmarc create --no-sync": VMARC + ["create", "-O", "vma", "--no-sync", out_vma,
-                                                   "--disk", f"scsi0={disk}", "--config", CONF],
+        "create: vmarc create --no-sync": VMARC
+        + [
+            "create",
+            "-O",
+            "vma",
+            "--no-sync",
+            out_vma,
+            "--disk",
+            f"scsi0={disk}",
+            "--config",
+            CONF,
+        ],
         "zstd -T0 raw > file": f"zstd -q -T0 -c {disk} > {out_vma}.zst",
-        "create .zst: vmarc create --no-sync": VMARC + ["create", "-O", "vma", "--no-sync",
-                                                        out_vma + ".zst", "--disk", f"scsi0={disk}", "--config", CONF],
+        "create .zst: vmarc create --no-sync": VMARC
+        + [
+            "create",
+            "-O",
+            "vma",
+            "--no-sync",
+            out_vma + ".zst",
+            "--disk",
+            f"scsi0={disk}",
+            "--config",
+            CONF,
+        ],
     }
-    pairs = [("vma: vmarc convert --no-sync", "cat > file"),
-             ("vma.zst: vmarc convert --no-sync", "zstd -dc > /dev/null"),
-             ("vma.zst: vmarc convert --no-sync", "zstd -dc > file"),
-             ("create: vmarc create --no-sync", "cat raw > file", 1.5),
-             ("create .zst: vmarc create --no-sync", "zstd -T0 raw > file", 1.5)]
+    pairs = [
+        ("vma: vmarc convert --no-sync", "cat > file"),
+        ("vma.zst: vmarc convert --no-sync", "zstd -dc > /dev/null"),
+        ("vma.zst: vmarc convert --no-sync", "zstd -dc > file"),
+        ("create: vmarc create --no-sync", "cat raw > file", 1.5),
+        ("create .zst: vmarc create --no-sync", "zstd -T0 raw > file", 1.5),
+    ]
     if args.worst:
         worst = os.path.join(args.work, "worst.vma")
         jobs["worst: cat > file"] = f"cat {worst} > {out}"
         jobs["worst: vmarc convert --no-sync"] = VMARC + ["convert", "--no-sync", worst, out]
         pairs.append(("worst: vmarc convert --no-sync", "worst: cat > file"))
-    print(f"archive: {os.path.getsize(plain) >> 20} MiB vma, {os.path.getsize(zst) >> 20} MiB "
-          f"vma.zst; disk {args.size_mib} MiB; median of {args.runs} interleaved runs; output "
-          f"in {os.path.dirname(out)}")
+    print(
+        f"archive: {os.path.getsize(plain) >> 20} MiB vma, {os.path.getsize(zst) >> 20} MiB "
+        f"vma.zst; disk {args.size_mib} MiB; median of {args.runs} interleaved runs; output "
+        f"in {os.path.dirname(out)}"
+    )
     res = interleaved(jobs, args.runs, rm)
     rm()
     report(res, pairs)
-    allocation([("vma -> raw", VMARC + ["convert", "--no-sync", plain, "OUT"], disk)],
-               os.path.dirname(out))
+    allocation(
+        [("vma -> raw", VMARC + ["convert", "--no-sync", plain, "OUT"], disk)], os.path.dirname(out)
+    )
     return 0
 
 

@@ -33,8 +33,12 @@ def make_disk(size_mib: int) -> xvagen.XDisk:
     incompressible (media, compressed files), ~4 bits/byte (text, code) and ~2 bits/byte
     with zero runs (binaries, file system metadata)."""
     rnd = random.Random(42)
-    text = bytes.maketrans(bytes(range(256)), bytes(b"etaoinshrdlucmfw"[i % 16] for i in range(256)))
-    low = bytes.maketrans(bytes(range(256)), bytes(b"\0\0\0\0\x01\x02\xff@"[i % 8] for i in range(256)))
+    text = bytes.maketrans(
+        bytes(range(256)), bytes(b"etaoinshrdlucmfw"[i % 16] for i in range(256))
+    )
+    low = bytes.maketrans(
+        bytes(range(256)), bytes(b"\0\0\0\0\x01\x02\xff@"[i % 8] for i in range(256))
+    )
     chunks = {}
     for c in range(size_mib):
         if c % 3 == 1 and c not in (0, size_mib - 1):
@@ -46,8 +50,11 @@ def make_disk(size_mib: int) -> xvagen.XDisk:
 
 
 def archive_paths(work: str) -> dict[str, str]:
-    return {"plain": os.path.join(work, "vm.xva"), "gzip": os.path.join(work, "vm.xva.gz"),
-            "zstd": os.path.join(work, "vm.xva.zst")}
+    return {
+        "plain": os.path.join(work, "vm.xva"),
+        "gzip": os.path.join(work, "vm.xva.gz"),
+        "zstd": os.path.join(work, "vm.xva.zst"),
+    }
 
 
 def build(work: str, size_mib: int) -> dict[str, str]:
@@ -56,8 +63,10 @@ def build(work: str, size_mib: int) -> dict[str, str]:
         return paths
     # Built in a child process: the generator holds the disk in memory, and a forked
     # child's peak RSS would otherwise include it.
-    subprocess.run([sys.executable, __file__, "--build-only", "--size-mib", str(size_mib),
-                    "--work", work], check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--build-only", "--size-mib", str(size_mib), "--work", work],
+        check=True,
+    )
     return paths
 
 
@@ -66,8 +75,9 @@ def build_files(paths, size_mib: int) -> None:
     with open(paths["plain"], "wb") as f:
         xvagen.write_to(f, spec)
     subprocess.run(f"gzip -1 -c {paths['plain']} > {paths['gzip']}", shell=True, check=True)
-    subprocess.run(["zstd", "-q", "-3", "-T0", "-f", paths["plain"], "-o", paths["zstd"]],
-                   check=True)
+    subprocess.run(
+        ["zstd", "-q", "-3", "-T0", "-f", paths["plain"], "-o", paths["zstd"]], check=True
+    )
     return paths
 
 
@@ -90,8 +100,14 @@ def warm_memory(mib: int = 2048) -> None:
     baselines alike) writes at memory speed and only its own cost is measured."""
     # in a child: a fork of a process that once held 2 GiB would report that as the
     # peak RSS of every command timed after it
-    subprocess.run([sys.executable, "-c", f"n = {mib << 20}; b = bytearray(n); "
-                    "b[::4096] = bytes([1]) * len(range(0, n, 4096))"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"n = {mib << 20}; b = bytearray(n); b[::4096] = bytes([1]) * len(range(0, n, 4096))",
+        ],
+        check=True,
+    )
 
 
 def interleaved(jobs: dict, runs: int, cleanup) -> dict:
@@ -119,8 +135,10 @@ def report(res: dict, pairs, target: float | None = 1.3) -> None:
     print("\nratios (median / median)")
     for vm, base, *own in pairs:
         goal = own[0] if own else target
-        print(f"  {vm:34} / {base:30} {res[vm][0] / res[base][0]:5.2f}"
-              + (f"   (target <= {goal})" if goal else ""))
+        print(
+            f"  {vm:34} / {base:30} {res[vm][0] / res[base][0]:5.2f}"
+            + (f"   (target <= {goal})" if goal else "")
+        )
     print(f"peak RSS of vmarc: {max(r[2] for k, r in res.items() if 'vmarc' in k) / 1024:.0f} MiB")
 
 
@@ -135,12 +153,15 @@ def allocation(rows, out_dir: str) -> None:
             out = os.path.join(out_dir, f"alloc{k}.out")
             if isinstance(cmd, str):  # a raw disk: qemu-img's sparse copy of it
                 cmd = ["qemu-img", "convert", "-f", "raw", "-O", "raw", cmd, "OUT"]
-            subprocess.run([out if a == "OUT" else a for a in cmd], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [out if a == "OUT" else a for a in cmd], check=True, stdout=subprocess.DEVNULL
+            )
             sizes.append(os.stat(out).st_blocks * 512)
             os.unlink(out)
-        print(f"  {label:34} {sizes[0] / MiB:9.1f} MiB {sizes[1] / MiB:9.1f} MiB "
-              f"{sizes[0] / sizes[1]:6.3f}")
+        print(
+            f"  {label:34} {sizes[0] / MiB:9.1f} MiB {sizes[1] / MiB:9.1f} MiB "
+            f"{sizes[0] / sizes[1]:6.3f}"
+        )
 
 
 def bench_args(size_mib: int, size_help: str | None = None) -> argparse.ArgumentParser:
@@ -149,9 +170,12 @@ def bench_args(size_mib: int, size_help: str | None = None) -> argparse.Argument
     ap.add_argument("--size-mib", type=int, default=size_mib, help=size_help)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
-    ap.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
-                    help="where outputs go (default tmpfs: this project's VMs share a disk "
-                    "whose speed swings 10x between runs, which would drown our own cost)")
+    ap.add_argument(
+        "--out-dir",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+        help="where outputs go (default tmpfs: this project's VMs share a disk "
+        "whose speed swings 10x between runs, which would drown our own cost)",
+    )
     return ap
 
 
@@ -170,10 +194,12 @@ def main() -> int:
         if os.path.exists(out):
             os.unlink(out)
 
-    print(f"archive: {os.path.getsize(paths['plain']) / MiB:.0f} MiB plain, "
-          f"{os.path.getsize(paths['gzip']) / MiB:.0f} MiB gzip, "
-          f"{os.path.getsize(paths['zstd']) / MiB:.0f} MiB zstd; disk {args.size_mib} MiB; "
-          f"median of {args.runs} interleaved runs; output in {os.path.dirname(out)}")
+    print(
+        f"archive: {os.path.getsize(paths['plain']) / MiB:.0f} MiB plain, "
+        f"{os.path.getsize(paths['gzip']) / MiB:.0f} MiB gzip, "
+        f"{os.path.getsize(paths['zstd']) / MiB:.0f} MiB zstd; disk {args.size_mib} MiB; "
+        f"median of {args.runs} interleaved runs; output in {os.path.dirname(out)}"
+    )
     for p in paths.values():  # warm the page cache
         subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
 
@@ -193,19 +219,25 @@ def main() -> int:
     }
     res = interleaved(jobs, args.runs, rm)
     rm()
-    report(res, [("plain: vmarc convert --no-sync", "cat > file"),
-                 ("plain: vmarc convert", "cat > file && sync"),
-                 ("gzip: vmarc convert --no-sync", "gzip -dc > /dev/null"),
-                 ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > /dev/null"),
-                 ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > file"),
-                 ("zstd: vmarc convert --no-sync", "zstd -dc > /dev/null"),
-                 ("zstd: vmarc convert --no-sync", "zstd -dc > file")])
+    report(
+        res,
+        [
+            ("plain: vmarc convert --no-sync", "cat > file"),
+            ("plain: vmarc convert", "cat > file && sync"),
+            ("gzip: vmarc convert --no-sync", "gzip -dc > /dev/null"),
+            ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > /dev/null"),
+            ("gzip: vmarc convert --no-sync", "igzip (isal) -dc > file"),
+            ("zstd: vmarc convert --no-sync", "zstd -dc > /dev/null"),
+            ("zstd: vmarc convert --no-sync", "zstd -dc > file"),
+        ],
+    )
     # qemu-img cannot read an XVA: it copies the disk vmarc extracted (itself sparse)
     subprocess.run(VMARC + ["convert", "--no-sync", P, out], check=True)
     full = os.path.join(os.path.dirname(out), "full.raw")
     subprocess.run(["cp", "--sparse=never", out, full], check=True)
-    allocation([("xva -> raw", VMARC + ["convert", "--no-sync", P, "OUT"], full)],
-               os.path.dirname(out))
+    allocation(
+        [("xva -> raw", VMARC + ["convert", "--no-sync", P, "OUT"], full)], os.path.dirname(out)
+    )
     os.unlink(full)
     rm()
     return 0

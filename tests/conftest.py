@@ -35,9 +35,14 @@ class Result:
 
 def vmarc(*args, stdin=None, input=None, timeout=300, stdout=subprocess.PIPE):
     """Run the real command line in a subprocess; returns a Result."""
-    proc = subprocess.run([sys.executable, "-m", "vmarc", *map(str, args)], stdin=stdin,
-                          input=input, stdout=stdout, stderr=subprocess.PIPE,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmarc", *map(str, args)],
+        stdin=stdin,
+        input=input,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=timeout,
+    )
     return Result(proc)
 
 
@@ -56,9 +61,14 @@ def vmarc_peak(*args):
     memory in its peak."""
     import tempfile
     import types
+
     with tempfile.NamedTemporaryFile() as out, tempfile.NamedTemporaryFile() as err:
-        probe = subprocess.run([sys.executable, "-c", _PEAK_PROBE, out.name, err.name,
-                                *map(str, args)], capture_output=True, text=True, check=True)
+        probe = subprocess.run(
+            [sys.executable, "-c", _PEAK_PROBE, out.name, err.name, *map(str, args)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         code, peak = map(int, probe.stdout.split())
         done = types.SimpleNamespace(returncode=code, stdout=out.read(), stderr=err.read())
     return Result(done), peak
@@ -82,8 +92,10 @@ def need(tool):
 
 def pytest_sessionstart(session):
     if not os.path.isdir(SHARED_FIXTURES) or not os.path.isdir(SHARED_REALDATA):
-        raise pytest.UsageError(f"the shared samples are not at {SHARED} (the shared/ folder "
-                                "beside the checkout); set VMARC_SHARED")
+        raise pytest.UsageError(
+            f"the shared samples are not at {SHARED} (the shared/ folder "
+            "beside the checkout); set VMARC_SHARED"
+        )
 
 
 @pytest.fixture

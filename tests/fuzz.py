@@ -30,12 +30,15 @@ def samples(work: str) -> dict[str, tuple[bytes, bytes | None]]:
     """name -> (file bytes, the disk when the format checksums it, else None)."""
     import vmagen
     import xvagen as g
+
     rnd = random.Random(1)
     disk = bytearray(rnd.randbytes(2 * MiB))
-    disk[MiB // 2:MiB] = bytes(MiB // 2)
+    disk[MiB // 2 : MiB] = bytes(MiB // 2)
     disk = bytes(disk)
-    out = {"xva": (g.build(g.XvaSpec(disks=[g.XDisk("Ref:1", disk, "d", "0")])), disk),
-           "vma": (vmagen.build([("drive-scsi0", disk)], per_extent=7), None)}
+    out = {
+        "xva": (g.build(g.XvaSpec(disks=[g.XDisk("Ref:1", disk, "d", "0")])), disk),
+        "vma": (vmagen.build([("drive-scsi0", disk)], per_extent=7), None),
+    }
     raw = os.path.join(work, "src.raw")
     with open(raw, "wb") as f:
         f.write(disk)
@@ -57,20 +60,23 @@ def mutate(data: bytes, rnd: random.Random) -> bytes:
     elif kind == 1:
         at = rnd.randrange(len(b))
         n = rnd.randint(2, 64)
-        b[at:at + n] = rnd.randbytes(min(n, len(b) - at))
+        b[at : at + n] = rnd.randbytes(min(n, len(b) - at))
     elif kind == 2:  # the metadata at the start, where structure lives
         at = rnd.randrange(min(len(b), 16384))
         b[at] = rnd.randrange(256)
     else:
-        del b[rnd.randrange(1, len(b)):]
+        del b[rnd.randrange(1, len(b)) :]
     return bytes(b)
 
 
 def run_case(path: str, out_dir: str, cmd: str) -> tuple[int, str]:
     """vmarc in this process: (exit code, stderr)."""
     from vmarc.cli.main import main
+
     err = io.StringIO()
-    args = ["verify", path] if cmd == "verify" else ["convert", path, os.path.join(out_dir, "o.raw")]
+    args = (
+        ["verify", path] if cmd == "verify" else ["convert", path, os.path.join(out_dir, "o.raw")]
+    )
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             code = main(args)
@@ -78,6 +84,7 @@ def run_case(path: str, out_dir: str, cmd: str) -> tuple[int, str]:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException as e:  # anything that escapes main() is a finding
             import traceback
+
             return -1, "".join(traceback.format_exception(e))
     return code, err.getvalue()
 
@@ -112,8 +119,11 @@ def fuzz(work: str, seed: int, cases: int | None, hours: float | None) -> dict:
                     if f.read() != disk:
                         findings.append(f"{what}: exit 0 with a wrong disk")
         ran += 1
-    return {"cases": ran, "findings": findings,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "cases": ran,
+        "findings": findings,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> int:
@@ -131,10 +141,13 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         import json
+
         print(json.dumps(res))
     else:
-        print(f"{res['cases']} cases, seed {args.seed}, peak RSS {res['peak_rss_mib']:.0f} MiB, "
-              f"{len(res['findings'])} findings")
+        print(
+            f"{res['cases']} cases, seed {args.seed}, peak RSS {res['peak_rss_mib']:.0f} MiB, "
+            f"{len(res['findings'])} findings"
+        )
         for f in res["findings"]:
             print(f"  {f}")
     return 1 if res["findings"] else 0

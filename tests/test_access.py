@@ -31,9 +31,11 @@ def own_cache(tmp_path, monkeypatch):
 def xva_case(tmp_path, compress=None):
     d1 = g.pattern_disk(5 * MiB + 1536, zero_chunks={2})
     d2 = g.pattern_disk(3 * MiB, zero_chunks={1}, seed=2)
-    spec = g.XvaSpec(disks=[g.XDisk("Ref:10", d1, "root disk", "0"),
-                            g.XDisk("Ref:9", d2, "data disk", "1")],
-                     keepalives={"Ref:10": {1, 4}}, compress=compress)
+    spec = g.XvaSpec(
+        disks=[g.XDisk("Ref:10", d1, "root disk", "0"), g.XDisk("Ref:9", d2, "data disk", "1")],
+        keepalives={"Ref:10": {1, 4}},
+        compress=compress,
+    )
     suffix = {None: "", "gzip": ".gz", "zstd": ".zst"}[compress]
     path = tmp_path / f"vm.xva{suffix}"
     g.write(path, spec)
@@ -47,10 +49,11 @@ def vma_case(tmp_path, compress=None):
     path = tmp_path / "vzdump.vma"
     path.write_bytes(blob)
     if compress:
-        tool = {"gzip": ["gzip", "-k", "-1"], "zstd": ["zstd", "-q", "-1"],
-                "lzo": ["lzop", "-1"]}[compress]
+        tool = {"gzip": ["gzip", "-k", "-1"], "zstd": ["zstd", "-q", "-1"], "lzo": ["lzop", "-1"]}[
+            compress
+        ]
         subprocess.run([*tool, str(path)], check=True)
-        path = tmp_path / f"vzdump.vma.{ {'gzip': 'gz', 'zstd': 'zst', 'lzo': 'lzo'}[compress]}"
+        path = tmp_path / f"vzdump.vma.{ {'gzip': 'gz', 'zstd': 'zst', 'lzo': 'lzo'}[compress] }"
     return path, {"drive-scsi0": d1, "drive-virtio1": d2}
 
 
@@ -71,11 +74,16 @@ def image_case(tmp_path, kind):
 
 
 CASES = {
-    "xva": lambda p: xva_case(p), "xva.gz": lambda p: xva_case(p, "gzip"),
-    "xva.zst": lambda p: xva_case(p, "zstd"), "vma": lambda p: vma_case(p),
-    "vma.gz": lambda p: vma_case(p, "gzip"), "vma.zst": lambda p: vma_case(p, "zstd"),
-    "vma.lzo": lambda p: vma_case(p, "lzo"), "raw": lambda p: image_case(p, "raw"),
-    "qcow2": lambda p: image_case(p, "qcow2"), "vhd": lambda p: image_case(p, "vhd"),
+    "xva": lambda p: xva_case(p),
+    "xva.gz": lambda p: xva_case(p, "gzip"),
+    "xva.zst": lambda p: xva_case(p, "zstd"),
+    "vma": lambda p: vma_case(p),
+    "vma.gz": lambda p: vma_case(p, "gzip"),
+    "vma.zst": lambda p: vma_case(p, "zstd"),
+    "vma.lzo": lambda p: vma_case(p, "lzo"),
+    "raw": lambda p: image_case(p, "raw"),
+    "qcow2": lambda p: image_case(p, "qcow2"),
+    "vhd": lambda p: image_case(p, "vhd"),
     "vhd-chain": lambda p: image_case(p, "vhd-chain"),
 }
 
@@ -83,9 +91,10 @@ CASES = {
 class Server:
     def __init__(self, tmp_path, source, *extra):
         self.sock = str(tmp_path / "nbd.sock")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vmarc", "serve", str(source),
-                                      "--socket", self.sock, *extra],
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmarc", "serve", str(source), "--socket", self.sock, *extra],
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 60
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.time() > deadline:
@@ -111,6 +120,7 @@ def serve(tmp_path):
         s = Server(tmp_path, source, *extra)
         servers.append(s)
         return s
+
     yield start
     for s in servers:
         if s.proc.poll() is None:
@@ -130,11 +140,16 @@ def test_every_disk_reads_identically_through_nbd(case, tmp_path, serve):
         # every byte asked for, holes included (hole chunks, sendfile data chunks), with
         # 128 KiB requests (not the 1 MiB chunk or 2 MiB block boundaries)
         out.unlink()
-        subprocess.run(["nbdcopy", "--no-extents", "--request-size=131072",
-                        s.url(name or ""), str(out)], check=True)
+        subprocess.run(
+            ["nbdcopy", "--no-extents", "--request-size=131072", s.url(name or ""), str(out)],
+            check=True,
+        )
         assert out.read_bytes() == data, (case, name, "no extents")
-        size = json.loads(subprocess.run(["nbdinfo", "--json", s.url(name or "")],
-                                         capture_output=True, check=True).stdout)
+        size = json.loads(
+            subprocess.run(
+                ["nbdinfo", "--json", s.url(name or "")], capture_output=True, check=True
+            ).stdout
+        )
         assert size["exports"][0]["export-size"] == len(data)
     assert s.stop() == 0
     assert not os.path.exists(s.sock)
@@ -145,24 +160,28 @@ def test_holes_show_in_nbdinfo_map_and_qemu_reads_nbd(case, tmp_path, serve):
     source, disks = CASES[case](tmp_path)
     s = serve(source)
     name, data = next(iter(disks.items()))
-    res = subprocess.run(["nbdinfo", "--map", "--json", s.url(name)], capture_output=True,
-                         check=True)
+    res = subprocess.run(
+        ["nbdinfo", "--map", "--json", s.url(name)], capture_output=True, check=True
+    )
     extents = json.loads(res.stdout)
     assert sum(e["length"] for e in extents) == len(data)
     holes = [e for e in extents if e["type"] & 1]
     assert holes, extents
     for e in extents:  # every hole really reads as zeros; data is where the bytes are
-        piece = data[e["offset"]:e["offset"] + e["length"]]
+        piece = data[e["offset"] : e["offset"] + e["length"]]
         if e["type"] & 1:
             assert piece == bytes(len(piece))
     if case == "xva":  # the skipped zero chunk 2 (after two keepalives) is a hole
-        assert any(e["offset"] <= 2 * MiB and e["offset"] + e["length"] >= 3 * MiB
-                   for e in holes), extents
+        assert any(
+            e["offset"] <= 2 * MiB and e["offset"] + e["length"] >= 3 * MiB for e in holes
+        ), extents
     need("qemu-img")
     ref = tmp_path / "ref.raw"
     ref.write_bytes(data)
-    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref),
-                          s.url(name)], capture_output=True)
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), s.url(name)],
+        capture_output=True,
+    )
     assert cmp.returncode == 0, cmp
     out = tmp_path / "q.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", s.url(name), str(out)], check=True)
@@ -172,8 +191,9 @@ def test_holes_show_in_nbdinfo_map_and_qemu_reads_nbd(case, tmp_path, serve):
 def test_export_names_list_and_unknown(tmp_path, serve):
     source, disks = xva_case(tmp_path)
     s = serve(source)
-    listed = subprocess.run(["nbdinfo", "--list", "--json", s.url()], capture_output=True,
-                            check=True)
+    listed = subprocess.run(
+        ["nbdinfo", "--list", "--json", s.url()], capture_output=True, check=True
+    )
     names = {e["export-name"] for e in json.loads(listed.stdout)["exports"]}
     assert names == set(disks)
     # the device works as an export name too
@@ -211,8 +231,11 @@ def test_disconnecting_clients_do_not_stop_the_server(tmp_path, serve):
 def test_several_clients_at_once(tmp_path, serve):
     source, disks = vma_case(tmp_path)
     s = serve(source)
-    procs = [subprocess.Popen(["nbdcopy", s.url(name), str(tmp_path / f"{i}-{name}.raw")])
-             for i in range(3) for name in disks]
+    procs = [
+        subprocess.Popen(["nbdcopy", s.url(name), str(tmp_path / f"{i}-{name}.raw")])
+        for i in range(3)
+        for name in disks
+    ]
     assert all(p.wait(timeout=60) == 0 for p in procs)
     for i in range(3):
         for name, data in disks.items():
@@ -221,6 +244,7 @@ def test_several_clients_at_once(tmp_path, serve):
 
 def test_index_is_saved_and_reused(tmp_path):
     from vmarc.access import open_disks
+
     for case in ("xva", "vma.gz", "vma.zst"):
         source, disks = CASES[case](tmp_path)
         with open_disks(str(source), quiet=True) as first:
@@ -242,6 +266,7 @@ def test_index_is_saved_and_reused(tmp_path):
 
 def test_index_beside_the_archive_and_random_reads(tmp_path):
     from vmarc.access import open_disks
+
     source, disks = xva_case(tmp_path)
     idx = tmp_path / "vm.idx"
     res = run("map", source, "--disk", "Ref:10", "--index", idx, "--output", "json")
@@ -255,7 +280,7 @@ def test_index_beside_the_archive_and_random_reads(tmp_path):
             for _ in range(300):
                 off = rnd.randrange(0, d.size)
                 n = rnd.choice([1, 512, 4096, 65536, 3 * MiB])
-                assert d.read_at(off, n) == data[off:off + n]
+                assert d.read_at(off, n) == data[off : off + n]
 
 
 def test_map_json_and_dmsetup_agree_with_the_disk(tmp_path):
@@ -265,37 +290,37 @@ def test_map_json_and_dmsetup_agree_with_the_disk(tmp_path):
     rows = json.loads(run("map", source, "--disk", "Ref:10", "--output", "json").out)
     assert rows[0]["start"] == 0 and sum(r["length"] for r in rows) == len(data)
     for r in rows:
-        piece = data[r["start"]:r["start"] + r["length"]]
+        piece = data[r["start"] : r["start"] + r["length"]]
         if r["data"]:
-            assert archive[r["offset"]:r["offset"] + r["length"]] == piece
+            assert archive[r["offset"] : r["offset"] + r["length"]] == piece
         else:
             assert piece == bytes(len(piece))
-    table = run("map", source, "--disk", "xvda", "--output", "dmsetup", "--device",
-                "/dev/loop7").text.splitlines()
+    table = run(
+        "map", source, "--disk", "xvda", "--output", "dmsetup", "--device", "/dev/loop7"
+    ).text.splitlines()
     pos = 0
     for line in table:
         f = line.split()
         start, count = int(f[0]) * 512, int(f[1]) * 512
         assert start == pos
-        piece = data[start:start + count]
+        piece = data[start : start + count]
         if f[2] == "linear":
             assert f[3] == "/dev/loop7"
             at = int(f[4]) * 512
-            assert archive[at:at + len(piece)] == piece
+            assert archive[at : at + len(piece)] == piece
         else:
             assert f[2] == "zero" and piece == bytes(len(piece))
         pos += count
     assert pos >= len(data)
     gz, _ = xva_case(tmp_path, "gzip")
-    assert_clean_failure(run("map", gz, "--disk", "xvda", "--output", "dmsetup"), 1,
-                         "uncompressed")
+    assert_clean_failure(run("map", gz, "--disk", "xvda", "--output", "dmsetup"), 1, "uncompressed")
 
 
 def test_bad_inputs_fail_cleanly(tmp_path):
     source, _ = xva_case(tmp_path)
     blob = bytearray(source.read_bytes())
     cut = tmp_path / "cut.xva"
-    cut.write_bytes(blob[:len(blob) // 2])
+    cut.write_bytes(blob[: len(blob) // 2])
     # a cut archive is mapped with its lost stretch marked (reads of it fail), and said
     res = run("map", cut, "--disk", "xvda")
     assert res.code == 0 and "(damaged)" in res.text, res
@@ -303,15 +328,17 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     junk = tmp_path / "junk.xva"
     junk.write_bytes(b"hello" * 1000)
     assert_clean_failure(run("serve", junk, "--socket", tmp_path / "s"), 1, "junk.xva")
-    assert_clean_failure(run("serve", "-", "--socket", tmp_path / "s", input=bytes(blob)), 1,
-                         "pipe")
+    assert_clean_failure(
+        run("serve", "-", "--socket", tmp_path / "s", input=bytes(blob)), 1, "pipe"
+    )
     assert_clean_failure(run("mount", source, tmp_path / "nowhere"), 1, "not a directory")
     # libfuse refuses these options during INIT, when the background child no longer has
     # a stderr: the parent still says so in one line
     need("fusermount3")
     (tmp_path / "mnt").mkdir()
-    assert_clean_failure(run("mount", source, tmp_path / "mnt", "-o", "max_read=524288"), 1,
-                         "FUSE mount failed")
+    assert_clean_failure(
+        run("mount", source, tmp_path / "mnt", "-o", "max_read=524288"), 1, "FUSE mount failed"
+    )
     assert not os.path.ismount(tmp_path / "mnt")
 
 
@@ -319,7 +346,7 @@ def _mbr_disk(size: int, parts) -> bytearray:
     data = bytearray(vmagen.disk_bytes(size, seed=11))
     data[0:512] = bytes(512)
     for i, (start, count) in enumerate(parts):
-        data[446 + 16 * i:462 + 16 * i] = struct.pack("<B3xB3xII", 0, 0x83, start, count)
+        data[446 + 16 * i : 462 + 16 * i] = struct.pack("<B3xB3xII", 0, 0x83, start, count)
     data[510:512] = b"\x55\xaa"
     return data
 
@@ -338,6 +365,7 @@ def mounted(tmp_path):
         assert res.code == 0, res
         mounts.append(mnt)
         return mnt
+
     yield mount
     for mnt in mounts:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
@@ -346,8 +374,7 @@ def mounted(tmp_path):
 # every format; the read paths: archive fd and /dev/zero handed to libfuse (plain
 # archives, spool files), bytes from Python (gzip checkpoints, qcow2, VHD chains), and
 # the kernel-cached mount
-@pytest.mark.parametrize("case,extra", [*((c, ()) for c in CASES),
-                                        ("xva", ("--kernel-cache",))])
+@pytest.mark.parametrize("case,extra", [*((c, ()) for c in CASES), ("xva", ("--kernel-cache",))])
 def test_fuse_mount_reads_byte_for_byte(case, extra, tmp_path, mounted):
     source, disks = CASES[case](tmp_path)
     mnt = mounted(source, *extra)
@@ -369,14 +396,16 @@ def test_fuse_mount_reads_byte_for_byte(case, extra, tmp_path, mounted):
             for _ in range(50):
                 off = rnd.randrange(len(data))
                 n = rnd.choice([1, 4096, 70000, 1 << 20])  # inside a run, across runs
-                assert os.pread(f.fileno(), n, off) == data[off:off + n]
+                assert os.pread(f.fileno(), n, off) == data[off : off + n]
             assert os.pread(f.fileno(), 4096, len(data)) == b""
             if "--kernel-cache" in extra:  # shared maps need the page cache
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
                     assert m[:] == data
             with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
-                assert m[len(data) // 3:len(data) // 3 + 70000] == \
-                    data[len(data) // 3:len(data) // 3 + 70000]
+                assert (
+                    m[len(data) // 3 : len(data) // 3 + 70000]
+                    == data[len(data) // 3 : len(data) // 3 + 70000]
+                )
     with pytest.raises(OSError):
         open(mnt / files[0], "r+b")
 
@@ -388,8 +417,8 @@ def test_fuse_partitions_from_mbr(tmp_path, mounted):
     raw.write_bytes(data)
     mnt = mounted(raw)
     assert sorted(os.listdir(mnt)) == ["disk", "disk-part1", "disk-part2"]
-    assert (mnt / "disk-part1").read_bytes() == data[1 * MiB:2 * MiB]
-    assert (mnt / "disk-part2").read_bytes() == data[2 * MiB:3 * MiB]
+    assert (mnt / "disk-part1").read_bytes() == data[1 * MiB : 2 * MiB]
+    assert (mnt / "disk-part2").read_bytes() == data[2 * MiB : 3 * MiB]
 
 
 def test_fuse_partitions_from_gpt(tmp_path, mounted):
@@ -399,18 +428,19 @@ def test_fuse_partitions_from_gpt(tmp_path, mounted):
     data[446 + 4] = 0xEE
     entry = bytes(range(16)) + bytes(16) + struct.pack("<QQ", 2048, 4095) + bytes(72)
     header = b"EFI PART" + bytes(64) + struct.pack("<QII", 2, 1, 128)
-    data[512:512 + 512] = header.ljust(512, b"\0")
-    data[1024:1024 + 128] = entry
-    data[1024 + 128:1024 + 512] = bytes(384)
+    data[512 : 512 + 512] = header.ljust(512, b"\0")
+    data[1024 : 1024 + 128] = entry
+    data[1024 + 128 : 1024 + 512] = bytes(384)
     raw = tmp_path / "gpt.img"
     raw.write_bytes(data)
     mnt = mounted(raw)
-    assert (mnt / "disk-part1").read_bytes() == data[1 * MiB:2 * MiB]
+    assert (mnt / "disk-part1").read_bytes() == data[1 * MiB : 2 * MiB]
 
 
 def _damaged_xva(tmp_path, checksum="xxhash", compress=False):
     """A one-disk XVA whose chunk 1 has a byte flipped (its checksum member intact)."""
     from vmarc.access import open_disks
+
     data = g.pattern_disk(4 * MiB, zero_chunks={2})
     path = tmp_path / "vm.xva"
     g.write(path, g.XvaSpec(disks=[g.XDisk("Ref:10", data, "root", "0")], checksum=checksum))
@@ -425,25 +455,28 @@ def _damaged_xva(tmp_path, checksum="xxhash", compress=False):
     return path, data
 
 
-@pytest.mark.parametrize("checksum,compress", [("xxhash", False), ("sha1", False),
-                                               ("xxhash", True)])
+@pytest.mark.parametrize(
+    "checksum,compress", [("xxhash", False), ("sha1", False), ("xxhash", True)]
+)
 def test_random_reads_check_xva_chunk_checksums(tmp_path, checksum, compress):
     from vmarc.access import open_disks
     from vmarc.errors import IntegrityError
+
     path, data = _damaged_xva(tmp_path, checksum, compress)
     for _ in range(2):  # the index is built, then reused: both keep the checksums
         with open_disks(str(path), quiet=True) as o:
             d = o.disks[0]
             assert d.read_at(0, 4096) == data[:4096]
-            with pytest.raises(IntegrityError, match="disk offset 1048576 fails its .*"
-                               "the archive is damaged"):
+            with pytest.raises(
+                IntegrityError, match="disk offset 1048576 fails its .*the archive is damaged"
+            ):
                 d.read_at(MiB + 5000, 10)
             with pytest.raises(IntegrityError):  # a failed chunk stays failed
                 d.in_place(MiB, 4096)
-            assert d.read_at(3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
+            assert d.read_at(3 * MiB, 4096) == data[3 * MiB : 3 * MiB + 4096]
     assert o.how.endswith("(reused)")
     with open_disks(str(path), quiet=True, verify=False) as o:  # --no-verify: as stored
-        assert o.disks[0].read_at(MiB + 100, 1) != data[MiB + 100:MiB + 101]
+        assert o.disks[0].read_at(MiB + 100, 1) != data[MiB + 100 : MiB + 101]
 
 
 def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
@@ -452,8 +485,12 @@ def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
     s = serve(path)
 
     def qemu_read(offset, n):
-        return subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read {offset} {n}",
-                               s.url()], capture_output=True, text=True)
+        return subprocess.run(
+            ["qemu-io", "-r", "-f", "raw", "-c", f"read {offset} {n}", s.url()],
+            capture_output=True,
+            text=True,
+        )
+
     assert "read 4096/4096 bytes" in qemu_read(0, 4096).stdout
     bad = qemu_read(MiB, 4096)
     assert "read 4096/4096 bytes" not in bad.stdout, bad
@@ -467,7 +504,7 @@ def test_serve_and_mount_refuse_a_damaged_chunk(tmp_path, serve, mounted):
         with pytest.raises(OSError) as err:
             os.pread(f.fileno(), 4096, MiB)
         assert err.value.errno == 5
-        assert os.pread(f.fileno(), 4096, 3 * MiB) == data[3 * MiB:3 * MiB + 4096]
+        assert os.pread(f.fileno(), 4096, 3 * MiB) == data[3 * MiB : 3 * MiB + 4096]
     s.proc.send_signal(signal.SIGTERM)
     said = s.proc.communicate(timeout=20)[1].decode()
     assert "disk offset 1048576 fails its xxh64 checksum" in said, said
@@ -480,6 +517,7 @@ def test_a_chunk_is_hashed_once_however_many_threads_read_it():
 
     from vmarc.access import ChunkChecks
     from vmarc.errors import IntegrityError
+
     data = random.Random(4).randbytes(MiB)
     good, bad = ChunkChecks(), ChunkChecks()
     good.add(0, "xxh64", xxhash.xxh64_hexdigest(data).upper(), MiB)
@@ -515,6 +553,7 @@ def test_a_chunk_is_hashed_once_however_many_threads_read_it():
 
 def test_a_damaged_index_is_built_again_not_trusted(tmp_path):
     from vmarc.access import open_disks
+
     source, disks = vma_case(tmp_path)  # VMA: no chunk checksums would catch a bad offset
     with open_disks(str(source), quiet=True) as o:
         assert o.how == "index"
@@ -533,6 +572,7 @@ def test_a_damaged_index_is_built_again_not_trusted(tmp_path):
 def test_a_damaged_spool_file_is_caught_when_reused(tmp_path):
     from vmarc.access import open_disks
     from vmarc.errors import IntegrityError
+
     source, disks = vma_case(tmp_path, "zstd")
     with open_disks(str(source), quiet=True) as o:
         assert o.how == "spool"
@@ -569,7 +609,7 @@ def test_a_gpt_with_absurd_entries_is_no_partition_table():
 
         def __init__(self):
             self.mbr = bytearray(512)
-            self.mbr[446 + 4] = 0xEE                                   # protective MBR
+            self.mbr[446 + 4] = 0xEE  # protective MBR
             self.mbr[510:512] = b"\x55\xaa"
             self.head = bytearray(512)
             self.head[:8] = b"EFI PART"
@@ -579,6 +619,7 @@ def test_a_gpt_with_absurd_entries_is_no_partition_table():
             if n > 1 << 24:
                 raise AssertionError(f"asked for {n} bytes")
             return {0: bytes(self.mbr), 512: bytes(self.head)}.get(offset, bytes(n))[:n]
+
     assert partitions(Disk()) == []
 
 
@@ -592,7 +633,7 @@ def _nbd_connect(sock_path):
 def _nbd_export(s, name=b""):
     """Old-style export option: the size and flags follow."""
     s.recv(18, socket.MSG_WAITALL)
-    s.sendall(struct.pack(">I", 3))                                     # fixed, no zeroes
+    s.sendall(struct.pack(">I", 3))  # fixed, no zeroes
     s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, len(name)) + name)
     return s.recv(10, socket.MSG_WAITALL)
 
@@ -612,12 +653,12 @@ def test_nbd_write_is_refused_unread_and_connections_are_capped(tmp_path, serve)
     for c in held:
         assert len(c.recv(18, socket.MSG_WAITALL)) == 18
     extra = _nbd_connect(srv.sock)
-    assert extra.recv(18) == b""                 # the 65th is closed before the handshake
+    assert extra.recv(18) == b""  # the 65th is closed before the handshake
     for c in held:
         c.close()
     extra.close()
     time.sleep(0.5)
-    again = _nbd_connect(srv.sock)               # room again once they have gone
+    again = _nbd_connect(srv.sock)  # room again once they have gone
     assert len(_nbd_export(again)) == 10
     again.close()
 
@@ -629,6 +670,6 @@ def test_a_silent_nbd_client_is_dropped(tmp_path, serve, monkeypatch):
     s = _nbd_connect(srv.sock)
     assert len(_nbd_export(s)) == 10
     started = time.time()
-    assert s.recv(1) == b""                      # closed by the server, not by us
+    assert s.recv(1) == b""  # closed by the server, not by us
     assert time.time() - started < 8
     s.close()

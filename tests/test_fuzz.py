@@ -16,9 +16,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("seed", [1, 2])
 def test_mutated_inputs(seed, tmp_path):
     need("qemu-img")
-    res = subprocess.run([sys.executable, os.path.join(HERE, "fuzz.py"), "--cases", "200",
-                          "--seed", str(seed), "--work", str(tmp_path / "w"), "--json"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "fuzz.py"),
+            "--cases",
+            "200",
+            "--seed",
+            str(seed),
+            "--work",
+            str(tmp_path / "w"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.stdout, res.stderr
     found = json.loads(res.stdout.splitlines()[-1])
     assert found["cases"] == 200

@@ -53,7 +53,7 @@ class Image:
 def _leak(img):
     end = len(img.raw) // CS
     img.raw += bytes(CS)
-    img.refcount(end, 1)           # a cluster nothing refers to
+    img.refcount(end, 1)  # a cluster nothing refers to
 
 
 def _refcount_zero(img):
@@ -63,12 +63,12 @@ def _refcount_zero(img):
 
 def _refcount_two(img):
     _, e = img.data_entries()[0]
-    img.refcount((e & OFFSET_MASK) // CS, 2)   # COPIED then lies
+    img.refcount((e & OFFSET_MASK) // CS, 2)  # COPIED then lies
 
 
 def _shared_cluster(img):
     (a, e1), (b, e2) = img.data_entries()[:2]
-    img.set64(b, e1)               # two guest clusters on one host cluster
+    img.set64(b, e1)  # two guest clusters on one host cluster
 
 
 def _past_the_end(img):
@@ -127,7 +127,7 @@ CORRUPTIONS = {
 def qcow2(tmp_path):
     need("qemu-img")
     data = bytearray(os.urandom(3 * 1024 * 1024))
-    data[CS:3 * CS] = bytes(2 * CS)
+    data[CS : 3 * CS] = bytes(2 * CS)
     raw = tmp_path / "d.raw"
     raw.write_bytes(data)
     path = tmp_path / "good.qcow2"
@@ -152,8 +152,7 @@ def test_compressed_cluster_with_copied_is_damage(tmp_path):
     raw = tmp_path / "d.raw"
     raw.write_bytes(b"vmarc" * 200000)
     path = tmp_path / "c.qcow2"
-    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, path],
-                   check=True)
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, path], check=True)
     img = Image(path)
     at, e = img.data_entries()[0]
     assert e & (1 << 62)
@@ -168,11 +167,26 @@ def test_compressed_cluster_with_copied_is_damage(tmp_path):
 def test_a_zstd_cluster_inflating_to_gibs_is_damage_not_memory(tmp_path):
     need("qemu-img")
     import zstandard
+
     raw = tmp_path / "d.raw"
     raw.write_bytes(b"vmarc " * 200000)
     path = tmp_path / "z.qcow2"
-    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-                    "compression_type=zstd", raw, path], check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            raw,
+            path,
+        ],
+        check=True,
+    )
     img = Image(path)
     at, e = img.data_entries()[0]
     assert e & (1 << 62)

@@ -28,7 +28,8 @@ def _cases():
 
 def _digest_module():
     spec = importlib.util.spec_from_file_location(
-        "sparsedigest", os.path.join(SHARED_REALDATA, "sparsedigest.py"))
+        "sparsedigest", os.path.join(SHARED_REALDATA, "sparsedigest.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -37,14 +38,24 @@ def _digest_module():
 @pytest.fixture
 def sample(tmp_path):
     """The case's folder decompressed (qcow2 backing and data files are found by name)."""
+
     def unpack(file):
         folder = os.path.dirname(file)
         for name in os.listdir(os.path.join(SHARED_REALDATA, folder)):
             if name.endswith(".zst"):
                 os.makedirs(tmp_path / folder, exist_ok=True)
-                subprocess.run(["zstd", "-dqf", os.path.join(SHARED_REALDATA, folder, name),
-                                "-o", tmp_path / folder / name[:-4]], check=True)
+                subprocess.run(
+                    [
+                        "zstd",
+                        "-dqf",
+                        os.path.join(SHARED_REALDATA, folder, name),
+                        "-o",
+                        tmp_path / folder / name[:-4],
+                    ],
+                    check=True,
+                )
         return tmp_path / file
+
     return unpack
 
 
@@ -67,7 +78,7 @@ def test_real_sample(file, expect, opts, tmp_path, sample, monkeypatch):
         res = run("convert", path, out, *extra)
         if expect == "refuse2":  # damaged or not a real archive
             assert_clean_failure(res, 2)
-        else:                    # cannot be read as given
+        else:  # cannot be read as given
             assert res.code in (1, 2), res
             assert_clean_failure(res, res.code)
         assert not out.exists()
@@ -85,8 +96,14 @@ def test_real_sample(file, expect, opts, tmp_path, sample, monkeypatch):
         assert (digest(out), os.path.getsize(out)) == (want, int(size))
     if "holes" in opts:
         need("qemu-img")
-        theirs = json.loads(subprocess.run(["qemu-img", "map", "--output=json", path],
-                                           capture_output=True, text=True, check=True).stdout)
+        theirs = json.loads(
+            subprocess.run(
+                ["qemu-img", "map", "--output=json", path],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         res = run("map", path, "--output", "json")
         assert res.code == 0, res
         assert _holes(json.loads(res.out)) == _holes(theirs)
@@ -102,18 +119,32 @@ def _offsets(rows) -> dict[int, int]:
     return found
 
 
-@pytest.mark.parametrize("file", ["dissect.hypervisor/backing-chain-2.qcow2",
-                                  "dissect.hypervisor/data-file.qcow2",
-                                  "dissect.hypervisor/dynamic.vhd", "dfvfs/ext2.vhd"])
+@pytest.mark.parametrize(
+    "file",
+    [
+        "dissect.hypervisor/backing-chain-2.qcow2",
+        "dissect.hypervisor/data-file.qcow2",
+        "dissect.hypervisor/dynamic.vhd",
+        "dfvfs/ext2.vhd",
+    ],
+)
 def test_map_gives_the_file_offsets_qemu_img_gives(file, tmp_path, sample, monkeypatch):
     need("qemu-img")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = sample(file)
     fmt = ["-f", "vpc"] if file.endswith(".vhd") else []
     # (qemu-img looks for a data file in its current directory, vmarc beside the image)
-    theirs = _offsets(json.loads(subprocess.run(
-        ["qemu-img", "map", *fmt, "--output=json", path.name], capture_output=True, text=True,
-        check=True, cwd=path.parent).stdout))
+    theirs = _offsets(
+        json.loads(
+            subprocess.run(
+                ["qemu-img", "map", *fmt, "--output=json", path.name],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=path.parent,
+            ).stdout
+        )
+    )
     res = run("map", path, "--output", "json")
     assert res.code == 0, res
     mine = _offsets(json.loads(res.out))

@@ -20,8 +20,9 @@ MiB = g.MiB
 def two_disk_xva():
     d1 = g.pattern_disk(5 * MiB + 1536, zero_chunks={2})
     d2 = g.pattern_disk(3 * MiB, zero_chunks={1}, seed=2)
-    spec = g.XvaSpec(disks=[g.XDisk("Ref:10", d1, "root disk", "0"),
-                            g.XDisk("Ref:9", d2, "data disk", "1")])
+    spec = g.XvaSpec(
+        disks=[g.XDisk("Ref:10", d1, "root disk", "0"), g.XDisk("Ref:9", d2, "data disk", "1")]
+    )
     return g.build(spec), d1, d2
 
 
@@ -45,13 +46,13 @@ def assert_exact(out: bytes, want: bytes, report: dict, kept=("checksum", "unver
     damaged = bytearray(len(want))
     for d in report["damage"]:
         a, n = d["offset"], d["length"]
-        damaged[a:a + n] = b"\1" * n
+        damaged[a : a + n] = b"\1" * n
         if d["cause"] == "missing":
-            assert out[a:a + n] == bytes(n), d
+            assert out[a : a + n] == bytes(n), d
     assert len(out) == len(want)
     for i in range(0, len(want), 4096):
-        if b"\1" not in damaged[i:i + 4096]:
-            assert out[i:i + 4096] == want[i:i + 4096], i
+        if b"\1" not in damaged[i : i + 4096]:
+            assert out[i : i + 4096] == want[i : i + 4096], i
         else:
             for j in range(i, min(i + 4096, len(want))):
                 if not damaged[j]:
@@ -81,8 +82,12 @@ def test_salvage_a_flipped_byte_keeps_the_bytes_as_read(tmp_path):
     bad[at] ^= 0x40
     path = tmp_path / "flip.xva"
     path.write_bytes(bad)
-    assert_clean_failure(run("convert", path, tmp_path / "o.raw", "--disk", "xvda"), 2,
-                         "Ref:10/00000003", "checksum mismatch")
+    assert_clean_failure(
+        run("convert", path, tmp_path / "o.raw", "--disk", "xvda"),
+        2,
+        "Ref:10/00000003",
+        "checksum mismatch",
+    )
     res = run("convert", path, tmp_path / "o.raw", "--disk", "xvda", "--salvage")
     assert res.code == 2, res
     assert "report" in res.errtext and "Traceback" not in res.errtext
@@ -90,8 +95,10 @@ def test_salvage_a_flipped_byte_keeps_the_bytes_as_read(tmp_path):
     want[3 * MiB + 777] ^= 0x40
     assert (tmp_path / "o.raw").read_bytes() == want
     rep = report_of(tmp_path / "o.raw.damage.json")
-    assert [(d["disk"], d["offset"], d["length"], d["cause"], d["source"]["member"])
-            for d in rep["damage"]] == [("Ref:10", 3 * MiB, MiB, "checksum", "Ref:10/00000003")]
+    assert [
+        (d["disk"], d["offset"], d["length"], d["cause"], d["source"]["member"])
+        for d in rep["damage"]
+    ] == [("Ref:10", 3 * MiB, MiB, "checksum", "Ref:10/00000003")]
 
 
 @pytest.mark.parametrize("compress", [None, "gzip"])
@@ -108,18 +115,19 @@ def test_salvage_a_truncated_xva(compress, tmp_path):
     assert_exact(got, d2, rep)
     # chunk 2 of xvdb: 1000 bytes arrived (unverified), the rest of the disk is missing
     assert [(d["disk"], d["offset"], d["length"], d["cause"]) for d in rep["damage"]] == [
-        ("Ref:9", 2 * MiB, 1000, "unverified"), ("Ref:9", 2 * MiB + 1000, MiB - 1000, "missing")]
-    assert got[2 * MiB:2 * MiB + 1000] == d2[2 * MiB:2 * MiB + 1000]
+        ("Ref:9", 2 * MiB, 1000, "unverified"),
+        ("Ref:9", 2 * MiB + 1000, MiB - 1000, "missing"),
+    ]
+    assert got[2 * MiB : 2 * MiB + 1000] == d2[2 * MiB : 2 * MiB + 1000]
 
 
 @pytest.mark.parametrize("order", ["seq", "shuffle"])
 def test_salvage_a_truncated_vma(order, tmp_path):
     d1 = vmagen.disk_bytes(3 * MiB + 8192, seed=1)
     d2 = vmagen.disk_bytes(2 * MiB, seed=2)
-    blob = vmagen.build([("drive-scsi0", d1), ("drive-virtio1", d2)], order=order,
-                        per_extent=7)
+    blob = vmagen.build([("drive-scsi0", d1), ("drive-virtio1", d2)], order=order, per_extent=7)
     path = tmp_path / "cut.vma"
-    path.write_bytes(blob[:len(blob) * 2 // 3 + 1234])
+    path.write_bytes(blob[: len(blob) * 2 // 3 + 1234])
     res = run("extract", path, tmp_path / "x", "--salvage")
     assert res.code == 2, res
     rep = report_of(tmp_path / "x.damage.json")
@@ -136,8 +144,10 @@ def test_salvage_a_truncated_vma(order, tmp_path):
         for d in mine["damage"]:
             if "extent_offset" in d["source"]:
                 assert d["length"] < 65536 or d["length"] % 4096 == 0
-                assert all(want[a:a + 4096].strip(b"\0")
-                           for a in range(d["offset"], d["offset"] + d["length"], 4096)), d
+                assert all(
+                    want[a : a + 4096].strip(b"\0")
+                    for a in range(d["offset"], d["offset"] + d["length"], 4096)
+                ), d
             else:
                 assert d["offset"] % 65536 == 0 and d["source"]["clusters"] >= 1
     # seq: the first disk lies wholly before the cut; shuffled, both lose clusters
@@ -150,8 +160,10 @@ def test_salvage_a_truncated_dynamic_vhd(tmp_path):
     raw = tmp_path / "d.img"
     raw.write_bytes(data)
     vhd = tmp_path / "d.vhd"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", raw, "-O", "vpc", "-o",
-                    "force_size=on", vhd], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", raw, "-O", "vpc", "-o", "force_size=on", vhd],
+        check=True,
+    )
     cut = tmp_path / "cut.vhd"
     cut.write_bytes(vhd.read_bytes()[:5_000_000])
     assert_clean_failure(run("convert", cut, tmp_path / "o.raw"), 2, "no VHD footer")
@@ -178,6 +190,7 @@ def test_salvage_the_real_proxmox_sample(tmp_path):
     assert sum(n for _, n in missing) == (163840 - 116) * 65536
     # the present clusters, as dissect.archive's VMA reader gives them
     from dissect.archive.vma import VMA
+
     vma = VMA(io.BytesIO(gzip.decompress(open(sample, "rb").read())))
     dev = vma.device(1).open()
     present, pos = [], 0
@@ -229,16 +242,28 @@ def test_mount_and_serve_a_cut_archive(tmp_path, own_cache, mounted, serve):
     assert sorted(os.listdir(mnt)) == ["ova.xml", "xvda", "xvdb"]
     assert (mnt / "xvda").read_bytes() == d1
     with open(mnt / "xvdb", "rb") as f:
-        assert f.read(2 * MiB) == d2[:2 * MiB]   # before the cut: readable
+        assert f.read(2 * MiB) == d2[: 2 * MiB]  # before the cut: readable
         with pytest.raises(OSError) as e:
-            f.read(4096)                          # past it: EIO
+            f.read(4096)  # past it: EIO
         assert e.value.errno == 5
     log = next(iter((tmp_path / "cache" / "vmarc" / "mounts").iterdir()))
     assert "disk offset 2097152" in log.read_text()  # the EIO's line, in the mount's log
     srv = serve(path)
-    got = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read 0 {2 * MiB}",
-                          "-c", f"read {2 * MiB} 4096", srv.url("xvdb")],
-                         capture_output=True, text=True)
+    got = subprocess.run(
+        [
+            "qemu-io",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            f"read 0 {2 * MiB}",
+            "-c",
+            f"read {2 * MiB} 4096",
+            srv.url("xvdb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert "read 2097152/2097152 bytes" in got.stdout, got
     assert "Input/output error" in got.stdout + got.stderr, got
 
@@ -260,9 +285,21 @@ def test_serve_says_when_its_source_fails_mid_reply(tmp_path, own_cache, mounted
     path, d1, d2 = cut_inside_second_disk(tmp_path)
     mnt = mounted(path)
     srv = serve(mnt / "xvdb", "-f", "raw")
-    got = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", f"read 0 {g.MiB}",
-                          "-c", f"read {2 * g.MiB} {g.MiB}", srv.url()],
-                         capture_output=True, text=True)
+    got = subprocess.run(
+        [
+            "qemu-io",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            f"read 0 {g.MiB}",
+            "-c",
+            f"read {2 * g.MiB} {g.MiB}",
+            srv.url(),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert f"read {g.MiB}/{g.MiB} bytes" in got.stdout, got
     assert "error" in (got.stdout + got.stderr).lower(), got
     srv.proc.terminate()

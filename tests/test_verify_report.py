@@ -36,5 +36,6 @@ def test_raw_has_nothing_to_verify(tmp_path):
     assert res.code == 0 and "nothing to verify" in res.text, res
     doc = json.loads(run("verify", path, "--output", "json").out)
     assert doc["checked"]["disks"]["disk"] == {
-        "checked": [], "unchecked": ["nothing to verify: a raw image has no metadata and no "
-                                     "checksums"]}
+        "checked": [],
+        "unchecked": ["nothing to verify: a raw image has no metadata and no checksums"],
+    }

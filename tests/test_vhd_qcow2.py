@@ -27,10 +27,10 @@ def source_raw(path, size=37 * MiB + 5 * 512, seed=1):
         if (mib // MiB) % 4 == 1:
             continue
         n = min(MiB, size - mib)
-        data[mib:mib + n] = rnd.randbytes(n)
+        data[mib : mib + n] = rnd.randbytes(n)
         for _ in range(5):
             s = rnd.randrange(0, n // 512)
-            data[mib + s * 512:mib + s * 512 + 512] = bytes(512)
+            data[mib + s * 512 : mib + s * 512 + 512] = bytes(512)
     with open(path, "wb") as f:
         f.write(data)
     return bytes(data)
@@ -68,8 +68,10 @@ def test_qemu_made_inputs_convert_to_qemus_bytes(kind, tmp_path):
     assert run("verify", img).code == 0
 
 
-@pytest.mark.parametrize("out_format,opts,qfmt", [
-    ("qcow2", [], "qcow2"), ("vhd", [], "vpc"), ("vhd", ["-o", "subformat=fixed"], "vpc")])
+@pytest.mark.parametrize(
+    "out_format,opts,qfmt",
+    [("qcow2", [], "qcow2"), ("vhd", [], "vpc"), ("vhd", ["-o", "subformat=fixed"], "vpc")],
+)
 def test_vmarc_outputs_pass_qemu_img_and_vhdiinfo(out_format, opts, qfmt, tmp_path):
     data = source_raw(tmp_path / "src.raw")
     out = tmp_path / f"out.{out_format}"
@@ -95,11 +97,27 @@ def test_vmarc_outputs_pass_qemu_img_and_vhdiinfo(out_format, opts, qfmt, tmp_pa
 def test_dynamic_vhd_on_stdout_and_from_a_pipe(tmp_path):
     source_raw(tmp_path / "src.raw")
     with open(tmp_path / "s.vhd", "wb") as f:
-        res = subprocess.run([os.sys.executable, "-m", "vmarc", "convert", "-O", "vhd",
-                              str(tmp_path / "src.raw"), "-"], stdout=f, stderr=subprocess.PIPE)
+        res = subprocess.run(
+            [
+                os.sys.executable,
+                "-m",
+                "vmarc",
+                "convert",
+                "-O",
+                "vhd",
+                str(tmp_path / "src.raw"),
+                "-",
+            ],
+            stdout=f,
+            stderr=subprocess.PIPE,
+        )
     assert res.returncode == 0, res.stderr
-    assert qemu_img("compare", "-F", "vpc", tmp_path / "src.raw", tmp_path / "s.vhd",
-                    check=False).returncode == 0
+    assert (
+        qemu_img(
+            "compare", "-F", "vpc", tmp_path / "src.raw", tmp_path / "s.vhd", check=False
+        ).returncode
+        == 0
+    )
     # qemu-img's own dynamic VHD, read front to back from a pipe
     qemu_img("convert", "-O", "vpc", tmp_path / "src.raw", tmp_path / "q.vhd")
     with open(tmp_path / "q.vhd", "rb") as f:
@@ -113,12 +131,22 @@ def test_dynamic_vhd_on_stdout_and_from_a_pipe(tmp_path):
 def test_qcow2_with_a_backing_file(tmp_path):
     base = source_raw(tmp_path / "base.raw", size=8 * MiB)
     qemu_img("convert", "-O", "qcow2", tmp_path / "base.raw", tmp_path / "base.qcow2")
-    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-             tmp_path / "top.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "top.qcow2")
     need("qemu-io")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c",
-                    "write -z 3M 1M", str(tmp_path / "top.qcow2")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "write -z 3M 1M",
+            str(tmp_path / "top.qcow2"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     ref = tmp_path / "ref.raw"
     qemu_img("convert", "-O", "raw", tmp_path / "top.qcow2", ref)
     assert ref.read_bytes() != base
@@ -137,32 +165,38 @@ def test_qcow2_over_a_vhd_backing_file(base_kind, tmp_path):
     else:
         source_raw(tmp_path / "base.raw", size=8 * MiB + 3 * 512)
         base = tmp_path / "base.vhd"
-        qemu_img("convert", "-O", "vpc", "-o", f"subformat={base_kind}",
-                 tmp_path / "base.raw", base)
+        qemu_img(
+            "convert", "-O", "vpc", "-o", f"subformat={base_kind}", tmp_path / "base.raw", base
+        )
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "vpc", top)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c",
-                    "write -z 2M 1M", str(top)], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c", "write -z 2M 1M", str(top)],
+        check=True,
+        capture_output=True,
+    )
     ref = tmp_path / "ref.raw"
     qemu_img("convert", "-O", "raw", top, ref)
     if base_kind == "chain":
         # qemu's vpc driver ignores VHD parents (it reads a differencing disk's unallocated
         # sectors as zeros), so the oracle is the merged chain with the overlay's writes
         want = bytearray(merged)
-        want[MiB:MiB + 65536] = b"\x5a" * 65536
-        want[2 * MiB:3 * MiB] = bytes(MiB)
+        want[MiB : MiB + 65536] = b"\x5a" * 65536
+        want[2 * MiB : 3 * MiB] = bytes(MiB)
         ref.write_bytes(bytes(want))
     res = run("convert", top, tmp_path / "o.raw")
     assert res.code == 0, res
     assert (tmp_path / "o.raw").read_bytes() == ref.read_bytes()
     res = run("convert", top, tmp_path / "o.qcow2", "-O", "qcow2")
     assert res.code == 0, res
-    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / "o.qcow2", ref).returncode == 0
+    assert (
+        qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / "o.qcow2", ref).returncode == 0
+    )
 
 
 def sectors_of(data: bytes, every: int, offset: int = 0):
     """Every n-th sector of data (plus offset), as the sectors a layer holds."""
-    return {s: data[s * 512:(s + 1) * 512] for s in range(offset, len(data) // 512, every)}
+    return {s: data[s * 512 : (s + 1) * 512] for s in range(offset, len(data) // 512, every)}
 
 
 def make_chain(tmp_path, levels, kinds=("W2ru", "W2ku", "MacX")):
@@ -173,7 +207,7 @@ def make_chain(tmp_path, levels, kinds=("W2ru", "W2ku", "MacX")):
     base_data = rnd.randbytes(size)
     base_sectors = sectors_of(base_data, 3)
     for s, b in base_sectors.items():
-        merged[s * 512:(s + 1) * 512] = b
+        merged[s * 512 : (s + 1) * 512] = b
     prev_path = tmp_path / "base.vhd"
     prev = vhdgen.build(size, base_sectors)
     prev_path.write_bytes(prev)
@@ -182,12 +216,18 @@ def make_chain(tmp_path, levels, kinds=("W2ru", "W2ku", "MacX")):
         secs = sectors_of(layer, 5 + level, offset=level)
         secs = {s: b for s, b in secs.items() if s // 4096 != 1}  # block 1 only in the base
         path = tmp_path / f"diff{level}.vhd"
-        blob = vhdgen.build(size, secs, parent=(vhdgen.uuid_of(prev), prev_path.name,
-                                                vhdgen.locators_for(str(path), str(prev_path),
-                                                                    kinds)))
+        blob = vhdgen.build(
+            size,
+            secs,
+            parent=(
+                vhdgen.uuid_of(prev),
+                prev_path.name,
+                vhdgen.locators_for(str(path), str(prev_path), kinds),
+            ),
+        )
         path.write_bytes(blob)
         for s, b in secs.items():
-            merged[s * 512:(s + 1) * 512] = b
+            merged[s * 512 : (s + 1) * 512] = b
         prev, prev_path = blob, path
     return prev_path, bytes(merged)
 
@@ -229,17 +269,20 @@ def test_wrong_parent_is_refused_by_name(tmp_path):
 def test_parent_loop_is_refused(tmp_path):
     a, b = tmp_path / "a.vhd", tmp_path / "b.vhd"
     ua, ub = os.urandom(16), os.urandom(16)
-    a.write_bytes(vhdgen.build(2 * MiB, {}, uid=ua, parent=(ub, "b.vhd",
-                                                            vhdgen.locators_for(str(a), str(b)))))
-    b.write_bytes(vhdgen.build(2 * MiB, {}, uid=ub, parent=(ua, "a.vhd",
-                                                            vhdgen.locators_for(str(b), str(a)))))
+    a.write_bytes(
+        vhdgen.build(2 * MiB, {}, uid=ua, parent=(ub, "b.vhd", vhdgen.locators_for(str(a), str(b))))
+    )
+    b.write_bytes(
+        vhdgen.build(2 * MiB, {}, uid=ub, parent=(ua, "a.vhd", vhdgen.locators_for(str(b), str(a))))
+    )
     assert_clean_failure(run("info", a), 2, "loops")
 
 
 def test_corrupt_vhd_structures(tmp_path):
     source_raw(tmp_path / "src.raw", size=8 * MiB)
-    qemu_img("convert", "-O", "vpc", "-o", "force_size=on", tmp_path / "src.raw",
-             tmp_path / "d.vhd")
+    qemu_img(
+        "convert", "-O", "vpc", "-o", "force_size=on", tmp_path / "src.raw", tmp_path / "d.vhd"
+    )
     good = (tmp_path / "d.vhd").read_bytes()
     size = len(good)
 
@@ -259,24 +302,27 @@ def test_corrupt_vhd_structures(tmp_path):
     bad = variant(lambda b: struct.pack_into(">I", b, 1536, 0x00FFFFF0))
     res = run("verify", bad)
     assert res.code == 2 and "BAT entry 0" in res.text, res
+
     # a dynamic header with an absurd table: refused at once, no huge allocation
     def absurd(b):
         struct.pack_into(">I", b, 512 + 28, 0xFFFFFFF0)
-        b[512 + 36:512 + 40] = bytes(4)
+        b[512 + 36 : 512 + 40] = bytes(4)
         struct.pack_into(">I", b, 512 + 36, ~sum(b[512:1536]) & 0xFFFFFFFF)
+
     assert_clean_failure(run("info", variant(absurd)), 2, "BAT entries")
     # truncated: the footer is gone. The footer copy still describes the disk (qemu-img
     # info reads it too), so info warns; reading it is refused
-    (tmp_path / "t.vhd").write_bytes(good[:size - 700])
+    (tmp_path / "t.vhd").write_bytes(good[: size - 700])
     res = run("info", tmp_path / "t.vhd")
     assert res.code == 0 and "warning" in res.errtext and "no VHD footer" in res.errtext, res
-    assert_clean_failure(run("convert", tmp_path / "t.vhd", tmp_path / "t.raw"), 2,
-                         "no VHD footer")
+    assert_clean_failure(run("convert", tmp_path / "t.vhd", tmp_path / "t.raw"), 2, "no VHD footer")
+
     # hostile block size
     def block_size(b):
         struct.pack_into(">I", b, 512 + 32, 3 << 20)
-        b[512 + 36:512 + 40] = bytes(4)
+        b[512 + 36 : 512 + 40] = bytes(4)
         struct.pack_into(">I", b, 512 + 36, ~sum(b[512:1536]) & 0xFFFFFFFF)
+
     assert_clean_failure(run("info", variant(block_size)), 2, "power of two")
 
 
@@ -284,7 +330,7 @@ def test_corrupt_qcow2_structures(tmp_path):
     source_raw(tmp_path / "src.raw", size=8 * MiB)
     qemu_img("convert", "-O", "qcow2", tmp_path / "src.raw", tmp_path / "q.qcow2")
     good = (tmp_path / "q.qcow2").read_bytes()
-    l1_off, = struct.unpack_from(">Q", good, 40)
+    (l1_off,) = struct.unpack_from(">Q", good, 40)
     l2_off = struct.unpack_from(">Q", good, l1_off)[0] & 0x00FFFFFFFFFFFE00
     cases = {
         "L1 table": lambda b: struct.pack_into(">Q", b, 40, 1 << 40),
@@ -303,6 +349,7 @@ def test_corrupt_qcow2_structures(tmp_path):
 
 def test_vma_to_vhd_spools_out_of_order_clusters(tmp_path):
     import vmagen
+
     data = vmagen.disk_bytes(5 * MiB, seed=2)
     (tmp_path / "a.vma").write_bytes(vmagen.build([("drive-scsi0", data)], order="shuffle"))
     res = run("convert", "-O", "vhd", tmp_path / "a.vma", tmp_path / "o.vhd")
@@ -310,16 +357,22 @@ def test_vma_to_vhd_spools_out_of_order_clusters(tmp_path):
     back = tmp_path / "back.raw"
     assert run("convert", tmp_path / "o.vhd", back).code == 0
     assert back.read_bytes() == data
-    assert qemu_img("compare", "-f", "raw", "-F", "vpc", back, tmp_path / "o.vhd",
-                    check=False).returncode == 0
+    assert (
+        qemu_img(
+            "compare", "-f", "raw", "-F", "vpc", back, tmp_path / "o.vhd", check=False
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.parametrize("how", ["tar", "tgz", "tgz-pipe"])
 def test_vhd_inside_a_tar(how, tmp_path):
     import tarfile
+
     source_raw(tmp_path / "src.raw", size=6 * MiB)
-    qemu_img("convert", "-O", "vpc", "-o", "force_size=on", tmp_path / "src.raw",
-             tmp_path / "disk.vhd")
+    qemu_img(
+        "convert", "-O", "vpc", "-o", "force_size=on", tmp_path / "src.raw", tmp_path / "disk.vhd"
+    )
     ref = tmp_path / "ref.raw"
     qemu_img("convert", "-f", "vpc", "-O", "raw", tmp_path / "disk.vhd", ref)
     arc = tmp_path / ("d.tar" if how == "tar" else "d.tgz")
@@ -338,9 +391,18 @@ def test_chain_of_mixed_block_sizes_is_refused_not_misread(tmp_path):
     base = vhdgen.build(4 * MiB, {0: b"\1" * 512})
     (tmp_path / "base.vhd").write_bytes(base)
     top = tmp_path / "top.vhd"
-    top.write_bytes(vhdgen.build(4 * MiB, {5000: b"\2" * 512}, block_size=1 << 20,
-                                 parent=(vhdgen.uuid_of(base), "base.vhd",
-                                         vhdgen.locators_for(str(top), str(tmp_path / "base.vhd")))))
+    top.write_bytes(
+        vhdgen.build(
+            4 * MiB,
+            {5000: b"\2" * 512},
+            block_size=1 << 20,
+            parent=(
+                vhdgen.uuid_of(base),
+                "base.vhd",
+                vhdgen.locators_for(str(top), str(tmp_path / "base.vhd")),
+            ),
+        )
+    )
     assert_clean_failure(run("convert", top, tmp_path / "o.raw"), 1, "block sizes")
     assert not (tmp_path / "o.raw").exists()
 
@@ -350,6 +412,7 @@ def test_qcow2_writer_memory_is_flat_and_tables_survive_eviction(tmp_path, monke
     holds: scattered writes over 6 tables with room for 2 still give qemu-img's bytes."""
     from vmarc.formats import qcow2
     from vmarc.io.output import OutputFile
+
     monkeypatch.setattr(qcow2, "L2_CACHE", 2)
     size = 3 * 1024 * MiB
     rnd = random.Random(8)
@@ -363,13 +426,14 @@ def test_qcow2_writer_memory_is_flat_and_tables_survive_eviction(tmp_path, monke
             f.write(data)
     out = OutputFile(str(tmp_path / "o.qcow2"))
     w = qcow2.Qcow2Writer(out, size)
-    for off, data in writes:                  # out of order, across every L2 table
+    for off, data in writes:  # out of order, across every L2 table
         w.write(off, memoryview(data))
     w.finish()
     out.commit(sync=False)
     assert qemu_img("check", tmp_path / "o.qcow2").returncode == 0
-    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / "o.qcow2",
-                    raw).returncode == 0
+    assert (
+        qemu_img("compare", "-f", "qcow2", "-F", "raw", tmp_path / "o.qcow2", raw).returncode == 0
+    )
 
 
 def _set_backing(path, name: bytes, fmt: bytes | None):
@@ -385,14 +449,16 @@ def _set_backing(path, name: bytes, fmt: bytes | None):
         if kind == 0:
             break
         if kind != 0xE2792ACA:
-            exts.append(raw[pos:pos + 8 + (length + 7) // 8 * 8])
+            exts.append(raw[pos : pos + 8 + (length + 7) // 8 * 8])
         pos += 8 + (length + 7) // 8 * 8
     if fmt is not None:
-        exts.insert(0, struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt.ljust(-(-len(fmt) // 8) * 8, b"\0"))
+        exts.insert(
+            0, struct.pack(">II", 0xE2792ACA, len(fmt)) + fmt.ljust(-(-len(fmt) // 8) * 8, b"\0")
+        )
     table = b"".join(exts) + bytes(8)
-    raw[hdr_len:hdr_len + len(table)] = table
+    raw[hdr_len : hdr_len + len(table)] = table
     off = hdr_len + len(table)
-    raw[off:off + len(name)] = name
+    raw[off : off + len(name)] = name
     struct.pack_into(">QI", raw, 8, off, len(name))
     path.write_bytes(raw)
 
@@ -405,8 +471,11 @@ def test_a_backing_file_is_never_read_by_guess(tmp_path):
     qemu_img("create", "-f", "qcow2", base, "1M")
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 64k", top], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 64k", top],
+        check=True,
+        capture_output=True,
+    )
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"password\n" * 1000)
     for name in (b"secret.txt", b"../" * 12 + b"etc/passwd", b"/etc/shadow"):
@@ -420,8 +489,10 @@ def test_a_backing_file_is_never_read_by_guess(tmp_path):
     res = run("convert", top, tmp_path / "o.raw", "--parent", secret)  # the user's choice
     assert res.code == 0 and "reading through its backing chain" in res.errtext, res
     out = (tmp_path / "o.raw").read_bytes()
-    assert out[:65536] == b"a" * 65536 and out[65536:len(secret.read_bytes())] == \
-        secret.read_bytes()[65536:]
+    assert (
+        out[:65536] == b"a" * 65536
+        and out[65536 : len(secret.read_bytes())] == secret.read_bytes()[65536:]
+    )
     res = run("convert", top, tmp_path / "alone.raw", "--no-backing")
     assert res.code == 0, res
     alone = (tmp_path / "alone.raw").read_bytes()
@@ -440,8 +511,13 @@ def test_a_vhd_locator_naming_another_file_is_passed_over(tmp_path):
     secret.write_bytes(os.urandom(12345))
     child = tmp_path / "child.vhd"
     # the W2ru locator names the secret file, the parent name the real parent
-    child.write_bytes(vhdgen.build(size, {1: b"\x22" * 512}, parent=(
-        ub, "base.vhd", vhdgen.locators_for(str(child), str(secret), kinds=("W2ru",)))))
+    child.write_bytes(
+        vhdgen.build(
+            size,
+            {1: b"\x22" * 512},
+            parent=(ub, "base.vhd", vhdgen.locators_for(str(child), str(secret), kinds=("W2ru",))),
+        )
+    )
     res = run("convert", child, tmp_path / "o.raw")
     assert res.code == 0, res
     out = (tmp_path / "o.raw").read_bytes()
@@ -462,7 +538,7 @@ def test_a_fixed_vhd_streams_from_a_pipe(tmp_path):
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", raw, vhd)
     blob = vhd.read_bytes()
     res = run("convert", "-", tmp_path / "o.raw", "-f", "vhd", input=blob)
-    assert res.code == 0 and not res.errtext, res       # no temporary copy
+    assert res.code == 0 and not res.errtext, res  # no temporary copy
     assert (tmp_path / "o.raw").read_bytes() == data
     res = run("convert", "-", "-", "-f", "vhd", input=blob)
     assert res.code == 0 and res.out == data, res
@@ -473,7 +549,7 @@ def test_a_fixed_vhd_streams_from_a_pipe(tmp_path):
         assert_clean_failure(res, 2, "footer")
         assert not (tmp_path / "cut.raw").exists()
     bad = bytearray(blob)
-    bad[-512 + 70] ^= 1                                  # inside the footer's uuid
+    bad[-512 + 70] ^= 1  # inside the footer's uuid
     res = run("convert", "-", tmp_path / "bad.raw", "-f", "vhd", input=bytes(bad))
     assert_clean_failure(res, 2, "checksum")
 
@@ -502,26 +578,26 @@ def test_a_piped_vhds_trailing_footer_is_checked_in_full(tmp_path):
     vhd, _ = _qemu_vhd(tmp_path, 3 * MiB)
     blob = bytearray(vhd.read_bytes())
     bad = bytearray(blob)
-    bad[-512 + 40] ^= 1                                   # the trailing footer's size
+    bad[-512 + 40] ^= 1  # the trailing footer's size
     res = run("convert", "-", tmp_path / "o.raw", input=bytes(bad))
     assert_clean_failure(res, 2, "checksum mismatch")
     bad = bytearray(blob)
-    bad[-512 + 24:-512 + 28] = b"\0\0\0\1"               # its timestamp, checksum fixed
+    bad[-512 + 24 : -512 + 28] = b"\0\0\0\1"  # its timestamp, checksum fixed
     struct.pack_into(">I", bad, len(bad) - 512 + 64, 0)
     struct.pack_into(">I", bad, len(bad) - 512 + 64, ~sum(bad[-512:]) & 0xFFFFFFFF)
     res = run("convert", "-", tmp_path / "o.raw", input=bytes(bad))
     assert_clean_failure(res, 2, "differs from the footer copy")
-    res = run("convert", "-", tmp_path / "o.raw", input=bytes(blob[:len(blob) // 2]))
+    res = run("convert", "-", tmp_path / "o.raw", input=bytes(blob[: len(blob) // 2]))
     assert_clean_failure(res, 2)
-    assert res.errtext.count("at offset") <= 1, res   # the offset said once
+    assert res.errtext.count("at offset") <= 1, res  # the offset said once
 
 
 def test_a_bat_past_the_end_of_the_file_is_refused_at_once(tmp_path):
     vhd, _ = _qemu_vhd(tmp_path, 2 * MiB)
     b = bytearray(vhd.read_bytes())
-    struct.pack_into(">I", b, 512 + 28, 0x100000)        # max_table_entries: a 4 MiB BAT
-    struct.pack_into(">I", b, 512 + 32, 512)             # 512-byte blocks
-    b[512 + 36:512 + 40] = bytes(4)
+    struct.pack_into(">I", b, 512 + 28, 0x100000)  # max_table_entries: a 4 MiB BAT
+    struct.pack_into(">I", b, 512 + 32, 512)  # 512-byte blocks
+    b[512 + 36 : 512 + 40] = bytes(4)
     struct.pack_into(">I", b, 512 + 36, ~sum(b[512:1536]) & 0xFFFFFFFF)
     vhd.write_bytes(b)
     assert_clean_failure(run("info", vhd), 2, "past the end of the file")
@@ -531,6 +607,7 @@ def test_a_vhd_with_tiny_blocks_costs_little_memory(tmp_path):
     """512-byte blocks give a BAT of 16 million entries for an 8 GiB disk; gzip makes the
     file 40 KB. The BAT is kept 4 bytes an entry (a Python int each took 600 MB)."""
     import gzip
+
     blob = vhdgen.build(8 << 30, {0: b"\1" * 512}, block_size=512)
     path = tmp_path / "tiny.vhd.gz"
     path.write_bytes(gzip.compress(blob, 6))

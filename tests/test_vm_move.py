@@ -26,6 +26,7 @@ def disks_of(path, tmp_path, tag):
     info = run("info", path, "--output", "json")
     assert info.code == 0, info
     import json
+
     out = {}
     for d in json.loads(info.out)["disks"]:
         dest = tmp_path / f"{tag}-{d['index']}.raw"
@@ -38,6 +39,7 @@ def disks_of(path, tmp_path, tag):
 def settings_of(path) -> dict:
     """The neutral settings summary vmarc reads from an archive."""
     import vmarc
+
     with vmarc.open(str(path)) as a:
         return a.settings().summary()
 
@@ -45,8 +47,11 @@ def settings_of(path) -> dict:
 def qmrestore_check(vma_path, conf: str, devices: list[str]) -> dict[str, str]:
     """What qmrestore needs: a map line per archive disk naming a device of the archive,
     and a drive line with a size for it. Returns {slot: drive line}."""
-    lines = dict(ln.split(": ", 1) for ln in conf.splitlines()
-                 if ln and not ln.startswith("#") and ": " in ln)
+    lines = dict(
+        ln.split(": ", 1)
+        for ln in conf.splitlines()
+        if ln and not ln.startswith("#") and ": " in ln
+    )
     maps = [MAP_LINE.match(ln) for ln in conf.splitlines() if ln.startswith("#qmdump#map:")]
     assert all(maps), conf
     assert sorted(m[2] for m in maps) == sorted(devices), (maps, devices)
@@ -61,6 +66,7 @@ def qmrestore_check(vma_path, conf: str, devices: list[str]) -> dict[str, str]:
 
 def vma_conf(path) -> str:
     import vmarc
+
     with vmarc.open(str(path)) as a:
         return a.configs["qemu-server.conf"].decode()
 
@@ -70,53 +76,81 @@ def sample_xva(tmp_path, **kw):
     a keepalive, skipped zero chunks, a partial last chunk."""
     d0 = xvagen.pattern_disk(5 * MiB + 4321, zero_chunks={1, 2}, seed=1)
     d1 = xvagen.pattern_disk(2 * MiB + 512, seed=2)
-    spec = xvagen.XvaSpec(disks=[xvagen.XDisk("Ref:9", d0, label="root", userdevice="0"),
-                                 xvagen.XDisk("Ref:10", d1, label="data", userdevice="1")],
-                          keepalives={"Ref:9": {3}}, **kw)
+    spec = xvagen.XvaSpec(
+        disks=[
+            xvagen.XDisk("Ref:9", d0, label="root", userdevice="0"),
+            xvagen.XDisk("Ref:10", d1, label="data", userdevice="1"),
+        ],
+        keepalives={"Ref:9": {3}},
+        **kw,
+    )
     path = tmp_path / "vm.xva"
     xvagen.write(path, spec)
     return path, {"xvda": d0, "xvdb": d1}
 
 
-PVE_CONF = (b"#a test VM\n#second line\n"
-            b"boot: order=scsi0;ide2;net0\ncores: 2\nsockets: 2\n"
-            b"ide2: local:iso/debian-12.iso,media=cdrom\nmemory: 3072\nballoon: 1024\n"
-            b"name: web01\nnet0: virtio=BC:24:11:AA:BB:01,bridge=vmbr0,firewall=1\n"
-            b"net1: virtio=BC:24:11:AA:BB:02,bridge=vmbr1\nnuma: 0\nostype: l26\n"
-            b"scsi0: local-lvm:vm-120-disk-0,size=3M\nscsi1: local-lvm:vm-120-disk-1,size=1M\n"
-            b"scsihw: virtio-scsi-single\nsmbios1: uuid=6e51303b-e166-46c9-a269-63ed8b57f811\n"
-            b"bios: ovmf\nagent: 1\n")
+PVE_CONF = (
+    b"#a test VM\n#second line\n"
+    b"boot: order=scsi0;ide2;net0\ncores: 2\nsockets: 2\n"
+    b"ide2: local:iso/debian-12.iso,media=cdrom\nmemory: 3072\nballoon: 1024\n"
+    b"name: web01\nnet0: virtio=BC:24:11:AA:BB:01,bridge=vmbr0,firewall=1\n"
+    b"net1: virtio=BC:24:11:AA:BB:02,bridge=vmbr1\nnuma: 0\nostype: l26\n"
+    b"scsi0: local-lvm:vm-120-disk-0,size=3M\nscsi1: local-lvm:vm-120-disk-1,size=1M\n"
+    b"scsihw: virtio-scsi-single\nsmbios1: uuid=6e51303b-e166-46c9-a269-63ed8b57f811\n"
+    b"bios: ovmf\nagent: 1\n"
+)
 
 
 def sample_vma(tmp_path, order="seq"):
     d0 = vmagen.disk_bytes(3 * MiB, seed=5)
     d1 = vmagen.disk_bytes(1 * MiB, seed=6)
     path = tmp_path / "vzdump-qemu-120-2026_01_01-00_00_00.vma"
-    path.write_bytes(vmagen.build([("drive-scsi0", d0), ("drive-scsi1", d1)],
-                                  configs=[("qemu-server.conf", PVE_CONF)], order=order))
+    path.write_bytes(
+        vmagen.build(
+            [("drive-scsi0", d0), ("drive-scsi1", d1)],
+            configs=[("qemu-server.conf", PVE_CONF)],
+            order=order,
+        )
+    )
     return path, {"scsi0": d0, "scsi1": d1}
 
 
 # -- create -O xva ---------------------------------------------------------------------------
-@pytest.mark.parametrize("opts", ["", "checksum=sha1", "header=ustar", "compress=gzip",
-                                  "compress=zstd"])
+@pytest.mark.parametrize(
+    "opts", ["", "checksum=sha1", "header=ustar", "compress=gzip", "compress=zstd"]
+)
 def test_create_xva_passes_the_importer(opts, tmp_path):
-    a = xvagen.pattern_disk(3 * MiB + 777, zero_chunks={1}, seed=3)   # partial last chunk
-    b = bytes(4 * MiB)                                                  # all zero
+    a = xvagen.pattern_disk(3 * MiB + 777, zero_chunks={1}, seed=3)  # partial last chunk
+    b = bytes(4 * MiB)  # all zero
     c = xvagen.pattern_disk(MiB, seed=4)
     for name, data in (("a", a), ("b", b), ("c", c)):
         make_raw(tmp_path / f"{name}.raw", data)
     out = tmp_path / "new.xva"
-    args = ["create", "-O", "xva", out, "--disk", f"root={tmp_path / 'a.raw'}",
-            "--disk", f"empty={tmp_path / 'b.raw'}", "--disk", f"swap={tmp_path / 'c.raw'}",
-            "--name", "made here", "--memory", "1536", "--cpus", "3"]
+    args = [
+        "create",
+        "-O",
+        "xva",
+        out,
+        "--disk",
+        f"root={tmp_path / 'a.raw'}",
+        "--disk",
+        f"empty={tmp_path / 'b.raw'}",
+        "--disk",
+        f"swap={tmp_path / 'c.raw'}",
+        "--name",
+        "made here",
+        "--memory",
+        "1536",
+        "--cpus",
+        "3",
+    ]
     if opts:
         args += ["-o", opts]
     res = run(*args)
     assert res.code == 0, res
     data = out.read_bytes()
     top, disks = xapimodel.import_xva(data)
-    assert list(disks.values()) == [a, b, c]          # refs sort in slot order
+    assert list(disks.values()) == [a, b, c]  # refs sort in slot order
     assert list(xapimodel.xva_img_rebuild(data, tmp_path).values()) == [a, b, c]
     vm = next(o["snapshot"] for o in top["objects"] if o["class"] == "VM")
     assert vm["name_label"] == "made here"
@@ -131,7 +165,7 @@ def test_create_xva_passes_the_importer(opts, tmp_path):
     if "ustar" in opts:
         assert raw[257:262] == b"ustar"
     else:
-        assert raw[257:262] == bytes(5) and raw[156:157] == b"\0"   # XAPI's V7 headers
+        assert raw[257:262] == bytes(5) and raw[156:157] == b"\0"  # XAPI's V7 headers
     assert run("verify", out).code == 0
 
 
@@ -139,8 +173,19 @@ def test_create_xva_to_stdout_and_from_other_formats(tmp_path):
     need("qemu-img")
     data = xvagen.pattern_disk(2 * MiB + 512, zero_chunks={1}, seed=9)  # qcow2: 512-byte units
     make_raw(tmp_path / "d.raw", data)
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", tmp_path / "d.raw",
-                    tmp_path / "d.qcow2"], check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            tmp_path / "d.raw",
+            tmp_path / "d.qcow2",
+        ],
+        check=True,
+    )
     res = run("create", "-O", "xva", "-", "--disk", f"d={tmp_path / 'd.qcow2'}")
     assert res.code == 0, res
     _, disks = xapimodel.import_xva(res.out)
@@ -154,7 +199,7 @@ def test_xva_to_vma_restores_disks_and_settings(tmp_path):
     res = run("convert", src, out, "-O", "vma", "--storage", "fast")
     assert res.code == 0, res
     assert out.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
-    assert "install.iso" in res.errtext            # the ISO is named as not carried
+    assert "install.iso" in res.errtext  # the ISO is named as not carried
     conf = vma_conf(out)
     drives = qmrestore_check(out, conf, ["drive-scsi0", "drive-scsi1"])
     assert drives["scsi0"] == f"fast:vm-130-disk-0,size={5 * MiB + 4321}"
@@ -171,6 +216,7 @@ def test_real_proxmox_settings_to_xva(tmp_path):
     """The real sample's qemu-server.conf, with a generated disk: the sample's own disk
     data is cut short (see test_vma), which convert must refuse without output."""
     import vmarc
+
     sample = os.path.join(SHARED_FIXTURES, "proxmox-test.vma.gz")
     res = run("convert", sample, tmp_path / "cut.xva", "-O", "xva")
     assert_clean_failure(res, 2, "incomplete")
@@ -183,21 +229,24 @@ def test_real_proxmox_settings_to_xva(tmp_path):
     out = tmp_path / "test.xva"
     res = run("convert", src, out, "-O", "xva")
     assert res.code == 0, res
-    for said in ("Fedora-Server", "firewall=1"):   # the ISO and the Proxmox firewall
+    for said in ("Fedora-Server", "firewall=1"):  # the ISO and the Proxmox firewall
         assert said in res.errtext, res.errtext
     assert "vmgenid" not in res.errtext and "numa" not in res.errtext
     top, disks = xapimodel.import_xva(out.read_bytes())
     vm = next(o["snapshot"] for o in top["objects"] if o["class"] == "VM")
     assert vm["name_label"] == "Test" and vm["memory_static_max"] == str(2048 * MiB)
     assert vm["VCPUs_max"] == "1" and vm["HVM_boot_params"]["order"] == "cdn"
-    assert vm["uuid"] == "6e51303b-e166-46c9-a269-63ed8b57f811"     # smbios1 uuid
+    assert vm["uuid"] == "6e51303b-e166-46c9-a269-63ed8b57f811"  # smbios1 uuid
     assert vm["other_config"]["base_template_name"] == "Generic Linux BIOS"
     vifs = [o["snapshot"] for o in top["objects"] if o["class"] == "VIF"]
     assert [v["MAC"] for v in vifs] == ["9e:19:c3:d0:e2:f7"]
     nets = [o["snapshot"] for o in top["objects"] if o["class"] == "network"]
     assert [n["bridge"] for n in nets] == ["xenbr0"]
-    cds = [o["snapshot"] for o in top["objects"] if o["class"] == "VBD"
-           and o["snapshot"]["type"] == "CD"]
+    cds = [
+        o["snapshot"]
+        for o in top["objects"]
+        if o["class"] == "VBD" and o["snapshot"]["type"] == "CD"
+    ]
     assert [c["userdevice"] for c in cds] == ["3"] and cds[0]["empty"] is True
     assert list(disks.values()) == [disk]
     assert list(xapimodel.xva_img_rebuild(out.read_bytes(), tmp_path).values()) == [disk]
@@ -220,11 +269,18 @@ def test_vma_to_xva_to_vma_round_trip(tmp_path):
     assert disks_of(back, tmp_path, "back") == want
     conf = vma_conf(back)
     qmrestore_check(back, conf, ["drive-scsi0", "drive-scsi1"])
-    for line in ("#a test VM", "net0: virtio=BC:24:11:AA:BB:01,bridge=vmbr0",
-                 "net1: virtio=BC:24:11:AA:BB:02,bridge=vmbr1", "balloon: 1024", "bios: ovmf",
-                 "sockets: 2", "cores: 2", "ostype: l26",
-                 "smbios1: uuid=6e51303b-e166-46c9-a269-63ed8b57f811",
-                 "boot: order=scsi0;ide2;net0"):
+    for line in (
+        "#a test VM",
+        "net0: virtio=BC:24:11:AA:BB:01,bridge=vmbr0",
+        "net1: virtio=BC:24:11:AA:BB:02,bridge=vmbr1",
+        "balloon: 1024",
+        "bios: ovmf",
+        "sockets: 2",
+        "cores: 2",
+        "ostype: l26",
+        "smbios1: uuid=6e51303b-e166-46c9-a269-63ed8b57f811",
+        "boot: order=scsi0;ide2;net0",
+    ):
         assert line in conf, (line, conf)
 
 
@@ -279,7 +335,7 @@ def test_interleaved_vma_file_is_read_disk_by_disk(tmp_path, monkeypatch):
     assert res.code == 0 and "temporary file" not in res.errtext, res
     _, disks = xapimodel.import_xva((tmp_path / "x.xva").read_bytes())
     assert list(disks.values()) == [want["scsi0"], want["scsi1"]]
-    cut = tmp_path / "cut.vma"                   # the index still finds what is missing
+    cut = tmp_path / "cut.vma"  # the index still finds what is missing
     cut.write_bytes(src.read_bytes()[:-600000])
     res = run("convert", cut, tmp_path / "y.xva", "-O", "xva")
     assert res.code == 2 and not (tmp_path / "y.xva").exists(), res
@@ -292,8 +348,9 @@ def test_live_backup_order_streams_from_a_pipe(memory, tmp_path, monkeypatch):
     if memory is not None:
         monkeypatch.setenv("VMARC_HOLD_MEMORY", memory)
     data = vmagen.disk_bytes(6 * MiB + 4096, seed=11)
-    vma = vmagen.build([("drive-scsi0", data)], configs=[("qemu-server.conf", PVE_CONF)],
-                       order="backup")
+    vma = vmagen.build(
+        [("drive-scsi0", data)], configs=[("qemu-server.conf", PVE_CONF)], order="backup"
+    )
     res = run("convert", "-", "-", "-O", "xva", input=vma)
     assert res.code == 0, res
     _, disks = xapimodel.import_xva(res.out)
@@ -342,7 +399,7 @@ def test_windows_guest_gets_sata_and_e1000(tmp_path):
 def test_damaged_source_leaves_nothing(tmp_path):
     src, _ = sample_xva(tmp_path)
     data = bytearray(src.read_bytes())
-    data[600000] ^= 0xFF                        # inside a chunk of the first disk
+    data[600000] ^= 0xFF  # inside a chunk of the first disk
     bad = tmp_path / "bad.xva"
     bad.write_bytes(bytes(data))
     res = run("convert", bad, tmp_path / "out.vma", "-O", "vma")
@@ -375,8 +432,13 @@ def test_vma_repack_keeps_every_device(tmp_path):
     efi = vmagen.disk_bytes(128 * 1024, seed=2)
     state = vmagen.disk_bytes(200000, seed=3)
     src = tmp_path / "a.vma"
-    src.write_bytes(vmagen.build([("drive-scsi0", d0), ("drive-efidisk0", efi)],
-                                 configs=[("qemu-server.conf", PVE_CONF)], vmstate=state))
+    src.write_bytes(
+        vmagen.build(
+            [("drive-scsi0", d0), ("drive-efidisk0", efi)],
+            configs=[("qemu-server.conf", PVE_CONF)],
+            vmstate=state,
+        )
+    )
     out = tmp_path / "a.vma.zst"
     res = run("convert", src, out, "-O", "vma")
     assert res.code == 0 and res.errtext == "", res
@@ -391,14 +453,33 @@ def test_vma_repack_keeps_every_device(tmp_path):
 def test_settings_that_cannot_be_carried_are_refused_or_said(tmp_path):
     disk = vmagen.disk_bytes(MiB, seed=4)
     bad = tmp_path / "bad.vma"
-    bad.write_bytes(vmagen.build([("drive-scsi0", disk)], configs=(
-        ("qemu-server.conf", b"name: t\nmemory: -5\ncores: 2\nscsi0: local-lvm:vm-100-disk-0,size=1M\n"),)))
-    assert_clean_failure(run("convert", bad, tmp_path / "o.xva", "-O", "xva"), 2,
-                         "memory", "damaged settings")
+    bad.write_bytes(
+        vmagen.build(
+            [("drive-scsi0", disk)],
+            configs=(
+                (
+                    "qemu-server.conf",
+                    b"name: t\nmemory: -5\ncores: 2\nscsi0: local-lvm:vm-100-disk-0,size=1M\n",
+                ),
+            ),
+        )
+    )
+    assert_clean_failure(
+        run("convert", bad, tmp_path / "o.xva", "-O", "xva"), 2, "memory", "damaged settings"
+    )
     ctl = tmp_path / "ctl.vma"
-    ctl.write_bytes(vmagen.build([("drive-scsi0", disk)], configs=(
-        ("qemu-server.conf", b"#note \x01\x02 here\nname: t\x07x\nmemory: 512\n"
-                             b"scsi0: local-lvm:vm-100-disk-0,size=1M\n"),)))
+    ctl.write_bytes(
+        vmagen.build(
+            [("drive-scsi0", disk)],
+            configs=(
+                (
+                    "qemu-server.conf",
+                    b"#note \x01\x02 here\nname: t\x07x\nmemory: 512\n"
+                    b"scsi0: local-lvm:vm-100-disk-0,size=1M\n",
+                ),
+            ),
+        )
+    )
     res = run("convert", ctl, tmp_path / "c.xva", "-O", "xva")
     assert res.code == 0 and "control characters" in res.errtext, res
-    assert run("verify", tmp_path / "c.xva").code == 0   # its ova.xml parses
+    assert run("verify", tmp_path / "c.xva").code == 0  # its ova.xml parses

@@ -34,8 +34,10 @@ def test_real_sample_is_reported_incomplete(tmp_path):
 
 
 def two_disks():
-    return [("drive-scsi0", v.disk_bytes(3 * MiB + 12345, seed=1)),
-            ("drive-virtio1", v.disk_bytes(2 * MiB, seed=2, zero_every=2))]
+    return [
+        ("drive-scsi0", v.disk_bytes(3 * MiB + 12345, seed=1)),
+        ("drive-virtio1", v.disk_bytes(2 * MiB, seed=2, zero_every=2)),
+    ]
 
 
 @pytest.mark.parametrize("order", ["shuffle", "seq"])
@@ -79,8 +81,12 @@ def test_extract_writes_disks_configs_and_vmstate(tmp_path):
     res = run("extract", tmp_path / "a.vma", tmp_path / "out")
     assert res.code == 0, res
     files = sorted(os.listdir(tmp_path / "out"))
-    assert files == ["disk-drive-scsi0.raw", "disk-drive-virtio1.raw", "qemu-server.conf",
-                     "vmstate.bin"]
+    assert files == [
+        "disk-drive-scsi0.raw",
+        "disk-drive-virtio1.raw",
+        "qemu-server.conf",
+        "vmstate.bin",
+    ]
     assert (tmp_path / "out" / "disk-drive-scsi0.raw").read_bytes() == disks[0][1]
     assert (tmp_path / "out" / "vmstate.bin").read_bytes() == state
 
@@ -90,8 +96,9 @@ def test_missing_and_duplicate_clusters(tmp_path):
     (tmp_path / "m.vma").write_bytes(v.build(disks, drop=[(2, 5)]))
     res = run("verify", tmp_path / "m.vma")
     assert res.code == 2 and "drive-virtio1 is incomplete" in res.text and "cluster 5" in res.text
-    assert_clean_failure(run("convert", tmp_path / "m.vma", tmp_path / "o.raw", "--disk",
-                             "virtio1"), 2, "incomplete")
+    assert_clean_failure(
+        run("convert", tmp_path / "m.vma", tmp_path / "o.raw", "--disk", "virtio1"), 2, "incomplete"
+    )
     (tmp_path / "d.vma").write_bytes(v.build(disks, duplicate=[(1, 3)]))
     res = run("verify", tmp_path / "d.vma")
     assert res.code == 2 and "cluster 3" in res.text and "second time" in res.text, res
@@ -102,8 +109,8 @@ def test_cut_at_an_extent_boundary_is_incomplete(tmp_path):
     """Proxmox's `vma verify` passes this; vmarc must not."""
     data = v.build(two_disks(), per_extent=10)
     hdr_size = int.from_bytes(data[56:60], "big")
-    first = 512 + int.from_bytes(data[hdr_size + 6:hdr_size + 8], "big") * 4096
-    (tmp_path / "c.vma").write_bytes(data[:hdr_size + first])
+    first = 512 + int.from_bytes(data[hdr_size + 6 : hdr_size + 8], "big") * 4096
+    (tmp_path / "c.vma").write_bytes(data[: hdr_size + first])
     res = run("verify", tmp_path / "c.vma")
     assert res.code == 2 and "incomplete" in res.text, res
 
@@ -134,6 +141,7 @@ def test_header_and_extent_md5(tmp_path):
 
 def rehash_header(h: bytearray) -> bytes:
     import hashlib
+
     h[32:48] = bytes(16)
     h[32:48] = hashlib.md5(h).digest()
     return bytes(h)
@@ -145,8 +153,9 @@ def test_hostile_headers(tmp_path):
     cases = {
         "blob pointer": lambda h: h.__setitem__(slice(2044, 2048), (60000).to_bytes(4, "big")),
         "header_size": lambda h: h.__setitem__(slice(56, 60), (1 << 31).to_bytes(4, "big")),
-        "claims": lambda h: h.__setitem__(slice(4096 + 32 + 8, 4096 + 32 + 16),
-                                          (1 << 62).to_bytes(8, "big")),
+        "claims": lambda h: h.__setitem__(
+            slice(4096 + 32 + 8, 4096 + 32 + 16), (1 << 62).to_bytes(8, "big")
+        ),
         "version": lambda h: h.__setitem__(slice(4, 8), (2).to_bytes(4, "big")),
     }
     for needle, change in cases.items():
@@ -158,6 +167,7 @@ def test_hostile_headers(tmp_path):
 
 def test_python_api_and_disk_selection(tmp_path):
     import vmarc
+
     disks = two_disks()
     (tmp_path / "a.vma").write_bytes(v.build(disks))
     with vmarc.open(tmp_path / "a.vma") as a:
@@ -165,7 +175,7 @@ def test_python_api_and_disk_selection(tmp_path):
         assert a.select("drive-virtio1").device == "virtio1"
         got = {d.id: bytearray(d.size) for d in a.disks}
         for disk, off, data in a.stream():
-            got[disk.id][off:off + len(data)] = data
+            got[disk.id][off : off + len(data)] = data
     assert {k: bytes(b) for k, b in got.items()} == dict(disks)
 
 
@@ -177,14 +187,19 @@ def test_names_read_from_the_header_are_never_dropped(tmp_path):
     cases = {
         "twice": ([("drive-scsi0", d1), ("drive-scsi0", d2)], (conf,)),
         "appears twice in": ([("drive-scsi0", d1)], (conf, ("qemu-server.conf", b"x\n"))),
-        "has the name of a disk's file": ([("drive-scsi0", d1)],
-                                          (conf, ("disk-drive-scsi0.raw", b"x"))),
+        "has the name of a disk's file": (
+            [("drive-scsi0", d1)],
+            (conf, ("disk-drive-scsi0.raw", b"x")),
+        ),
     }
     for needle, (disks, configs) in cases.items():
         path = tmp_path / "dup.vma"
         path.write_bytes(v.build(disks, configs=configs))
-        for args in (["verify", path], ["extract", path, tmp_path / "x"],
-                     ["convert", path, tmp_path / "o.raw", "--disk", "0"]):
+        for args in (
+            ["verify", path],
+            ["extract", path, tmp_path / "x"],
+            ["convert", path, tmp_path / "o.raw", "--disk", "0"],
+        ):
             res = run(*args)
             assert res.code == 2 and needle in res.errtext + res.text, (needle, args, res)
         assert sorted(os.listdir(tmp_path)) == ["dup.vma"]
@@ -207,14 +222,20 @@ def test_a_header_claiming_huge_devices_costs_no_memory(tmp_path):
     import resource
     import subprocess
     import sys
+
     header = v.header([(f"drive-scsi{i}", 1 << 40) for i in range(254)], [], b"u" * 16)
     path = tmp_path / "huge.vma"
     path.write_bytes(header)
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-    res = subprocess.run([sys.executable, "-m", "vmarc", "verify", str(path)],
-                         capture_output=True, preexec_fn=limit, timeout=120)
+
+    res = subprocess.run(
+        [sys.executable, "-m", "vmarc", "verify", str(path)],
+        capture_output=True,
+        preexec_fn=limit,
+        timeout=120,
+    )
     assert res.returncode == 2, res
     assert b"MemoryError" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
     assert res.stdout.count(b"is incomplete: 0 of 16777216 clusters present") == 254

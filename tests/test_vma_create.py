@@ -21,7 +21,7 @@ def make_raw(path, data: bytes, sparse: bool = True) -> None:
     """Write data as a file with real holes where whole MiBs are zero."""
     with open(path, "wb") as f:
         for off in range(0, len(data), MiB):
-            piece = data[off:off + MiB]
+            piece = data[off : off + MiB]
             if sparse and piece.count(0) == len(piece):
                 continue
             f.seek(off)
@@ -49,8 +49,8 @@ def layout(path):
     extents = []
     pos = header_size
     while pos < len(data):
-        assert data[pos:pos + 4] == b"VMAE"
-        count, = struct.unpack_from(">H", data, pos + 6)
+        assert data[pos : pos + 4] == b"VMAE"
+        (count,) = struct.unpack_from(">H", data, pos + 6)
         infos = [bi for bi in struct.unpack_from(">59Q", data, pos + 40) if (bi >> 32) & 0xFF]
         extents.append(infos)
         pos += 512 + count * 4096
@@ -61,8 +61,14 @@ def layout(path):
 def test_create_matches_proxmox_layout_and_dissect_reads_it(tmp_path):
     disks = disks_and_files(tmp_path)
     (tmp_path / "qemu-server.conf").write_bytes(CONF)
-    args = ["create", "-O", "vma", tmp_path / "a.vma",
-            "--config", f"qemu-server.conf={tmp_path / 'qemu-server.conf'}"]
+    args = [
+        "create",
+        "-O",
+        "vma",
+        tmp_path / "a.vma",
+        "--config",
+        f"qemu-server.conf={tmp_path / 'qemu-server.conf'}",
+    ]
     for name, (path, _) in disks.items():
         args += ["--disk", f"{name}={path}"]
     res = run(*args)
@@ -101,9 +107,14 @@ def test_create_matches_proxmox_layout_and_dissect_reads_it(tmp_path):
         assert out.read_bytes() == data
 
 
-@pytest.mark.parametrize("suffix,magic,tool", [(".zst", b"\x28\xb5\x2f\xfd", "zstd"),
-                                               (".gz", b"\x1f\x8b", "gzip"),
-                                               (".lzo", b"\x89LZO", "lzop")])
+@pytest.mark.parametrize(
+    "suffix,magic,tool",
+    [
+        (".zst", b"\x28\xb5\x2f\xfd", "zstd"),
+        (".gz", b"\x1f\x8b", "gzip"),
+        (".lzo", b"\x89LZO", "lzop"),
+    ],
+)
 def test_compressed_output_by_name(suffix, magic, tool, tmp_path):
     data = vmagen.disk_bytes(2 * MiB + 4096 * 3, seed=3)
     make_raw(tmp_path / "d.raw", data)
@@ -124,8 +135,19 @@ def test_stdout_streams_into_a_reader(tmp_path):
     data = vmagen.disk_bytes(3 * MiB + 777, seed=4)
     make_raw(tmp_path / "d.raw", data)
     create = subprocess.Popen(
-        [os.sys.executable, "-m", "vmarc", "create", "-O", "vma", "-", "--disk",
-         f"virtio0={tmp_path / 'd.raw'}"], stdout=subprocess.PIPE)
+        [
+            os.sys.executable,
+            "-m",
+            "vmarc",
+            "create",
+            "-O",
+            "vma",
+            "-",
+            "--disk",
+            f"virtio0={tmp_path / 'd.raw'}",
+        ],
+        stdout=subprocess.PIPE,
+    )
     res = run("convert", "-", tmp_path / "back.raw", stdin=create.stdout)
     create.stdout.close()
     assert create.wait() == 0 and res.code == 0, res
@@ -139,8 +161,16 @@ def test_from_xva_and_from_vma_inputs(tmp_path):
     xvagen.write(tmp_path / "one.xva", xvagen.XvaSpec(disks=[xvagen.XDisk("Ref:1", data)]))
     other = vmagen.disk_bytes(2 * MiB + 100, seed=9)
     (tmp_path / "in.vma").write_bytes(vmagen.build([("drive-scsi0", other)], order="shuffle"))
-    res = run("create", "-O", "vma", tmp_path / "a.vma", "--disk", f"scsi0={tmp_path / 'one.xva'}",
-              "--disk", f"scsi1={tmp_path / 'in.vma'}")
+    res = run(
+        "create",
+        "-O",
+        "vma",
+        tmp_path / "a.vma",
+        "--disk",
+        f"scsi0={tmp_path / 'one.xva'}",
+        "--disk",
+        f"scsi1={tmp_path / 'in.vma'}",
+    )
     assert res.code == 0, res
     with open(tmp_path / "a.vma", "rb") as f:
         vma = VMA(f)
@@ -172,25 +202,38 @@ def test_big_sparse_disk_is_small_and_complete(tmp_path):
 def test_damaged_input_leaves_no_output(tmp_path):
     data = xvagen.pattern_disk(3 * MiB)
     blob = bytearray(xvagen.build(xvagen.XvaSpec(disks=[xvagen.XDisk("Ref:1", data)])))
-    at = blob.find(data[MiB + 100:MiB + 164])
+    at = blob.find(data[MiB + 100 : MiB + 164])
     blob[at] ^= 0xFF
     (tmp_path / "bad.xva").write_bytes(blob)
-    res = run("create", "-O", "vma", tmp_path / "a.vma.zst", "--disk", f"scsi0={tmp_path / 'bad.xva'}")
+    res = run(
+        "create", "-O", "vma", tmp_path / "a.vma.zst", "--disk", f"scsi0={tmp_path / 'bad.xva'}"
+    )
     assert_clean_failure(res, 2, "checksum")
     assert sorted(os.listdir(tmp_path)) == ["bad.xva"]
 
 
 def test_usage_errors(tmp_path):
     make_raw(tmp_path / "d.raw", bytes(MiB))
-    xvagen.write(tmp_path / "two.xva", xvagen.XvaSpec(
-        disks=[xvagen.XDisk("Ref:1", bytes(MiB)), xvagen.XDisk("Ref:2", bytes(MiB), userdevice="1")]))
+    xvagen.write(
+        tmp_path / "two.xva",
+        xvagen.XvaSpec(
+            disks=[
+                xvagen.XDisk("Ref:1", bytes(MiB)),
+                xvagen.XDisk("Ref:2", bytes(MiB), userdevice="1"),
+            ]
+        ),
+    )
     cases = [
         (["--disk", f"scsi0={tmp_path / 'nope.raw'}"], "cannot open"),
-        (["--disk", f"scsi0={tmp_path / 'd.raw'}", "--disk", f"scsi0={tmp_path / 'd.raw'}"],
-         "twice"),
+        (
+            ["--disk", f"scsi0={tmp_path / 'd.raw'}", "--disk", f"scsi0={tmp_path / 'd.raw'}"],
+            "twice",
+        ),
         (["--disk", f"scsi0={tmp_path / 'two.xva'}"], "2 disks"),
-        (["--disk", f"scsi0={tmp_path / 'd.raw'}", "--config", f"x={tmp_path / 'none'}"],
-         "cannot read"),
+        (
+            ["--disk", f"scsi0={tmp_path / 'd.raw'}", "--config", f"x={tmp_path / 'none'}"],
+            "cannot read",
+        ),
     ]
     for extra, needle in cases:
         res = run("create", "-O", "vma", tmp_path / "a.vma", *extra)
@@ -199,8 +242,9 @@ def test_usage_errors(tmp_path):
     # a raw image from a pipe has no size before its end: it is copied to a temporary
     # file first, and vmarc says so
     with open(tmp_path / "d.raw", "rb") as f:
-        res = run("create", "-O", "vma", tmp_path / "a.vma", "-f", "raw", "--disk", "scsi0=-",
-                  stdin=f)
+        res = run(
+            "create", "-O", "vma", tmp_path / "a.vma", "-f", "raw", "--disk", "scsi0=-", stdin=f
+        )
     assert res.code == 0 and "temporary file" in res.errtext, res
     assert run("convert", tmp_path / "a.vma", tmp_path / "back.raw").code == 0
     assert (tmp_path / "back.raw").read_bytes() == (tmp_path / "d.raw").read_bytes()
@@ -210,8 +254,19 @@ def test_header_is_what_the_reader_of_proxmox_expects(tmp_path):
     """vma-reader.c walks blobs from blob_buffer_offset + 1 and md5s header_size bytes."""
     make_raw(tmp_path / "d.raw", vmagen.disk_bytes(MiB, seed=1))
     (tmp_path / "qemu-server.conf").write_bytes(CONF)
-    assert run("create", "-O", "vma", tmp_path / "a.vma", "--disk", f"scsi0={tmp_path / 'd.raw'}",
-               "--config", f"{tmp_path / 'qemu-server.conf'}").code == 0
+    assert (
+        run(
+            "create",
+            "-O",
+            "vma",
+            tmp_path / "a.vma",
+            "--disk",
+            f"scsi0={tmp_path / 'd.raw'}",
+            "--config",
+            f"{tmp_path / 'qemu-server.conf'}",
+        ).code
+        == 0
+    )
     data = (tmp_path / "a.vma").read_bytes()
     blob_off, blob_size, header_size = struct.unpack_from(">III", data, 48)
     h = bytearray(data[:header_size])
@@ -220,8 +275,8 @@ def test_header_is_what_the_reader_of_proxmox_expects(tmp_path):
     assert hashlib.md5(h).digest() == stored
     pos, blobs = blob_off + 1, {}
     while pos + 2 <= blob_off + blob_size:
-        n = int.from_bytes(h[pos:pos + 2], "little")
-        blobs[pos - blob_off] = bytes(h[pos + 2:pos + 2 + n])
+        n = int.from_bytes(h[pos : pos + 2], "little")
+        blobs[pos - blob_off] = bytes(h[pos + 2 : pos + 2 + n])
         pos += 2 + n
     assert pos == blob_off + blob_size
     name_ptr, data_ptr = struct.unpack_from(">I", h, 2044)[0], struct.unpack_from(">I", h, 3068)[0]

@@ -35,8 +35,11 @@ QUIRKS = {
     "keepalives": {"keepalives": {"Ref:10": {1, 3}, "Ref:9": {1}}},
     "zero-chunks-written": {"write_zero_chunks": True},
     "xo-padded-last-chunk": {"xo_style": True, "header": "ustar"},
-    "keepalive-and-sha1-ustar": {"keepalives": {"Ref:10": {2}}, "checksum": "sha1",
-                                 "header": "ustar"},
+    "keepalive-and-sha1-ustar": {
+        "keepalives": {"Ref:10": {2}},
+        "checksum": "sha1",
+        "header": "ustar",
+    },
 }
 
 
@@ -56,8 +59,13 @@ def test_keepalive_shifts_numbering(tmp_path):
     data = g.pattern_disk(4 * MiB)
     spec = g.XvaSpec(disks=[g.XDisk("Ref:1", data)], keepalives={"Ref:1": {1}})
     names = [n for n, _ in g.chunk_members(spec.disks[0], spec)]
-    assert names == ["Ref:1/00000000", "Ref:1/00000001", "Ref:1/00000002", "Ref:1/00000003",
-                     "Ref:1/00000004"]
+    assert names == [
+        "Ref:1/00000000",
+        "Ref:1/00000001",
+        "Ref:1/00000002",
+        "Ref:1/00000003",
+        "Ref:1/00000004",
+    ]
     g.write(tmp_path / "k.xva", spec)
     assert convert_bytes(tmp_path / "k.xva", "0", tmp_path) == data
 
@@ -139,8 +147,12 @@ def test_info_json(tmp_path):
     assert info["vm"]["vcpus"] == 2
     disks = {d["id"]: d for d in info["disks"]}
     assert set(disks) == {"Ref:10", "Ref:9"}  # the CD drive is not a disk
-    assert disks["Ref:10"] == {**disks["Ref:10"], "name": "root disk", "size": 5 * MiB + 1234,
-                               "device": "xvda"}
+    assert disks["Ref:10"] == {
+        **disks["Ref:10"],
+        "name": "root disk",
+        "size": 5 * MiB + 1234,
+        "device": "xvda",
+    }
     assert disks["Ref:9"]["device"] == "xvdb"
     assert [c["name"] for c in info["configs"]] == ["ova.xml"]
     assert info["configs"][0]["size"] > 0 and "content" not in info["configs"][0]
@@ -158,8 +170,11 @@ def test_selection_errors(tmp_path):
 def test_sparse_output_of_large_disk(tmp_path):
     """A 64 GiB disk holding 3 MiB of data allocates about 3 MiB."""
     size = 64 << 30
-    sparse = {0: g.pattern_disk(MiB, seed=5), 40000: g.pattern_disk(MiB, seed=6),
-              size // MiB - 1: g.pattern_disk(MiB, seed=7)}
+    sparse = {
+        0: g.pattern_disk(MiB, seed=5),
+        40000: g.pattern_disk(MiB, seed=6),
+        size // MiB - 1: g.pattern_disk(MiB, seed=7),
+    }
     spec = g.XvaSpec(disks=[g.XDisk("Ref:1", None, size=size, sparse=sparse)])
     g.write(tmp_path / "big.xva", spec)
     out = tmp_path / "big.raw"
@@ -205,7 +220,7 @@ def test_python_api_stream(tmp_path):
         assert [d.id for d in archive.disks] == ["Ref:10", "Ref:9"]
         rebuilt = {d.id: bytearray(d.size) for d in archive.disks}
         for disk, offset, data in archive.stream():
-            rebuilt[disk.id][offset:offset + len(data)] = data
+            rebuilt[disk.id][offset : offset + len(data)] = data
     assert bytes(rebuilt["Ref:10"]) == spec.disks[0].data
     assert bytes(rebuilt["Ref:9"]) == spec.disks[1].data
 
@@ -217,18 +232,21 @@ def test_zstd_with_and_without_the_zstd_tool(tool, tmp_path, monkeypatch):
     import shutil
 
     import vmarc.io.codecs
+
     if not tool:
         real = shutil.which
-        monkeypatch.setattr(vmarc.io.codecs.shutil, "which",
-                            lambda name: None if name == "zstd" else real(name))
+        monkeypatch.setattr(
+            vmarc.io.codecs.shutil, "which", lambda name: None if name == "zstd" else real(name)
+        )
     spec = two_disk_spec(compress="zstd")
     data = g.build(spec)
     (tmp_path / "vm.xva").write_bytes(data)
     from vmarc.ops.convert import convert
+
     with vmarc.open(tmp_path / "vm.xva") as a:
         convert(a, str(tmp_path / "o.raw"), disk="xvdb")
     assert (tmp_path / "o.raw").read_bytes() == spec.disks[1].data
-    (tmp_path / "cut.xva").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut.xva").write_bytes(data[: len(data) // 2])
     with pytest.raises(vmarc.TruncatedError):
         with vmarc.open(tmp_path / "cut.xva") as a:
             convert(a, str(tmp_path / "o2.raw"), disk="xvdb")

@@ -72,12 +72,12 @@ def test_wrong_checksum_text(kind, tmp_path):
     ext = b".xxhash" if kind == "xxhash" else b".checksum"
     at = raw.index(b"Ref:1/00000001" + ext) + 512
     bad = bytearray(raw)
-    bad[at:at + 2] = b"zz"  # not hex any more
+    bad[at : at + 2] = b"zz"  # not hex any more
     (tmp_path / "bad.xva").write_bytes(bad)
     res = run("verify", tmp_path / "bad.xva")
     assert res.code == 2 and "Ref:1/00000001" in res.text, res
     bad = bytearray(raw)
-    bad[at:at + 1] = b"0" if raw[at:at + 1] != b"0" else b"1"  # valid hex, wrong value
+    bad[at : at + 1] = b"0" if raw[at : at + 1] != b"0" else b"1"  # valid hex, wrong value
     (tmp_path / "bad.xva").write_bytes(bad)
     res = run("verify", tmp_path / "bad.xva")
     assert res.code == 2 and "checksum mismatch" in res.text, res
@@ -129,8 +129,9 @@ def test_missing_checksum_member(tmp_path):
     pairs = chunk_pairs(spec)
     del pairs[3]  # checksum of the second chunk
     (tmp_path / "x.xva").write_bytes(assemble([("ova.xml", g.ova_xml(spec))] + pairs))
-    assert_clean_failure(run("convert", tmp_path / "x.xva", tmp_path / "o.raw"), 2,
-                         "expected Ref:1/00000001.xxhash")
+    assert_clean_failure(
+        run("convert", tmp_path / "x.xva", tmp_path / "o.raw"), 2, "expected Ref:1/00000001.xxhash"
+    )
 
 
 def test_suffix_must_increase(tmp_path):
@@ -160,15 +161,18 @@ def test_chunk_of_unknown_disk_and_disk_order(tmp_path):
 def test_chunk_after_disk_complete(tmp_path):
     spec = spec1()
     pairs = chunk_pairs(spec)
-    extra = [("Ref:1/00000009", b"x" * 10), ("Ref:1/00000009.xxhash",
-             ("%016X" % g.xxhash.xxh64_intdigest(b"x" * 10)).encode())]
+    extra = [
+        ("Ref:1/00000009", b"x" * 10),
+        ("Ref:1/00000009.xxhash", ("%016X" % g.xxhash.xxh64_intdigest(b"x" * 10)).encode()),
+    ]
     (tmp_path / "x.xva").write_bytes(assemble([("ova.xml", g.ova_xml(spec))] + pairs + extra))
     res = run("verify", tmp_path / "x.xva")
     assert res.code == 2 and "already complete" in res.text, res
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "Ref:1/../../x",
-                                  "Ref:1/00000001/../00000002"])
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "/etc/passwd", "Ref:1/../../x", "Ref:1/00000001/../00000002"]
+)
 def test_hostile_member_names(name, tmp_path):
     spec = spec1()
     pairs = chunk_pairs(spec)
@@ -204,12 +208,20 @@ def test_bad_tar_header_checksum(tmp_path):
     at = raw.index(b"Ref:1/00000001\0")
     raw[at + 100] ^= 1  # the mode field: only the header checksum notices
     (tmp_path / "x.xva").write_bytes(raw)
-    assert_clean_failure(run("convert", tmp_path / "x.xva", tmp_path / "o.raw"), 2,
-                         "header checksum mismatch")
+    assert_clean_failure(
+        run("convert", tmp_path / "x.xva", tmp_path / "o.raw"), 2, "header checksum mismatch"
+    )
 
 
-@pytest.mark.parametrize("xml", [b"<value><struct><member>", b"not xml at all",
-                                 b"<methodCall/>", b"<value><struct></struct></value>"])
+@pytest.mark.parametrize(
+    "xml",
+    [
+        b"<value><struct><member>",
+        b"not xml at all",
+        b"<methodCall/>",
+        b"<value><struct></struct></value>",
+    ],
+)
 def test_bad_ova_xml(xml, tmp_path):
     spec = spec1(ova_xml=xml)
     (tmp_path / "x.xva").write_bytes(g.build(spec))
@@ -227,8 +239,9 @@ def test_bad_virtual_size(tmp_path):
 def test_junk_empty_missing(tmp_path):
     (tmp_path / "junk.xva").write_bytes(os.urandom(5000))
     assert_clean_failure(run("verify", tmp_path / "junk.xva"), 1, "not an archive")
-    assert_clean_failure(run("convert", tmp_path / "junk.xva", tmp_path / "o.raw"), 1,
-                         "not an archive")
+    assert_clean_failure(
+        run("convert", tmp_path / "junk.xva", tmp_path / "o.raw"), 1, "not an archive"
+    )
     (tmp_path / "empty.xva").write_bytes(b"")
     assert_clean_failure(run("info", tmp_path / "empty.xva"), 1, "empty")
     (tmp_path / "empty.gz").write_bytes(gzip.compress(b""))
@@ -264,10 +277,9 @@ def test_data_past_the_virtual_size_is_damage_padding_is_not(tmp_path):
             assert_clean_failure(res, 2, "past the disk's size")
             res = run("convert", path, tmp_path / "o.raw", "--salvage")
             # salvage keeps the tail: the output grows past ova.xml's size to hold it
-            assert res.code == 2 and (tmp_path / "o.raw").read_bytes() == \
-                data[:-4096] + tail, res
+            assert res.code == 2 and (tmp_path / "o.raw").read_bytes() == data[:-4096] + tail, res
             res = run("convert", path, tmp_path / "o.vhd", "-O", "vpc", "--salvage")
-            assert res.code == 2, res   # a VHD keeps ova.xml's size
+            assert res.code == 2, res  # a VHD keeps ova.xml's size
         else:
             assert res.code == 0 and (tmp_path / "o.raw").read_bytes() == data[:-4096], res
         for p in tmp_path.glob("o.raw*"):
@@ -277,7 +289,7 @@ def test_data_past_the_virtual_size_is_damage_padding_is_not(tmp_path):
 def test_a_negative_pax_size_is_one_line(tmp_path):
     spec = spec1()
     blob = g.build(spec)
-    first = blob.index(b"Ref:1/00000000\0")          # the first chunk's header
+    first = blob.index(b"Ref:1/00000000\0")  # the first chunk's header
     record = b"11 size=-5\n"
     pax = bytearray(g.tar_header("PaxHeader", len(record)))
     pax[156:157] = b"x"
@@ -303,12 +315,13 @@ def test_an_ova_xml_nested_too_deep_is_one_line(tmp_path):
 
 def test_a_zstd_window_over_128_mib_needs_permission(tmp_path):
     import subprocess
+
     path = tmp_path / "zeros.img.zst"
-    with open(path, "wb") as f:       # from a pipe: no content size, the window stays 256 MiB
-        zeros = subprocess.Popen(["head", "-c", str(160 << 20), "/dev/zero"],
-                                 stdout=subprocess.PIPE)
-        subprocess.run(["zstd", "-q", "--long=28", "-c"], stdin=zeros.stdout, stdout=f,
-                       check=True)
+    with open(path, "wb") as f:  # from a pipe: no content size, the window stays 256 MiB
+        zeros = subprocess.Popen(
+            ["head", "-c", str(160 << 20), "/dev/zero"], stdout=subprocess.PIPE
+        )
+        subprocess.run(["zstd", "-q", "--long=28", "-c"], stdin=zeros.stdout, stdout=f, check=True)
         zeros.wait()
     res = run("convert", path, tmp_path / "o.raw", "-f", "raw")
     assert res.code == 1 and "VMARC_ZSTD_LONG=1" in res.errtext, res
@@ -321,10 +334,10 @@ def test_an_ova_xml_element_bomb_costs_no_memory(tmp_path):
     spec.compress = "gzip"
     path = tmp_path / "bomb.xva.gz"
     g.write(path, spec)
-    assert path.stat().st_size < 1 << 20           # small on disk, 24 MB of XML inside
+    assert path.stat().st_size < 1 << 20  # small on disk, 24 MB of XML inside
     res, peak = vmarc_peak("info", path)
     assert res.code == 2 and "more than 200,000 elements" in res.errtext, res
-    assert peak < 256 * 1024, peak                 # KiB
+    assert peak < 256 * 1024, peak  # KiB
 
 
 def test_an_object_listed_twice_in_ova_xml_is_refused(tmp_path):
@@ -332,7 +345,7 @@ def test_an_object_listed_twice_in_ova_xml_is_refused(tmp_path):
     xml = g.ova_xml(spec)
     start = xml.index(b"<value><struct><member><name>class</name>")
     depth, pos = 0, start
-    while True:                                  # the object's own closing </struct>
+    while True:  # the object's own closing </struct>
         opening, closing = xml.find(b"<struct>", pos), xml.find(b"</struct>", pos)
         if opening != -1 and opening < closing:
             depth, pos = depth + 1, opening + 8
@@ -340,8 +353,9 @@ def test_an_object_listed_twice_in_ova_xml_is_refused(tmp_path):
         depth, pos = depth - 1, closing + 9
         if depth == 0:
             break
-    first = xml[start:pos + len(b"</value>")]
-    spec.ova_xml = xml.replace(first, first + first, 1)   # the first object, twice
+    first = xml[start : pos + len(b"</value>")]
+    spec.ova_xml = xml.replace(first, first + first, 1)  # the first object, twice
     g.write(tmp_path / "dup.xva", spec)
-    assert_clean_failure(run("convert", tmp_path / "dup.xva", tmp_path / "o.raw"), 2,
-                         "lists object Ref:0 twice")
+    assert_clean_failure(
+        run("convert", tmp_path / "dup.xva", tmp_path / "o.raw"), 2, "lists object Ref:0 twice"
+    )

@@ -28,8 +28,11 @@ def _blobs(items):
 
 def header(devices, configs, uid: bytes, ctime: int = 1700000000) -> bytes:
     """devices: [(name, size)] given ids 1..; configs: [(name, bytes)]."""
-    strings = [n.encode() + b"\0" for n, _ in configs] + [d for _, d in configs] + \
-              [n.encode() + b"\0" for n, _ in devices]
+    strings = (
+        [n.encode() + b"\0" for n, _ in configs]
+        + [d for _, d in configs]
+        + [n.encode() + b"\0" for n, _ in devices]
+    )
     blobs, ptrs = _blobs(strings)
     nc = len(configs)
     h = bytearray(12288)
@@ -57,7 +60,7 @@ def cluster_blocks(data: bytes, cluster: int, size: int):
         start = cluster * CLUSTER + b * BLOCK
         if start >= size:
             break
-        block = data[start:start + BLOCK].ljust(BLOCK, b"\0")
+        block = data[start : start + BLOCK].ljust(BLOCK, b"\0")
         if block.count(0) != BLOCK:
             mask |= 1 << b
             stored.append(block)
@@ -77,9 +80,17 @@ def extent(entries, uid: bytes) -> bytes:
     return bytes(h) + b"".join(b"".join(blocks) for *_, blocks in entries)
 
 
-def build(disks, configs=(("qemu-server.conf", b"name: t\nmemory: 1024\ncores: 2\n"),),
-          order="shuffle", per_extent=58, seed=1, uid=None, drop=(), duplicate=(),
-          vmstate: bytes | None = None) -> bytes:
+def build(
+    disks,
+    configs=(("qemu-server.conf", b"name: t\nmemory: 1024\ncores: 2\n"),),
+    order="shuffle",
+    per_extent=58,
+    seed=1,
+    uid=None,
+    drop=(),
+    duplicate=(),
+    vmstate: bytes | None = None,
+) -> bytes:
     """disks: [(name, bytes)]. order: 'shuffle' (interleaved, out of order), 'seq', or
     'backup' (what a live backup writes: in order, with one cluster in twenty pulled
     forward, as copy-before-write does when the guest writes ahead of the backup job).
@@ -109,7 +120,7 @@ def build(disks, configs=(("qemu-server.conf", b"name: t\nmemory: 1024\ncores: 2
     work = [w for w in work if w not in set(drop)] + list(duplicate)
     for i in range(0, len(work), per_extent):
         entries = []
-        for dev_id, cl in work[i:i + per_extent]:
+        for dev_id, cl in work[i : i + per_extent]:
             data = contents[dev_id]
             mask, blocks = cluster_blocks(data, cl, len(data))
             entries.append((dev_id, cl, mask, blocks))
@@ -127,5 +138,5 @@ def disk_bytes(size: int, seed: int = 0, zero_every: int = 3) -> bytes:
         if c % zero_every == 1 or b % 5 == 2:
             continue
         n = min(BLOCK, size - off)
-        buf[off:off + n] = rnd.randbytes(n)
+        buf[off : off + n] = rnd.randbytes(n)
     return bytes(buf)

@@ -19,12 +19,12 @@ MiB = 1 << 20
 
 @dataclass
 class XDisk:
-    ref: str                 # "Ref:5"
-    data: bytes | None       # the whole disk content (small disks), or None with size+sparse
+    ref: str  # "Ref:5"
+    data: bytes | None  # the whole disk content (small disks), or None with size+sparse
     label: str = "disk"
     userdevice: str = "0"
     device: str = ""
-    size: int = 0            # for sparse disks: the virtual size
+    size: int = 0  # for sparse disks: the virtual size
     sparse: dict = field(default_factory=dict)  # chunk number -> 1 MiB (or last) of data
 
     def __post_init__(self):
@@ -33,7 +33,7 @@ class XDisk:
 
     def read(self, offset: int, n: int) -> bytes:
         if self.data is not None:
-            return self.data[offset:offset + n]
+            return self.data[offset : offset + n]
         return self.sparse.get(offset // MiB, bytes(n))[:n].ljust(n, b"\0")
 
 
@@ -44,13 +44,15 @@ class XvaSpec:
     memory: int = 2 * 1024 * MiB
     vcpus: int = 2
     with_cd: bool = True
-    header: str = "v7"                 # v7 (XAPI) or ustar (Xen Orchestra)
-    checksum: str = "xxhash"           # xxhash or sha1 (".checksum")
-    keepalives: dict = field(default_factory=dict)  # ref -> set of chunk numbers that are keepalives
-    write_zero_chunks: bool = False    # VHD-backed VDIs: allocated zero chunks are written
-    xo_style: bool = False             # pad last chunk to 1 MiB; unpadded name for a zero last chunk
-    compress: str | None = None        # None, gzip, zstd
-    ova_xml: bytes | None = None       # replace the generated ova.xml
+    header: str = "v7"  # v7 (XAPI) or ustar (Xen Orchestra)
+    checksum: str = "xxhash"  # xxhash or sha1 (".checksum")
+    keepalives: dict = field(
+        default_factory=dict
+    )  # ref -> set of chunk numbers that are keepalives
+    write_zero_chunks: bool = False  # VHD-backed VDIs: allocated zero chunks are written
+    xo_style: bool = False  # pad last chunk to 1 MiB; unpadded name for a zero last chunk
+    compress: str | None = None  # None, gzip, zstd
+    ova_xml: bytes | None = None  # replace the generated ova.xml
 
 
 def _octal(n: int, width: int) -> bytes:
@@ -61,7 +63,7 @@ def tar_header(name: str, size: int, style: str = "v7") -> bytes:
     h = bytearray(512)
     nb = name.encode()
     assert len(nb) <= 100
-    h[0:len(nb)] = nb
+    h[0 : len(nb)] = nb
     h[100:108] = _octal(0o400, 8)
     h[108:116] = _octal(0, 8)
     h[116:124] = _octal(0, 8)
@@ -74,7 +76,7 @@ def tar_header(name: str, size: int, style: str = "v7") -> bytes:
         h[265:269] = b"root"
         h[297:301] = b"root"
     else:
-        h[156:157] = b"\0"     # XAPI: V7 header, type flag NUL, no magic
+        h[156:157] = b"\0"  # XAPI: V7 header, type flag NUL, no magic
     h[148:156] = b" " * 8
     csum = sum(h)
     h[148:156] = b"%06o\0 " % csum
@@ -105,12 +107,16 @@ def chunk_members(disk: XDisk, spec: XvaSpec) -> list[tuple[str, bytes]]:
         first_or_last = num == 0 or last
         name = f"{disk.ref}/{num:08d}"
         if num in keep and not first_or_last:
-            out.append((name, b""))          # keepalive: takes the number, not the space
+            out.append((name, b""))  # keepalive: takes the number, not the space
             num += 1
             continue
-        if (disk.data is None and num not in disk.sparse and not first_or_last
-                and not spec.write_zero_chunks):
-            num += 1                          # a hole of a sparse test disk: skipped
+        if (
+            disk.data is None
+            and num not in disk.sparse
+            and not first_or_last
+            and not spec.write_zero_chunks
+        ):
+            num += 1  # a hole of a sparse test disk: skipped
             offset += MiB
             continue
         data = disk.read(offset, this)
@@ -134,8 +140,11 @@ def _v(x) -> str:
     if isinstance(x, bool):
         return f"<value><boolean>{int(x)}</boolean></value>"
     if isinstance(x, dict):
-        return "<value><struct>" + "".join(
-            f"<member><name>{k}</name>{_v(v)}</member>" for k, v in x.items()) + "</struct></value>"
+        return (
+            "<value><struct>"
+            + "".join(f"<member><name>{k}</name>{_v(v)}</member>" for k, v in x.items())
+            + "</struct></value>"
+        )
     if isinstance(x, list):
         return "<value><array><data>" + "".join(_v(v) for v in x) + "</data></array></value>"
     return f"<value>{x}</value>"
@@ -147,39 +156,118 @@ def ova_xml(spec: XvaSpec) -> bytes:
     for i, d in enumerate(spec.disks):
         vbd = f"Ref:{1000 + i}"
         vbds.append(vbd)
-        objs.append({"class": "VBD", "id": vbd, "snapshot": {
-            "uuid": f"vbd-{i}", "VM": "Ref:0", "VDI": d.ref, "userdevice": d.userdevice,
-            "device": d.device, "bootable": i == 0, "mode": "RW", "type": "Disk",
-            "empty": False, "other_config": {}}})
-        objs.append({"class": "VDI", "id": d.ref, "snapshot": {
-            "uuid": f"vdi-{i}", "name_label": d.label, "SR": "Ref:900",
-            "virtual_size": str(d.size), "type": "user", "sharable": False,
-            "read_only": False, "other_config": {}}})
+        objs.append(
+            {
+                "class": "VBD",
+                "id": vbd,
+                "snapshot": {
+                    "uuid": f"vbd-{i}",
+                    "VM": "Ref:0",
+                    "VDI": d.ref,
+                    "userdevice": d.userdevice,
+                    "device": d.device,
+                    "bootable": i == 0,
+                    "mode": "RW",
+                    "type": "Disk",
+                    "empty": False,
+                    "other_config": {},
+                },
+            }
+        )
+        objs.append(
+            {
+                "class": "VDI",
+                "id": d.ref,
+                "snapshot": {
+                    "uuid": f"vdi-{i}",
+                    "name_label": d.label,
+                    "SR": "Ref:900",
+                    "virtual_size": str(d.size),
+                    "type": "user",
+                    "sharable": False,
+                    "read_only": False,
+                    "other_config": {},
+                },
+            }
+        )
     if spec.with_cd:
-        objs.append({"class": "VBD", "id": "Ref:1999", "snapshot": {
-            "uuid": "vbd-cd", "VM": "Ref:0", "VDI": "Ref:950", "userdevice": "3",
-            "type": "CD", "empty": False}})
-        objs.append({"class": "VDI", "id": "Ref:950", "snapshot": {
-            "uuid": "iso", "name_label": "install.iso", "SR": "Ref:901",
-            "virtual_size": "123456789"}})
-        objs.append({"class": "SR", "id": "Ref:901", "snapshot": {
-            "uuid": "sr-iso", "content_type": "iso", "type": "iso"}})
+        objs.append(
+            {
+                "class": "VBD",
+                "id": "Ref:1999",
+                "snapshot": {
+                    "uuid": "vbd-cd",
+                    "VM": "Ref:0",
+                    "VDI": "Ref:950",
+                    "userdevice": "3",
+                    "type": "CD",
+                    "empty": False,
+                },
+            }
+        )
+        objs.append(
+            {
+                "class": "VDI",
+                "id": "Ref:950",
+                "snapshot": {
+                    "uuid": "iso",
+                    "name_label": "install.iso",
+                    "SR": "Ref:901",
+                    "virtual_size": "123456789",
+                },
+            }
+        )
+        objs.append(
+            {
+                "class": "SR",
+                "id": "Ref:901",
+                "snapshot": {"uuid": "sr-iso", "content_type": "iso", "type": "iso"},
+            }
+        )
         vbds.append("Ref:1999")
-    objs.append({"class": "SR", "id": "Ref:900", "snapshot": {
-        "uuid": "sr-1", "content_type": "user", "type": "lvm"}})
-    objs.insert(0, {"class": "VM", "id": "Ref:0", "snapshot": {
-        "uuid": "0e3b2a5c-1111-4222-8333-944455556666", "name_label": spec.vm_name, "name_description": "made by tests",
-        "memory_static_max": str(spec.memory), "VCPUs_max": str(spec.vcpus),
-        "VBDs": vbds, "is_control_domain": False}})
-    top = {"version": {"hostname": "test", "product_version": "8.2.1", "export_vsn": "2",
-                       "xapi_major": "1", "xapi_minor": "20"}, "objects": objs}
+    objs.append(
+        {
+            "class": "SR",
+            "id": "Ref:900",
+            "snapshot": {"uuid": "sr-1", "content_type": "user", "type": "lvm"},
+        }
+    )
+    objs.insert(
+        0,
+        {
+            "class": "VM",
+            "id": "Ref:0",
+            "snapshot": {
+                "uuid": "0e3b2a5c-1111-4222-8333-944455556666",
+                "name_label": spec.vm_name,
+                "name_description": "made by tests",
+                "memory_static_max": str(spec.memory),
+                "VCPUs_max": str(spec.vcpus),
+                "VBDs": vbds,
+                "is_control_domain": False,
+            },
+        },
+    )
+    top = {
+        "version": {
+            "hostname": "test",
+            "product_version": "8.2.1",
+            "export_vsn": "2",
+            "xapi_major": "1",
+            "xapi_minor": "20",
+        },
+        "objects": objs,
+    }
     return _v(top).encode()
 
 
 def write_to(f, spec: XvaSpec) -> None:
     """Write the uncompressed archive to a binary file object, member by member."""
-    f.write(tar_member("ova.xml", spec.ova_xml if spec.ova_xml is not None else ova_xml(spec),
-                       spec.header))
+    f.write(
+        tar_member(
+            "ova.xml", spec.ova_xml if spec.ova_xml is not None else ova_xml(spec), spec.header
+        )
+    )
     for disk in sorted(spec.disks, key=lambda d: d.ref):  # XAPI: string order of the refs
         for name, data in chunk_members(disk, spec):
             f.write(tar_member(name, data, spec.header))
@@ -199,6 +287,7 @@ def compress(data: bytes, how: str | None) -> bytes:
         return gzip.compress(data, compresslevel=1)
     if how == "zstd":
         import zstandard
+
         return zstandard.ZstdCompressor(level=1).compress(data)
     return data
 
@@ -211,7 +300,7 @@ def pattern_disk(size: int, zero_chunks=(), seed: int = 1) -> bytes:
             continue
         start, end = c * MiB, min(size, (c + 1) * MiB)
         block = hashlib.sha256(b"%d-%d" % (seed, c)).digest()
-        piece = (block * ((end - start) // 32 + 1))[:end - start]
+        piece = (block * ((end - start) // 32 + 1))[: end - start]
         buf[start:end] = piece
     return bytes(buf)
 

@@ -30,15 +30,36 @@ from .formats import detect, reader_for
 from .io.source import as_file, open_source
 from .model import Archive, Checks, Damage, Disk
 
-__all__ = ["open", "Archive", "Disk", "Damage", "Checks", "VmarcError", "UsageError",
-           "SourceError", "OutputError", "UnknownFormatError", "UnsupportedError",
-           "CorruptError", "FormatError", "TruncatedError", "IntegrityError", "SalvagedError"]
+__all__ = [
+    "open",
+    "Archive",
+    "Disk",
+    "Damage",
+    "Checks",
+    "VmarcError",
+    "UsageError",
+    "SourceError",
+    "OutputError",
+    "UnknownFormatError",
+    "UnsupportedError",
+    "CorruptError",
+    "FormatError",
+    "TruncatedError",
+    "IntegrityError",
+    "SalvagedError",
+]
 __version__ = "0.1.0"
 
 
-def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
-         parent: str | None = None, no_backing: bool = False,
-         unsized: bool = False) -> Archive:
+def open(
+    src,
+    fmt: str | None = None,
+    *,
+    name: str | None = None,  # noqa: A001
+    parent: str | None = None,
+    no_backing: bool = False,
+    unsized: bool = False,
+) -> Archive:
     """Open a path, "-" (stdin) or a binary stream; the format is found by content
     (raw only by fmt="raw" or a .raw/.img name), compression by magic. parent replaces a
     differencing VHD's parent locators or a qcow2's backing file name (and may then be
@@ -56,8 +77,10 @@ def open(src, fmt: str | None = None, *, name: str | None = None,  # noqa: A001
                 source = as_file(source, why)
         layers = {k: v for k, v in (("parent", parent), ("no_backing", no_backing)) if v}
         if layers and reader.format not in ("vhd", "qcow2"):
-            raise UsageError(f"{source.name}: --parent and --no-backing apply to differencing "
-                             f"VHDs and qcow2 overlays, this is {reader.format}")
+            raise UsageError(
+                f"{source.name}: --parent and --no-backing apply to differencing "
+                f"VHDs and qcow2 overlays, this is {reader.format}"
+            )
         return reader(source, **layers)
     except BaseException:
         source.close()

@@ -33,7 +33,7 @@ def is_zero(view: memoryview) -> bool:
     step = len(ZERO_CHUNK)
     if len(view) <= step:
         return ZERO_CHUNK.startswith(view)
-    return all(ZERO_CHUNK.startswith(view[i:i + step]) for i in range(0, len(view), step))
+    return all(ZERO_CHUNK.startswith(view[i : i + step]) for i in range(0, len(view), step))
 
 
 HOLE = 4096  # the smallest hole an output leaves: qemu-img convert's default -S 4k
@@ -46,11 +46,12 @@ def data_runs(view: memoryview, offset: int, block: int = HOLE) -> list[tuple[in
     n = len(view)
     if n == 0 or is_zero(view):
         return []
-    head = min(n, (-offset) % block)       # the partial block before the first boundary
-    full = (n - head) // block             # whole blocks after it
+    head = min(n, (-offset) % block)  # the partial block before the first boundary
+    full = (n - head) // block  # whole blocks after it
     body_end = head + full * block
-    empty = [(s, s + block) for s in _maybe_zero(view, head, full, block)
-             if is_zero(view[s:s + block])]
+    empty = [
+        (s, s + block) for s in _maybe_zero(view, head, full, block) if is_zero(view[s : s + block])
+    ]
     if head and is_zero(view[:head]):
         empty.insert(0, (0, head))
     if body_end < n and is_zero(view[body_end:]):
@@ -78,7 +79,7 @@ def _maybe_zero(view: memoryview, head: int, full: int, block: int) -> list[int]
         return []
     if head % 8 or block % 8 or view.format not in ("B", "b", "c"):
         return [head + i * block for i in range(full)]  # no word view: every block
-    firsts = bytes(view[head:head + full * block].cast("B").cast("Q")[::block // 8])
+    firsts = bytes(view[head : head + full * block].cast("B").cast("Q")[:: block // 8])
     found = []
     pos = firsts.find(_ZERO_WORD)
     while pos >= 0:
@@ -89,9 +90,9 @@ def _maybe_zero(view: memoryview, head: int, full: int, block: int) -> list[int]
 
 
 # -- random access ------------------------------------------------------------------------
-DATA = "data"   # stored bytes (at: their offset in file, None when not plain: compressed)
-ZERO = "zero"   # reads as zeros: a hole, or a stretch no layer of a chain stores
-LOST = "lost"   # the archive lost it (cut short, damaged): reading it fails (EIO)
+DATA = "data"  # stored bytes (at: their offset in file, None when not plain: compressed)
+ZERO = "zero"  # reads as zeros: a hole, or a stretch no layer of a chain stores
+LOST = "lost"  # the archive lost it (cut short, damaged): reading it fails (EIO)
 
 # how a format reaches its disks besides stream() (Archive.access)
 STREAM, SCAN, RANDOM = "stream", "scan", "random"
@@ -100,16 +101,17 @@ STREAM, SCAN, RANDOM = "stream", "scan", "random"
 class Extent(NamedTuple):
     """One stretch of a disk as random access sees it (qemu's block_status)."""
 
-    start: int               # disk offset
+    start: int  # disk offset
     length: int
-    kind: str                # DATA, ZERO or LOST
-    at: int | None = None    # DATA: where the bytes lie in file (None: not in plain form)
+    kind: str  # DATA, ZERO or LOST
+    at: int | None = None  # DATA: where the bytes lie in file (None: not in plain form)
     file: str | None = None  # the file (or store) holding them
-    depth: int = 0           # the layer of a chain it comes from (0: the image itself)
+    depth: int = 0  # the layer of a chain it comes from (0: the image itself)
 
 
-def filled(extents, offset: int, end: int, file: str | None = None,
-           depth: int = 0) -> Iterator[Extent]:
+def filled(
+    extents, offset: int, end: int, file: str | None = None, depth: int = 0
+) -> Iterator[Extent]:
     """The extents with the gaps between them (and up to end) as ZERO: data-only lists
     (what a layer stores) made into the full cover DiskView.extents promises."""
     pos = offset
@@ -167,14 +169,21 @@ class DiskView:
 
 
 class Disk:
-    def __init__(self, id: str, name: str, size: int, device: str | None = None,
-                 index: int = 0, meta: dict | None = None):
-        self.id = id              # the format's own id: "Ref:5" (XVA), "drive-scsi0" (VMA)
-        self.name = name          # human label (VDI name_label, drive name)
-        self.size = size          # virtual size in bytes
-        self.device = device      # slot: xvda, scsi0...
-        self.index = index        # position in the archive's disk list
-        self.meta = meta or {}    # format-specific extras shown by info
+    def __init__(
+        self,
+        id: str,
+        name: str,
+        size: int,
+        device: str | None = None,
+        index: int = 0,
+        meta: dict | None = None,
+    ):
+        self.id = id  # the format's own id: "Ref:5" (XVA), "drive-scsi0" (VMA)
+        self.name = name  # human label (VDI name_label, drive name)
+        self.size = size  # virtual size in bytes
+        self.device = device  # slot: xvda, scsi0...
+        self.index = index  # position in the archive's disk list
+        self.meta = meta or {}  # format-specific extras shown by info
 
     def __repr__(self):
         return f"Disk({self.id!r}, size={self.size}, device={self.device!r})"
@@ -191,8 +200,14 @@ class Disk:
 
     def as_dict(self) -> dict:
         """The same keys for every format; what only this format has is in details."""
-        return {"id": self.id, "name": self.name, "size": self.size, "device": self.device,
-                "index": self.index, "details": dict(self.meta)}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size": self.size,
+            "device": self.device,
+            "index": self.index,
+            "details": dict(self.meta),
+        }
 
 
 class Damage:
@@ -204,12 +219,23 @@ class Damage:
     __slots__ = ("disk", "offset", "length", "cause", "where")
 
     def __init__(self, disk: Disk, offset: int, length: int, cause: str, **where):
-        self.disk, self.offset, self.length, self.cause, self.where = \
-            disk, offset, length, cause, where
+        self.disk, self.offset, self.length, self.cause, self.where = (
+            disk,
+            offset,
+            length,
+            cause,
+            where,
+        )
 
     def as_dict(self) -> dict:
-        return {"disk": self.disk.id, "device": self.disk.device, "offset": self.offset,
-                "length": self.length, "cause": self.cause, "source": self.where}
+        return {
+            "disk": self.disk.id,
+            "device": self.disk.device,
+            "offset": self.offset,
+            "length": self.length,
+            "cause": self.cause,
+            "source": self.where,
+        }
 
 
 class Checks:
@@ -228,23 +254,25 @@ class Checks:
     and reports through fail() what each disk is missing.
     """
 
-    def __init__(self, collect: bool = False, limit: int = 1000, keep=None,
-                 salvage: bool = False):
+    def __init__(self, collect: bool = False, limit: int = 1000, keep=None, salvage: bool = False):
         self.collect = collect
         self.limit = limit
         self.keep = None if keep is None else set(keep)
         self.salvage = salvage
-        self.problems: list[CorruptError] = []   # spoiling the kept disks, or everything
+        self.problems: list[CorruptError] = []  # spoiling the kept disks, or everything
         self.elsewhere: list[CorruptError] = []  # spoiling other disks only (keep)
         self.stopped_by: CorruptError | None = None
-        self.seen: list[CorruptError] = []       # every problem, in the order met
-        self.leaks: list[str] = []               # space allocated and unused: not damage
+        self.seen: list[CorruptError] = []  # every problem, in the order met
+        self.leaks: list[str] = []  # space allocated and unused: not damage
         self.warnings: list[str] = []
         self._raised: CorruptError | None = None
 
     def _only_elsewhere(self, err: CorruptError) -> bool:
-        return self.keep is not None and bool(err.damage) and \
-            all(d.disk.id not in self.keep for d in err.damage)
+        return (
+            self.keep is not None
+            and bool(err.damage)
+            and all(d.disk.id not in self.keep for d in err.damage)
+        )
 
     def fail(self, err: CorruptError) -> None:
         self.seen.append(err)
@@ -296,15 +324,17 @@ class Archive:
         return self.source.compression
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False,
-                   parent: str | None = None) -> str | None:
+    def needs_file(
+        cls, head: bytes, unsized: bool = False, parent: str | None = None
+    ) -> str | None:
         """Why an input that starts with head cannot be read front to back (vmarc.open
         then copies it to a temporary file first), or None when it can. unsized: the
         caller takes a disk whose size is known only at the end of the stream."""
         return None
 
-    def stream(self, disks=None, checks: Checks | None = None,
-               verify: bool = True) -> Iterator[tuple[Disk, int, memoryview]]:
+    def stream(
+        self, disks=None, checks: Checks | None = None, verify: bool = True
+    ) -> Iterator[tuple[Disk, int, memoryview]]:
         """Yield (disk, offset, data) in source order for the chosen disks (all if None).
         Areas never yielded read as zeros. The data view is valid only until the next
         item is requested. Raises CorruptError (or reports it to checks) on damage."""
@@ -324,17 +354,22 @@ class Archive:
 
     def stream_checks(self) -> list[str]:
         """What the decompressor checked of the whole stream."""
-        return {None: [], "gzip": ["gzip CRC-32 and length of every member"],
-                "zstd": ["zstd frames, and their content checksums where the writer stored "
-                         "them"],
-                "lzop": ["lzop block checksums where the writer stored them"]}.get(
-                    self.compression, [])
+        return {
+            None: [],
+            "gzip": ["gzip CRC-32 and length of every member"],
+            "zstd": ["zstd frames, and their content checksums where the writer stored them"],
+            "lzop": ["lzop block checksums where the writer stored them"],
+        }.get(self.compression, [])
 
     def settings(self):
         """The VM's settings (settings.neutral.VmSettings); a bare image gives its disks only."""
         from .settings.neutral import DiskSlot, VmSettings
-        return VmSettings(name=self.vm.get("name", ""), memory=self.vm.get("memory", 0),
-                          disks=[DiskSlot(d, size=d.size, label=d.name) for d in self.disks])
+
+        return VmSettings(
+            name=self.vm.get("name", ""),
+            memory=self.vm.get("memory", 0),
+            disks=[DiskSlot(d, size=d.size, label=d.name) for d in self.disks],
+        )
 
     def stream_order(self) -> list[Disk]:
         """The disks in the order stream() finishes them (writers that store disks one
@@ -352,8 +387,9 @@ class Archive:
         stored run, from a pass that reads headers and seeks over data."""
         raise UnsupportedError(f"{self.format} cannot be scanned")
 
-    def extents(self, offset: int = 0, length: int | None = None,
-                depth: int = 0) -> Iterator[Extent]:
+    def extents(
+        self, offset: int = 0, length: int | None = None, depth: int = 0
+    ) -> Iterator[Extent]:
         """access RANDOM (one disk): extents covering the range, through every layer of a
         chain (each Extent says its depth and file)."""
         raise UnsupportedError(f"{self.format} cannot be read at random")
@@ -374,8 +410,9 @@ class Archive:
             if not self.disks:
                 raise UsageError(f"{self.source.name}: the archive has no disks")
             ids = ", ".join(d.device or d.id for d in self.disks)
-            raise UsageError(f"{self.source.name}: {len(self.disks)} disks ({ids}); "
-                             "choose one with --disk")
+            raise UsageError(
+                f"{self.source.name}: {len(self.disks)} disks ({ids}); choose one with --disk"
+            )
         found = [d for d in self.disks if selector in d.selectors()]
         if not found:
             found = [d for d in self.disks if selector in self.extra_selectors(d)]
@@ -383,10 +420,10 @@ class Archive:
             return found[0]
         if not found:
             ids = ", ".join(d.device or d.id for d in self.disks) or "none"
-            raise UsageError(f"{self.source.name}: no disk matches {selector!r} "
-                             f"(disks: {ids})")
-        raise UsageError(f"{self.source.name}: {selector!r} matches several disks; "
-                         "use the id or the index")
+            raise UsageError(f"{self.source.name}: no disk matches {selector!r} (disks: {ids})")
+        raise UsageError(
+            f"{self.source.name}: {selector!r} matches several disks; use the id or the index"
+        )
 
     def disk_filename(self, disk: Disk) -> str:
         """File name for a disk in `extract`: its device (xvda), else its id made safe."""
@@ -411,9 +448,13 @@ class Archive:
             "source": self.source.name,
             "vm": self.vm,
             "disks": [d.as_dict() for d in self.disks],
-            "configs": [dict({"name": k, "size": len(v)},
-                             **({"content": v.decode("utf-8", "replace")} if configs else {}))
-                        for k, v in self.configs.items()],
+            "configs": [
+                dict(
+                    {"name": k, "size": len(v)},
+                    **({"content": v.decode("utf-8", "replace")} if configs else {}),
+                )
+                for k, v in self.configs.items()
+            ],
             "settings": self._settings_summary(),
             "details": self.details(),
         }
@@ -425,6 +466,7 @@ class Archive:
     def _settings_summary(self) -> dict | None:
         """The neutral settings (what convert -O vma|xva carries), None if unreadable."""
         from .errors import FormatError
+
         try:
             s = self.settings()
         except FormatError:

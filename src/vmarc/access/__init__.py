@@ -6,5 +6,13 @@ from .maps import BAD, DiskMap
 from .open import Opened, open_disks
 from .views import ImageView, MappedDisk
 
-__all__ = ["BAD", "ChunkChecks", "DiskMap", "ImageView", "MappedDisk", "Opened", "cache_dir",
-           "open_disks"]
+__all__ = [
+    "BAD",
+    "ChunkChecks",
+    "DiskMap",
+    "ImageView",
+    "MappedDisk",
+    "Opened",
+    "cache_dir",
+    "open_disks",
+]

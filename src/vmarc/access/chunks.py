@@ -20,8 +20,8 @@ class ChunkChecks:
     ALGOS = tuple(DIGESTS)  # the index stores a digest's position in this tuple
 
     def __init__(self, starts=None, sizes=None, algos=None, digests=None):
-        self.starts = starts or array("Q")    # disk offset of each chunk
-        self.sizes = sizes or array("Q")      # the member's size (what the digest covers)
+        self.starts = starts or array("Q")  # disk offset of each chunk
+        self.sizes = sizes or array("Q")  # the member's size (what the digest covers)
         self.algos = algos or array("B")
         self.digests = digests or bytearray()
         self.checked = bytearray(len(self.starts))
@@ -66,12 +66,13 @@ class ChunkChecks:
         try:
             name = self.ALGOS[self.algos[i]]
             got = DIGESTS[name](read_chunk(self.starts[i], self.sizes[i]))
-            stored = self.digests[i * self.WIDTH:i * self.WIDTH + len(got) // 2]
+            stored = self.digests[i * self.WIDTH : i * self.WIDTH + len(got) // 2]
             if bytes.fromhex(got) != stored:
                 raise IntegrityError(
                     f"{where}: the chunk at disk offset {self.starts[i]} fails its "
                     f"{name} checksum (stored {stored.hex()}, computed {got.lower()}); "
-                    f"{damaged}")
+                    f"{damaged}"
+                )
             self.checked[i] = 1
         finally:
             if busy is None:

@@ -27,8 +27,12 @@ def identity(path: str) -> dict:
     st = os.stat(path)
     with open(path, "rb") as f:
         head = f.read(1 << 20)
-    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "head_sha256": hashlib.sha256(head).hexdigest()}
+    return {
+        "path": os.path.realpath(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "head_sha256": hashlib.sha256(head).hexdigest(),
+    }
 
 
 def index_path(ident: dict, explicit: str | None) -> str:
@@ -38,8 +42,9 @@ def index_path(ident: dict, explicit: str | None) -> str:
     return os.path.join(cache_dir(), key + ".idx")
 
 
-def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap],
-               note: str | None = None) -> None:
+def save_index(
+    path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskMap], note: str | None = None
+) -> None:
     """magic, a JSON header line, then per disk: its three run arrays (little-endian
     u64) and, when it has chunk checksums, their offsets and sizes (u64), algorithms
     (u8) and digests (ChunkChecks.WIDTH bytes each). The header holds the body's XXH64:
@@ -57,12 +62,18 @@ def save_index(path: str, ident: dict, fmt: str, how: str, maps: dict[str, DiskM
             body += a.tobytes()
         if m.checks:
             body += m.checks.algos.tobytes() + m.checks.digests
-    head = {"identity": ident, "format": fmt, "store": how, "digests": ChunkChecks.ALGOS,
-            "disks": [{"id": k, "runs": len(m.starts),
-                       "chunks": len(m.checks.starts) if m.checks else None}
-                      for k, m in maps.items()],
-            "body_xxh64": xxh64_text(body),
-            "damage": note}  # the archive's damage, said again whenever the index is used
+    head = {
+        "identity": ident,
+        "format": fmt,
+        "store": how,
+        "digests": ChunkChecks.ALGOS,
+        "disks": [
+            {"id": k, "runs": len(m.starts), "chunks": len(m.checks.starts) if m.checks else None}
+            for k, m in maps.items()
+        ],
+        "body_xxh64": xxh64_text(body),
+        "damage": note,
+    }  # the archive's damage, said again whenever the index is used
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(INDEX_MAGIC + json.dumps(head).encode() + b"\n")
@@ -90,7 +101,7 @@ def load_index(path: str, ident: dict):
             if pos + n > len(body):
                 raise ValueError("index ends early")
             pos += n
-            return body[pos - n:pos]
+            return body[pos - n : pos]
 
         def u64s(n: int) -> array:
             a = array("Q")
@@ -106,8 +117,9 @@ def load_index(path: str, ident: dict):
             if n is not None:
                 starts, sizes = u64s(n), u64s(n)
                 algos = array("B", bytes(take(n)))
-                dmap.checks = ChunkChecks(starts, sizes, algos,
-                                          bytearray(take(n * ChunkChecks.WIDTH)))
+                dmap.checks = ChunkChecks(
+                    starts, sizes, algos, bytearray(take(n * ChunkChecks.WIDTH))
+                )
             maps[d["id"]] = dmap.finish()  # refuses runs out of order or overlapping
         return head["format"], head["store"], maps, head.get("damage")
     except (OSError, ValueError, KeyError, TypeError, VmarcError):

@@ -29,8 +29,10 @@ class DiskMap:
     def add(self, start: int, length: int, offset: int) -> None:
         if self.starts:  # extend the last run when this one follows it on disk and in store
             i = len(self.starts) - 1
-            if self.starts[i] + self.lengths[i] == start and \
-                    self.offsets[i] + self.lengths[i] == offset:
+            if (
+                self.starts[i] + self.lengths[i] == start
+                and self.offsets[i] + self.lengths[i] == offset
+            ):
                 self.lengths[i] += length
                 return
         self.starts.append(start)
@@ -98,4 +100,4 @@ def merged_ranges(ranges) -> list[tuple[int, int]]:
 def overlaps(ranges, start: int, n: int) -> bool:
     """Whether [start, start + n) meets one of the sorted, merged ranges."""
     i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
-    return any(a < start + n and start < a + m for a, m in ranges[max(i, 0):i + 2])
+    return any(a < start + n and start < a + m for a, m in ranges[max(i, 0) : i + 2])

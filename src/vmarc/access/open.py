@@ -38,9 +38,9 @@ class Opened:
     """The disks of one source, ready for random reads; plus its metadata."""
 
     def __init__(self, archive, disks: list[DiskView], stores: list, how: str):
-        self.archive = archive        # the opened Archive (metadata: vm, configs, disks)
+        self.archive = archive  # the opened Archive (metadata: vm, configs, disks)
         self.disks = disks
-        self.how = how                # "index", "index (reused)", "tables", "spool"...
+        self.how = how  # "index", "index (reused)", "tables", "spool"...
         self._stores = stores
 
     def select(self, selector: str | None) -> DiskView:
@@ -62,9 +62,16 @@ class Opened:
         self.close()
 
 
-def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
-               parent: str | None = None, no_backing: bool = False, quiet: bool = False,
-               verify: bool = True) -> Opened:
+def open_disks(
+    path: str,
+    fmt: str | None = None,
+    *,
+    index: str | None = None,
+    parent: str | None = None,
+    no_backing: bool = False,
+    quiet: bool = False,
+    verify: bool = True,
+) -> Opened:
     """Open a file for random reads of its disks (see the module docstring)."""
     if path in ("-", None):
         raise UsageError("random access needs a file, not a pipe")
@@ -82,8 +89,7 @@ def open_disks(path: str, fmt: str | None = None, *, index: str | None = None,
         raise
 
 
-def _open_disks(archive, path: str, index: str | None, quiet: bool,
-                verify: bool) -> Opened:
+def _open_disks(archive, path: str, index: str | None, quiet: bool, verify: bool) -> Opened:
     fmt = archive.format
     comp = archive.compression
     if comp is None and fmt == "raw":
@@ -103,8 +109,9 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool,
         if stores is not None:
             if note and not quiet:
                 print(f"vmarc: warning: {note}", file=sys.stderr)
-            return Opened(archive, _mapped(archive, stores[0], maps, verify), stores,
-                          how + " (reused)")
+            return Opened(
+                archive, _mapped(archive, stores[0], maps, verify), stores, how + " (reused)"
+            )
 
     if comp is None and archive.access == SCAN:
         store = FileStore(path)
@@ -153,8 +160,9 @@ def _scan(scan_archive, quiet: bool) -> tuple[dict[str, DiskMap], str | None]:
 def _with_lost(m: DiskMap, checks: Checks, disk: Disk) -> DiskMap:
     """The map with the disk's damaged stretches (checks.damage) as BAD runs in place
     of whatever was stored there."""
-    bad = merged_ranges([(d.offset, d.length) for d in checks.damage
-                   if d.length and d.disk.id == disk.id])
+    bad = merged_ranges(
+        [(d.offset, d.length) for d in checks.damage if d.length and d.disk.id == disk.id]
+    )
     if not bad:
         return m.finish()
     runs = [r for r in zip(m.starts, m.lengths, m.offsets) if not overlaps(bad, r[0], r[1])]
@@ -189,15 +197,21 @@ def _reuse_stores(path, idx, how):
 
 def _mapped(archive, store, maps, verify: bool) -> list[DiskView]:
     # a spool is vmarc's own cache file, not the user's archive: say which is damaged
-    damaged = ("the archive is damaged" if store.path == archive.source.path else
-               f"the spool file {store.path} is damaged (delete it: it is built again)")
-    return [MappedDisk(d, store, maps[d.id], archive.source.name, verify, damaged)
-            for d in archive.disks]
+    damaged = (
+        "the archive is damaged"
+        if store.path == archive.source.path
+        else f"the spool file {store.path} is damaged (delete it: it is built again)"
+    )
+    return [
+        MappedDisk(d, store, maps[d.id], archive.source.name, verify, damaged)
+        for d in archive.disks
+    ]
 
 
 def _have_rapidgzip() -> bool:
     try:
         import rapidgzip  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -210,8 +224,11 @@ def _try_save(idx, ident, fmt, how, maps, quiet, gzip_store=None, note=None) -> 
             gzip_store.export_checkpoints(idx + ".gzidx")
     except OSError as e:
         if not quiet:
-            print(f"vmarc: cannot save the index to {idx}: {e.strerror}; it will be built "
-                  "again next time", file=sys.stderr)
+            print(
+                f"vmarc: cannot save the index to {idx}: {e.strerror}; it will be built "
+                "again next time",
+                file=sys.stderr,
+            )
 
 
 def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
@@ -219,8 +236,11 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
     spool = idx + ".spool"
     what = archive.compression or f"{archive.format} in this form"
     if not quiet:
-        print(f"vmarc: {archive.source.name}: {what} input cannot be read at random; "
-              f"spooling its disks once to {spool} (sparse; reused next time)", file=sys.stderr)
+        print(
+            f"vmarc: {archive.source.name}: {what} input cannot be read at random; "
+            f"spooling its disks once to {spool} (sparse; reused next time)",
+            file=sys.stderr,
+        )
     os.makedirs(os.path.dirname(os.path.abspath(spool)), exist_ok=True)
     bases, total = {}, 0
     for d in archive.disks:  # each disk at a 1 MiB-aligned base in the spool

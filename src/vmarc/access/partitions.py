@@ -62,7 +62,7 @@ def _gpt(disk) -> list[tuple[int, int]]:
     raw = disk.read_at(table_lba * SECTOR, min(count, MAX_PARTITIONS) * size)
     found = []
     for i in range(len(raw) // size):
-        entry = raw[i * size:(i + 1) * size]
+        entry = raw[i * size : (i + 1) * size]
         if entry[:16] == bytes(16):
             continue
         first, last = struct.unpack_from("<QQ", entry, 32)

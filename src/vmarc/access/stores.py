@@ -25,8 +25,10 @@ class FileStore:
         while len(data) < n:  # short reads happen on some file systems
             more = os.pread(self.fd, n - len(data), offset + len(data))
             if not more:
-                raise SourceError(f"{self.path}: file ends at offset {offset + len(data)}, "
-                                  "inside data the index points at (changed since indexed?)")
+                raise SourceError(
+                    f"{self.path}: file ends at offset {offset + len(data)}, "
+                    "inside data the index points at (changed since indexed?)"
+                )
             data += more
         return data
 
@@ -40,6 +42,7 @@ class GzipStore:
 
     def __init__(self, path: str, gz_index: str | None):
         import rapidgzip
+
         self.path = path
         self._lock = threading.Lock()
         self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
@@ -55,6 +58,7 @@ class GzipStore:
         ~1 KiB a checkpoint instead of ~20, on disk and again in memory once imported
         (17 MiB against 40 MiB for a 4 GiB disk), so a mount of a large .gz stays small."""
         import rapidgzip
+
         fmt = getattr(getattr(rapidgzip, "IndexFormat", None), "GZTOOL", None)
         if fmt is None:  # an older rapidgzip: its own format
             self.file.export_index(path)
@@ -66,8 +70,10 @@ class GzipStore:
             self.file.seek(offset)
             data = self.file.read(n)
         if len(data) < n:
-            raise SourceError(f"{self.path}: decompressed data ends at offset "
-                              f"{offset + len(data)}, inside data the index points at")
+            raise SourceError(
+                f"{self.path}: decompressed data ends at offset "
+                f"{offset + len(data)}, inside data the index points at"
+            )
         return data
 
     def source(self, name: str) -> Source:
@@ -75,8 +81,9 @@ class GzipStore:
         size = self.file.seek(0, os.SEEK_END)
         self.file.seek(0)
         lent = _Unclosed(self.file)
-        return Source(lent, name=name, compression=None, path=self.path, file_size=size,
-                      raw_file=lent)
+        return Source(
+            lent, name=name, compression=None, path=self.path, file_size=size, raw_file=lent
+        )
 
     def close(self) -> None:
         self.file.close()

@@ -18,8 +18,15 @@ from .stores import FileStore
 
 
 class MappedDisk(DiskView):
-    def __init__(self, disk: Disk, store, dmap: DiskMap, where: str, verify: bool = True,
-                 damaged: str = "the archive is damaged"):
+    def __init__(
+        self,
+        disk: Disk,
+        store,
+        dmap: DiskMap,
+        where: str,
+        verify: bool = True,
+        damaged: str = "the archive is damaged",
+    ):
         super().__init__(disk)
         self.store = store
         # a plain file (the archive or a spool) can hand its bytes out by fd; gzip
@@ -50,9 +57,11 @@ class MappedDisk(DiskView):
         self.check_chunks(offset, n)
 
     def _lost(self, start: int, length: int) -> CorruptError:
-        return CorruptError(f"{self.where}: disk offset {start} lies in a stretch the "
-                            f"archive lost ({length} bytes here; `vmarc verify` names the "
-                            "damage)")
+        return CorruptError(
+            f"{self.where}: disk offset {start} lies in a stretch the "
+            f"archive lost ({length} bytes here; `vmarc verify` names the "
+            "damage)"
+        )
 
     def read_at(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.size - offset))
@@ -61,8 +70,7 @@ class MappedDisk(DiskView):
         for e in self.map.extents(offset, n):  # one walk: lost stretches too
             if e.kind == LOST:
                 raise self._lost(e.start, e.length)
-            parts.append(self.store.pread(e.length, e.at) if e.kind == DATA
-                         else bytes(e.length))
+            parts.append(self.store.pread(e.length, e.at) if e.kind == DATA else bytes(e.length))
         return b"".join(parts)
 
 
@@ -94,10 +102,15 @@ class _ExtentList:
         self.items = []
         for e in extents:
             last = self.items[-1] if self.items else None
-            if last is not None and last.kind == e.kind and last.file == e.file and \
-                    last.depth == e.depth and last.start + last.length == e.start and \
-                    (last.at is None) == (e.at is None) and \
-                    (e.at is None or last.at + last.length == e.at):
+            if (
+                last is not None
+                and last.kind == e.kind
+                and last.file == e.file
+                and last.depth == e.depth
+                and last.start + last.length == e.start
+                and (last.at is None) == (e.at is None)
+                and (e.at is None or last.at + last.length == e.at)
+            ):
                 self.items[-1] = last._replace(length=last.length + e.length)
             else:
                 self.items.append(e)
@@ -105,12 +118,14 @@ class _ExtentList:
 
     def cover(self, offset: int, length: int):
         import bisect
+
         end = offset + length
         i = max(bisect.bisect_right(self.starts, offset) - 1, 0)
         while i < len(self.items) and self.items[i].start < end:
             e = self.items[i]
             a, b = max(e.start, offset), min(e.start + e.length, end)
             if a < b:
-                yield e._replace(start=a, length=b - a,
-                                 at=None if e.at is None else e.at + (a - e.start))
+                yield e._replace(
+                    start=a, length=b - a, at=None if e.at is None else e.at + (a - e.start)
+                )
             i += 1

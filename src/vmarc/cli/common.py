@@ -5,18 +5,27 @@ from __future__ import annotations
 
 def add_source_args(p) -> None:
     p.add_argument("source", help="archive or image path, or - for stdin")
-    p.add_argument("-f", "--format", dest="fmt", help="input format (found by content if "
-                   "omitted; raw only with -f raw or a .raw/.img name)")
+    p.add_argument(
+        "-f",
+        "--format",
+        dest="fmt",
+        help="input format (found by content if omitted; raw only with -f raw or a .raw/.img name)",
+    )
     add_layer_args(p)
 
 
 def add_layer_args(p) -> None:
     """What lies under a differencing VHD or a qcow2 overlay."""
-    p.add_argument("--parent", help="the parent of a differencing VHD or the backing file of "
-                   "a qcow2, instead of the one the image names (may be raw)")
-    p.add_argument("--no-backing", action="store_true",
-                   help="read a differencing VHD or qcow2 overlay alone, without what lies "
-                   "under it")
+    p.add_argument(
+        "--parent",
+        help="the parent of a differencing VHD or the backing file of "
+        "a qcow2, instead of the one the image names (may be raw)",
+    )
+    p.add_argument(
+        "--no-backing",
+        action="store_true",
+        help="read a differencing VHD or qcow2 overlay alone, without what lies under it",
+    )
 
 
 def layers(args) -> dict:
@@ -25,8 +34,12 @@ def layers(args) -> dict:
 
 
 def add_progress_arg(p) -> None:
-    p.add_argument("-p", "--progress", action="store_true",
-                   help="show progress (bytes, rate, ETA) on a terminal")
+    p.add_argument(
+        "-p",
+        "--progress",
+        action="store_true",
+        help="show progress (bytes, rate, ETA) on a terminal",
+    )
 
 
 def human_size(n: int) -> str:
@@ -38,42 +51,62 @@ def human_size(n: int) -> str:
 
 
 def add_verify_arg(p, what: str = "checksums") -> None:
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help=f"do not check {what} on the way")
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_false", help=f"do not check {what} on the way"
+    )
 
 
 def add_sync_arg(p) -> None:
-    p.add_argument("--no-sync", dest="sync", action="store_false",
-                   help="do not fsync output before renaming it into place (faster; the "
-                   "output may be lost in a crash, never half-written)")
+    p.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="do not fsync output before renaming it into place (faster; the "
+        "output may be lost in a crash, never half-written)",
+    )
 
 
 def add_random_access_args(p) -> None:
     """Options of the commands that read disks in place (map, serve, mount)."""
     p.add_argument("source", help="archive or image file (random access: not a pipe)")
-    p.add_argument("-f", "--format", dest="fmt", help="input format (found by content if "
-                   "omitted)")
-    p.add_argument("--index", help="index file to use or create (default: in "
-                   "~/.cache/vmarc, keyed by the archive's size, mtime and head)")
+    p.add_argument("-f", "--format", dest="fmt", help="input format (found by content if omitted)")
+    p.add_argument(
+        "--index",
+        help="index file to use or create (default: in "
+        "~/.cache/vmarc, keyed by the archive's size, mtime and head)",
+    )
     add_layer_args(p)
 
 
 def add_target_args(p) -> None:
     """How an existing output is written (as qemu-img convert's -n and --target-is-zero)."""
-    p.add_argument("-n", "--no-create", action="store_true",
-                   help="write into an existing file or device in place, without creating "
-                   "it or cutting it short (qemu-img convert -n)")
-    p.add_argument("--target-is-zero", action="store_true",
-                   help="the target device or -n file already reads as zeros: skip zeroing "
-                   "what the disk leaves empty")
+    p.add_argument(
+        "-n",
+        "--no-create",
+        action="store_true",
+        help="write into an existing file or device in place, without creating "
+        "it or cutting it short (qemu-img convert -n)",
+    )
+    p.add_argument(
+        "--target-is-zero",
+        action="store_true",
+        help="the target device or -n file already reads as zeros: skip zeroing "
+        "what the disk leaves empty",
+    )
 
 
 def add_salvage_args(p) -> None:
-    p.add_argument("--salvage", action="store_true",
-                   help="go on past damage: a bad chunk's bytes as read, zeros for what is "
-                   "missing; writes a JSON damage report and exits 2 if the output is damaged")
-    p.add_argument("--report", metavar="PATH", help="where --salvage writes its report "
-                   "(default: OUTPUT.damage.json beside the output)")
+    p.add_argument(
+        "--salvage",
+        action="store_true",
+        help="go on past damage: a bad chunk's bytes as read, zeros for what is "
+        "missing; writes a JSON damage report and exits 2 if the output is damaged",
+    )
+    p.add_argument(
+        "--report",
+        metavar="PATH",
+        help="where --salvage writes its report (default: OUTPUT.damage.json beside the output)",
+    )
 
 
 JSON_VERSION = 1  # docs/json.md: bumped when a key changes meaning or goes away
@@ -82,13 +115,19 @@ JSON_VERSION = 1  # docs/json.md: bumped when a key changes meaning or goes away
 def print_json(command: str, doc: dict) -> None:
     """One JSON document on stdout, in the shape docs/json.md describes."""
     import json
+
     print(json.dumps({"vmarc_json": JSON_VERSION, "command": command, **doc}, indent=2))
 
 
 def add_json_summary_arg(p) -> None:
     """--output json for the commands whose positional output is named output too."""
-    p.add_argument("--output", dest="output_json", choices=["human", "json"],
-                   default="human", help="json: a summary on stdout (docs/json.md)")
+    p.add_argument(
+        "--output",
+        dest="output_json",
+        choices=["human", "json"],
+        default="human",
+        help="json: a summary on stdout (docs/json.md)",
+    )
 
 
 def output_entry(path: str, disk: str | None, fmt: str) -> dict:
@@ -96,26 +135,50 @@ def output_entry(path: str, disk: str | None, fmt: str) -> dict:
     the bytes it allocates (null where that means nothing: a device, stdout)."""
     import os
     import stat
+
     try:
         st = os.stat(path)
     except OSError:
         return {"path": path, "disk": disk, "format": fmt, "size": None, "allocated": None}
     regular = stat.S_ISREG(st.st_mode)
-    return {"path": path, "disk": disk, "format": fmt, "size": st.st_size if regular else None,
-            "allocated": st.st_blocks * 512 if regular else None}
+    return {
+        "path": path,
+        "disk": disk,
+        "format": fmt,
+        "size": st.st_size if regular else None,
+        "allocated": st.st_blocks * 512 if regular else None,
+    }
 
 
-def summary(archives, outputs: list[dict], started: float, verify: bool, data_bytes: int,
-            warnings: list[str]) -> dict:
+def summary(
+    archives,
+    outputs: list[dict],
+    started: float,
+    verify: bool,
+    data_bytes: int,
+    warnings: list[str],
+) -> dict:
     """What convert, extract and create print with --output json (docs/json.md)."""
     import time
+
     return {
-        "sources": [{"path": a.source.name, "format": a.format, "compression": a.compression,
-                     "bytes_read": a.source.offset + a.source.pread_bytes} for a in archives],
+        "sources": [
+            {
+                "path": a.source.name,
+                "format": a.format,
+                "compression": a.compression,
+                "bytes_read": a.source.offset + a.source.pread_bytes,
+            }
+            for a in archives
+        ],
         "outputs": outputs,
         "data_bytes": data_bytes,
         "seconds": round(time.monotonic() - started, 3),
-        "checked": [{"source": a.source.name, "stream": a.stream_checks(),
-                     "disks": a.checked()} for a in archives] if verify else None,
+        "checked": [
+            {"source": a.source.name, "stream": a.stream_checks(), "disks": a.checked()}
+            for a in archives
+        ]
+        if verify
+        else None,
         "warnings": warnings,
     }

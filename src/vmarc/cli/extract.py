@@ -27,8 +27,12 @@ def add_parser(sub):
     add_source_args(p)
     p.add_argument("directory", help="directory to create (must not exist)")
     p.add_argument("-O", dest="out_format", default="raw", choices=["raw"])
-    p.add_argument("--disk", action="append", dest="disks",
-                   help="only this disk (id, name, device or index); may be repeated")
+    p.add_argument(
+        "--disk",
+        action="append",
+        dest="disks",
+        help="only this disk (id, name, device or index); may be repeated",
+    )
     add_salvage_args(p)
     add_json_summary_arg(p)
     add_verify_arg(p)
@@ -41,18 +45,40 @@ def run(args) -> int:
     started = time.monotonic()
     stats: dict = {}
     with open_archive(args.source, args.fmt, **layers(args)) as archive:
-        written = extract(archive, args.directory, args.disks, verify=args.verify,
-                          progress=args.progress, sync=args.sync, salvage=args.salvage,
-                          report=args.report, stats=stats)
+        written = extract(
+            archive,
+            args.directory,
+            args.disks,
+            verify=args.verify,
+            progress=args.progress,
+            sync=args.sync,
+            salvage=args.salvage,
+            report=args.report,
+            stats=stats,
+        )
     if args.output_json == "json":
         ids = {d.id for d in archive.disks} | {d.id for d, _ in archive.extra_streams()}
-        outputs = [output_entry(os.path.join(args.directory, fname),
-                                what if what in ids else None, "raw" if what in ids else "config")
-                   for what, fname in written.items()]
+        outputs = [
+            output_entry(
+                os.path.join(args.directory, fname),
+                what if what in ids else None,
+                "raw" if what in ids else "config",
+            )
+            for what, fname in written.items()
+        ]
         disks = [d for d in archive.disks if d.id in written]
         warning = elsewhere(stats["checks"], disks)
-        print_json("extract", summary([archive], outputs, started, args.verify,
-                                      stats["data_bytes"], [warning] if warning else []))
+        print_json(
+            "extract",
+            summary(
+                [archive],
+                outputs,
+                started,
+                args.verify,
+                stats["data_bytes"],
+                [warning] if warning else [],
+            ),
+        )
         return 0
     for what, fname in written.items():
         print(f"{fname}\t{what}")

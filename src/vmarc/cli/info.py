@@ -12,8 +12,11 @@ def add_parser(sub):
     p = sub.add_parser("info", help="show what an archive or image holds")
     add_source_args(p)
     p.add_argument("--output", choices=["human", "json"], default="human")
-    p.add_argument("--configs", action="store_true",
-                   help="json: include each config's text (default: name and size)")
+    p.add_argument(
+        "--configs",
+        action="store_true",
+        help="json: include each config's text (default: name and size)",
+    )
     p.set_defaults(run=run)
 
 
@@ -37,15 +40,19 @@ def run(args) -> int:
             print(f"  vcpus: {vm['vcpus']}")
         st = data.get("settings")
         if st:
-            print(f"  firmware: {st['firmware']}, ostype: {st['ostype']}, boot: "
-                  f"{', '.join(st['boot']) or '-'}, CD drives: {st['cdroms']}")
+            print(
+                f"  firmware: {st['firmware']}, ostype: {st['ostype']}, boot: "
+                f"{', '.join(st['boot']) or '-'}, CD drives: {st['cdroms']}"
+            )
             for mac, net in st["nics"]:
                 print(f"  nic: {mac} on {net or '?'}")
     print(f"disks: {len(data['disks'])}")
     for d in data["disks"]:
         dev = f" {d['device']}" if d.get("device") else ""
-        print(f"  [{d['index']}] {d['id']}{dev}  {human_size(d['size'])} ({d['size']} bytes)"
-              f"  {d['name']}")
+        print(
+            f"  [{d['index']}] {d['id']}{dev}  {human_size(d['size'])} ({d['size']} bytes)"
+            f"  {d['name']}"
+        )
     if data["configs"]:
         print("configs: " + ", ".join(f"{c['name']} ({c['size']} bytes)" for c in data["configs"]))
     return 0

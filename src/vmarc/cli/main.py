@@ -25,8 +25,12 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     import importlib
 
     from .. import __version__
-    parser = _Parser(prog="vmarc", description="Read, verify, convert and create VM backup "
-                     "archives (XVA, VMA) and disk images.")
+
+    parser = _Parser(
+        prog="vmarc",
+        description="Read, verify, convert and create VM backup "
+        "archives (XVA, VMA) and disk images.",
+    )
     parser.add_argument("--version", action="version", version=f"vmarc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     args = sys.argv[1:] if argv is None else list(argv)

@@ -20,18 +20,29 @@ LIBFUSE_NOISE = "Ignoring invalid max threads value"
 
 
 def add_parser(sub):
-    p = sub.add_parser("mount", help="mount the disks (and their partitions) read-only "
-                       "with FUSE; unmount with fusermount3 -u")
+    p = sub.add_parser(
+        "mount",
+        help="mount the disks (and their partitions) read-only "
+        "with FUSE; unmount with fusermount3 -u",
+    )
     add_random_access_args(p)
     p.add_argument("mountpoint")
-    p.add_argument("-F", "--foreground", action="store_true",
-                   help="stay in the foreground until unmounted (default: background)")
-    p.add_argument("--kernel-cache", action="store_true",
-                   help="let the kernel cache what was read: repeated reads of the same "
-                   "places get faster, a first read slower, and shared mmap() works "
-                   "(default: direct I/O)")
-    p.add_argument("-o", dest="options", default="", help="extra FUSE mount options, "
-                   "e.g. allow_other")
+    p.add_argument(
+        "-F",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground until unmounted (default: background)",
+    )
+    p.add_argument(
+        "--kernel-cache",
+        action="store_true",
+        help="let the kernel cache what was read: repeated reads of the same "
+        "places get faster, a first read slower, and shared mmap() works "
+        "(default: direct I/O)",
+    )
+    p.add_argument(
+        "-o", dest="options", default="", help="extra FUSE mount options, e.g. allow_other"
+    )
     add_verify_arg(p, "each XVA chunk's checksum the first time a read touches it")
     p.set_defaults(run=run)
 
@@ -40,12 +51,16 @@ def run(args) -> int:
     if not os.path.isdir(args.mountpoint):
         raise UsageError(f"{args.mountpoint}: not a directory")
     if os.path.ismount(args.mountpoint):
-        raise UsageError(f"{args.mountpoint}: already a mount point (a vmarc mount? "
-                         f"fusermount3 -u {args.mountpoint})")
+        raise UsageError(
+            f"{args.mountpoint}: already a mount point (a vmarc mount? "
+            f"fusermount3 -u {args.mountpoint})"
+        )
     try:
         if os.listdir(args.mountpoint):
-            raise UsageError(f"{args.mountpoint}: not empty; mount on an empty directory "
-                             "(a mount would hide what is there)")
+            raise UsageError(
+                f"{args.mountpoint}: not empty; mount on an empty directory "
+                "(a mount would hide what is there)"
+            )
     except OSError as e:
         raise UsageError(f"{args.mountpoint}: cannot read: {e.strerror}") from None
     if not args.foreground:
@@ -60,8 +75,9 @@ def run(args) -> int:
     for o in filter(None, args.options.split(",")):
         key, _, value = o.partition("=")
         opts[key] = value or True
-    with open_disks(args.source, args.fmt, index=args.index, **layers(args),
-                    verify=args.verify) as opened:
+    with open_disks(
+        args.source, args.fmt, index=args.index, **layers(args), verify=args.verify
+    ) as opened:
         fuse.mount(lib, Exports(opened), args.mountpoint, os.stat(args.source), opts)
     return 0
 
@@ -78,8 +94,12 @@ def _background(args) -> int:
         argv.append("--no-verify")
     if args.no_backing:
         argv.append("--no-backing")
-    for opt, value in (("-f", args.fmt), ("--index", args.index), ("--parent", args.parent),
-                       ("-o", args.options or None)):
+    for opt, value in (
+        ("-f", args.fmt),
+        ("--index", args.index),
+        ("--parent", args.parent),
+        ("-o", args.options or None),
+    ):
         if value:
             argv += [opt, value]
     log = _log_path(args.mountpoint)
@@ -89,8 +109,13 @@ def _background(args) -> int:
     except OSError as e:
         raise SourceError(f"{log}: cannot create the mount's log: {e.strerror}") from None
     with logf:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=logf, start_new_session=True)
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=logf,
+            start_new_session=True,
+        )
         while True:
             mounted = os.path.ismount(args.mountpoint)
             rc = None if mounted else child.poll()
@@ -98,20 +123,28 @@ def _background(args) -> int:
                 break
             time.sleep(0.05)
         logf.seek(0)
-        said = "".join(line for line in logf.read().decode(errors="replace")
-                       .splitlines(keepends=True) if not line.startswith(LIBFUSE_NOISE))
+        said = "".join(
+            line
+            for line in logf.read().decode(errors="replace").splitlines(keepends=True)
+            if not line.startswith(LIBFUSE_NOISE)
+        )
     if mounted:
         sys.stderr.write(said)  # what came before the mount: warnings, the spool notice
-        print(f"vmarc: mounted {args.source} on {args.mountpoint}; its messages go to {log}",
-              file=sys.stderr)
+        print(
+            f"vmarc: mounted {args.source} on {args.mountpoint}; its messages go to {log}",
+            file=sys.stderr,
+        )
         return 0
     os.unlink(log)
     ours = [line for line in said.splitlines() if line.startswith("vmarc")]
-    libfuse = "; ".join(line.strip() for line in said.splitlines()
-                        if line.strip() and not line.startswith("vmarc"))
+    libfuse = "; ".join(
+        line.strip() for line in said.splitlines() if line.strip() and not line.startswith("vmarc")
+    )
     if not ours:  # libfuse refused during INIT, with no word from vmarc
-        ours = [f"vmarc: {args.mountpoint}: FUSE mount failed (exit {rc})"
-                + ("" if libfuse else "; run with -F to see libfuse's reason")]
+        ours = [
+            f"vmarc: {args.mountpoint}: FUSE mount failed (exit {rc})"
+            + ("" if libfuse else "; run with -F to see libfuse's reason")
+        ]
     if libfuse:
         ours[-1] += f" [libfuse: {libfuse}]"
     print("\n".join(ours), file=sys.stderr)
@@ -119,6 +152,10 @@ def _background(args) -> int:
 
 
 def _log_path(mountpoint: str) -> str:
-    stem = "".join(c if c.isalnum() or c in "._-" else "-"
-                   for c in os.path.realpath(mountpoint).strip("/")) or "root"
+    stem = (
+        "".join(
+            c if c.isalnum() or c in "._-" else "-" for c in os.path.realpath(mountpoint).strip("/")
+        )
+        or "root"
+    )
     return os.path.join(cache_dir(), "mounts", f"{stem}.log")

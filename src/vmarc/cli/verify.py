@@ -27,12 +27,12 @@ def run(args) -> int:
     with archive:
         checks = verify(archive, progress=args.progress)
         done = {"stream": archive.stream_checks(), "disks": archive.checked()}
-    return report(args, archive, checks.problems, checks.stopped, checks.warnings, done,
-                  checks.leaks)
+    return report(
+        args, archive, checks.problems, checks.stopped, checks.warnings, done, checks.leaks
+    )
 
 
-CAUSES = ((IntegrityError, "checksum"), (TruncatedError, "truncated"),
-          (FormatError, "structure"))
+CAUSES = ((IntegrityError, "checksum"), (TruncatedError, "truncated"), (FormatError, "structure"))
 
 
 def problem(err: CorruptError) -> dict:
@@ -40,23 +40,42 @@ def problem(err: CorruptError) -> dict:
     first damaged stretch it names; all of them under damage)."""
     cause = next((c for cls, c in CAUSES if isinstance(err, cls)), "damaged")
     first = err.damage[0].as_dict() if err.damage else {}
-    return {"message": str(err), "cause": cause, "disk": first.get("disk"),
-            "offset": first.get("offset"), "length": first.get("length"),
-            "source": first.get("source"), "damage": [d.as_dict() for d in err.damage]}
+    return {
+        "message": str(err),
+        "cause": cause,
+        "disk": first.get("disk"),
+        "offset": first.get("offset"),
+        "length": first.get("length"),
+        "source": first.get("source"),
+        "damage": [d.as_dict() for d in err.damage],
+    }
 
 
 def report(args, archive, problems, stopped, warnings=(), done=None, leaks=()) -> int:
     """Exit 0 intact, 2 damaged, 3 intact but with leaked clusters (qemu-img check's)."""
     ok = not problems
     if args.output == "json":
-        out = {"ok": ok, "source": args.source, "format": None, "compression": None,
-               "disks": [], "problems": [problem(p) for p in problems],
-               "stopped_early": stopped, "warnings": list(warnings), "leaks": list(leaks),
-               "checked": done if ok else None}
+        out = {
+            "ok": ok,
+            "source": args.source,
+            "format": None,
+            "compression": None,
+            "disks": [],
+            "problems": [problem(p) for p in problems],
+            "stopped_early": stopped,
+            "warnings": list(warnings),
+            "leaks": list(leaks),
+            "checked": done if ok else None,
+        }
         if archive is not None:
-            out.update({"source": archive.source.name, "format": archive.format,
-                        "compression": archive.compression,
-                        "disks": [d.as_dict() for d in archive.disks]})
+            out.update(
+                {
+                    "source": archive.source.name,
+                    "format": archive.format,
+                    "compression": archive.compression,
+                    "disks": [d.as_dict() for d in archive.disks],
+                }
+            )
         print_json("verify", out)
     else:
         for w in warnings:
@@ -77,9 +96,14 @@ def report(args, archive, problems, stopped, warnings=(), done=None, leaks=()) -
                 for item in what["unchecked"]:
                     print(f"  {d.device or d.id}: not checked: {item}")
             if leaks:
-                print("leaked clusters: space allocated that nothing uses; no harm to the "
-                      "data (qemu-img check -r leaks reclaims it)")
+                print(
+                    "leaked clusters: space allocated that nothing uses; no harm to the "
+                    "data (qemu-img check -r leaks reclaims it)"
+                )
         else:
-            print(f"damaged: {len(problems)} problem(s)"
-                  + ("; reading could not go on past one of them" if stopped else ""), file=sys.stderr)
+            print(
+                f"damaged: {len(problems)} problem(s)"
+                + ("; reading could not go on past one of them" if stopped else ""),
+                file=sys.stderr,
+            )
     return 2 if not ok else 3 if leaks else 0

@@ -11,8 +11,15 @@ RAW_SUFFIXES = (".raw", ".img")
 
 def _readers():
     from . import qcow2, raw, vhd, vma, xva
-    return {"xva": xva.XvaArchive, "vma": vma.VmaArchive, "raw": raw.RawArchive,
-            "vhd": vhd.VhdArchive, "qcow2": qcow2.Qcow2Archive, "vhd-tar": vhd.VhdTarArchive}
+
+    return {
+        "xva": xva.XvaArchive,
+        "vma": vma.VmaArchive,
+        "raw": raw.RawArchive,
+        "vhd": vhd.VhdArchive,
+        "qcow2": qcow2.Qcow2Archive,
+        "vhd-tar": vhd.VhdTarArchive,
+    }
 
 
 ALIASES = {"vpc": "vhd"}  # qemu-img's name for VHD
@@ -29,6 +36,7 @@ def reader_for(fmt: str):
 def detect(source, path_hint=None) -> str:
     """The format of a source from its first bytes (never guesses raw from content)."""
     from . import qcow2, vhd, vma, xva
+
     head = source.peek(4096)
     if xva.probe(head):
         return "xva"
@@ -44,14 +52,20 @@ def detect(source, path_hint=None) -> str:
         tail = source.pread(vhd.FOOTER, max(0, source.file_size - vhd.FOOTER), "VHD footer")
         if vhd.probe_tail(tail):
             return "vhd"
-    if path_hint is not None and os.fspath(path_hint).lower().endswith(RAW_SUFFIXES) \
-            and source.compression is None:
+    if (
+        path_hint is not None
+        and os.fspath(path_hint).lower().endswith(RAW_SUFFIXES)
+        and source.compression is None
+    ):
         return "raw"
     if not head:
-        raise UnknownFormatError(f"{source.name}: empty input"
-                                 + (f" after {source.compression} decompression"
-                                    if source.compression else ""))
+        raise UnknownFormatError(
+            f"{source.name}: empty input"
+            + (f" after {source.compression} decompression" if source.compression else "")
+        )
     shown = head[:16].hex(" ")
     comp = f" ({source.compression}-compressed)" if source.compression else ""
-    raise UnknownFormatError(f"{source.name}{comp}: not an archive or disk image vmarc knows "
-                             f"(first bytes: {shown}); raw disks need -f raw")
+    raise UnknownFormatError(
+        f"{source.name}{comp}: not an archive or disk image vmarc knows "
+        f"(first bytes: {shown}); raw disks need -f raw"
+    )

@@ -45,7 +45,7 @@ class ClusterFlags:
     dropped once every flag in them is set, so memory follows the clusters in flight, not
     the size a header claims (254 devices of 1 TiB in a 16 KiB VMA header cost nothing)."""
 
-    BITS = 16                         # clusters per page: 1 << BITS
+    BITS = 16  # clusters per page: 1 << BITS
     MASK = (1 << BITS) - 1
 
     def __init__(self, n: int):
@@ -131,7 +131,7 @@ class ClusterAssembler:
     def __init__(self, cluster_size: int, disk_size: int, put):
         self.cluster_size = cluster_size
         self.disk_size = disk_size
-        self.put = put                    # put(cluster_index, view): len = cluster, or less at the end
+        self.put = put  # put(cluster_index, view): len = cluster, or less at the end
         self._partial: tuple[int, bytearray] | None = None
         self.seen = cluster_flags(-(-disk_size // cluster_size))  # clusters handed to put
 
@@ -151,7 +151,7 @@ class ClusterAssembler:
                 if self._partial is None:
                     self._partial = (cluster, bytearray(cluster_len))
                 step = min(len(data), cluster_len - within)
-                self._partial[1][within:within + step] = data[:step]
+                self._partial[1][within : within + step] = data[:step]
             data = data[step:]
             offset += step
 

@@ -26,10 +26,10 @@ COPIED = 1 << 63
 ZERO_FLAG = 1
 MAX_SIZE = 1 << 56
 MAX_CHAIN = 32
-MAX_READ = 4 << 20           # largest coalesced read
+MAX_READ = 4 << 20  # largest coalesced read
 KNOWN_INCOMPATIBLE = 0b11111  # dirty, corrupt, external data, compression type, extended L2
 EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_DATA_FILE = 0x44415441      # "DATA": the external data file's name
+EXT_DATA_FILE = 0x44415441  # "DATA": the external data file's name
 BACKING_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd"}
 
 
@@ -42,22 +42,35 @@ class Qcow2Archive(Archive):
     access = RANDOM
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False,
-                   parent: str | None = None) -> str | None:
+    def needs_file(
+        cls, head: bytes, unsized: bool = False, parent: str | None = None
+    ) -> str | None:
         return "qcow2 is read through its tables"
 
-    def __init__(self, source, parent: str | None = None, no_backing: bool = False,
-                 _chain: tuple = ()):
+    def __init__(
+        self, source, parent: str | None = None, no_backing: bool = False, _chain: tuple = ()
+    ):
         super().__init__(source)
         name = source.name
         self.file_size = fsize = source.file_size
         head = source.pread(min(fsize, 4096), 0, "qcow2 header")
         if len(head) < 72:
             raise FormatError(f"{name}: {len(head)} bytes is too small for a qcow2 header")
-        (magic, self.version, backing_off, backing_len, self.cluster_bits, size, crypt,
-         l1_size, l1_off, self.refcount_table_offset, self.refcount_table_clusters,
-         self.nb_snapshots, self.snapshots_offset) = struct.unpack_from(">4sIQIIQIIQQIIQ",
-                                                                       head, 0)
+        (
+            magic,
+            self.version,
+            backing_off,
+            backing_len,
+            self.cluster_bits,
+            size,
+            crypt,
+            l1_size,
+            l1_off,
+            self.refcount_table_offset,
+            self.refcount_table_clusters,
+            self.nb_snapshots,
+            self.snapshots_offset,
+        ) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
         self.l1_offset, self.refcount_order = l1_off, 4
         if self.version not in (2, 3):
             raise UnsupportedError(f"{name}: qcow2 version {self.version} (2 and 3 are read)")
@@ -74,12 +87,15 @@ class Qcow2Archive(Archive):
             if len(head) < 104:
                 raise FormatError(f"{name}: qcow2 v3 header cut short")
             incompat, _compat, _autoclear, self.refcount_order, hdr_len = struct.unpack_from(
-                ">QQQII", head, 72)
+                ">QQQII", head, 72
+            )
             if self.refcount_order > 6:
                 raise FormatError(f"{name}: qcow2 refcount_order {self.refcount_order} (0..6)")
             if incompat & ~KNOWN_INCOMPATIBLE:
-                raise UnsupportedError(f"{name}: unknown incompatible qcow2 features "
-                                       f"{incompat & ~KNOWN_INCOMPATIBLE:#x}")
+                raise UnsupportedError(
+                    f"{name}: unknown incompatible qcow2 features "
+                    f"{incompat & ~KNOWN_INCOMPATIBLE:#x}"
+                )
             if incompat & 16:
                 raise UnsupportedError(f"{name}: qcow2 with extended L2 entries (subclusters)")
             if incompat & 8:
@@ -94,13 +110,19 @@ class Qcow2Archive(Archive):
         self.l2_entries = cs // 8
         per_l1 = cs * self.l2_entries
         if l1_size < -(-size // per_l1) or l1_size > (32 << 20) // 8:
-            raise FormatError(f"{name}: L1 table of {l1_size} entries does not fit a disk of "
-                              f"{size} bytes")
+            raise FormatError(
+                f"{name}: L1 table of {l1_size} entries does not fit a disk of {size} bytes"
+            )
         if l1_off % cs or l1_off + 8 * l1_size > fsize:
-            raise FormatError(f"{name}: L1 table at offset {l1_off} ({l1_size} entries) is "
-                              "unaligned or outside the file")
-        self.l1 = struct.unpack(f">{l1_size}Q", source.pread(8 * l1_size, l1_off, "L1 table")) \
-            if l1_size else ()
+            raise FormatError(
+                f"{name}: L1 table at offset {l1_off} ({l1_size} entries) is "
+                "unaligned or outside the file"
+            )
+        self.l1 = (
+            struct.unpack(f">{l1_size}Q", source.pread(8 * l1_size, l1_off, "L1 table"))
+            if l1_size
+            else ()
+        )
         exts = self._extensions(head, hdr_len)
         backing_format = exts.get(EXT_BACKING_FORMAT)
         self.backing = None
@@ -110,15 +132,21 @@ class Qcow2Archive(Archive):
                 raise FormatError(f"{name}: external data file bit set but no data file named")
             self.data = self._open_data_file(exts[EXT_DATA_FILE], _chain)
         self.size = size
-        disk = Disk(id="disk", name=os.path.basename(source.path or name), size=size,
-                    meta={"cluster_size": cs, "compat": "0.10" if self.version == 2 else "1.1"})
+        disk = Disk(
+            id="disk",
+            name=os.path.basename(source.path or name),
+            size=size,
+            meta={"cluster_size": cs, "compat": "0.10" if self.version == 2 else "1.1"},
+        )
         self.disks.append(disk)
         if self.data is not source:
             disk.meta["data_file"] = exts[EXT_DATA_FILE]
         if backing_off:
             if backing_len > 1023 or backing_off + backing_len > fsize:
-                raise FormatError(f"{name}: backing file name at {backing_off} ({backing_len} "
-                                  "bytes) is outside the file")
+                raise FormatError(
+                    f"{name}: backing file name at {backing_off} ({backing_len} "
+                    "bytes) is outside the file"
+                )
             raw_name = source.pread(backing_len, backing_off, "backing file name")
             if b"\0" in raw_name:
                 raise FormatError(f"{name}: backing file name holds a NUL byte")
@@ -135,7 +163,7 @@ class Qcow2Archive(Archive):
             if kind == 0:
                 break
             if kind in (EXT_BACKING_FORMAT, EXT_DATA_FILE):
-                found[kind] = head[pos + 8:pos + 8 + length].decode("utf-8", "replace")
+                found[kind] = head[pos + 8 : pos + 8 + length].decode("utf-8", "replace")
             pos += 8 + (length + 7) // 8 * 8
         return found
 
@@ -155,6 +183,7 @@ class Qcow2Archive(Archive):
 
     def _open_data_file(self, fname: str, chain: tuple):
         from ..io.source import open_source
+
         source = open_source(self._beside(fname, "data file", chain))
         if not source.seekable:
             source.close()
@@ -168,6 +197,7 @@ class Qcow2Archive(Archive):
         from .. import open as open_archive
         from ..io.source import open_source
         from . import detect
+
         name = self.source.name
         me = os.path.realpath(self.source.path or "-")
         path = self._beside(bname, "backing file", chain)
@@ -181,15 +211,18 @@ class Qcow2Archive(Archive):
                         raise FormatError(
                             f"{name}: backing file {bname} is neither qcow2 nor VHD and the "
                             "image does not say backing_fmt=raw; to read it as raw anyway, "
-                            "give it with --parent") from None
+                            "give it with --parent"
+                        ) from None
                     fmt = "raw"
         if fmt == "qcow2":
             self.backing = Qcow2Archive(open_source(path), _chain=chain + (me,))
         else:
             self.backing = open_archive(path, fmt)
         if self.backing.access != RANDOM:
-            raise UnsupportedError(f"{name}: backing file {bname} in format "
-                                   f"{self.backing.format} cannot be read at random")
+            raise UnsupportedError(
+                f"{name}: backing file {bname} in format "
+                f"{self.backing.format} cannot be read at random"
+            )
 
     def lower(self):
         return self.backing
@@ -217,10 +250,12 @@ class Qcow2Archive(Archive):
         return out
 
     def checked(self):
-        items = ["header fields; L1 and L2 tables and data clusters inside the file",
-                 "compressed clusters decompress to a whole cluster",
-                 "every cluster's refcount against its references (as qemu-img check: "
-                 "tables, snapshots, data; COPIED flags; leaks)"]
+        items = [
+            "header fields; L1 and L2 tables and data clusters inside the file",
+            "compressed clusters decompress to a whole cluster",
+            "every cluster's refcount against its references (as qemu-img check: "
+            "tables, snapshots, data; COPIED flags; leaks)",
+        ]
         if self.backing is not None:
             items.append("the backing chain opens (each layer read the same way)")
         return self.every_disk(items, ["the disk's data: qcow2 keeps no checksum of it"])
@@ -228,6 +263,7 @@ class Qcow2Archive(Archive):
     def check_more(self, checks: Checks) -> None:
         """What `qemu-img check` checks: refcounts against references (qcow2check.py)."""
         from .qcow2check import check_refcounts
+
         check_refcounts(self, checks)
 
     # -- mapping -------------------------------------------------------------------------
@@ -237,10 +273,13 @@ class Qcow2Archive(Archive):
         if not off:
             return None
         if off % self.cluster_size or off + self.cluster_size > self.file_size:
-            raise FormatError(f"{self.source.name}: L1 entry {index} points at offset {off}, "
-                              "unaligned or outside the file")
-        return struct.unpack(f">{self.l2_entries}Q",
-                             self.source.pread(self.cluster_size, off, f"L2 table {index}"))
+            raise FormatError(
+                f"{self.source.name}: L1 entry {index} points at offset {off}, "
+                "unaligned or outside the file"
+            )
+        return struct.unpack(
+            f">{self.l2_entries}Q", self.source.pread(self.cluster_size, off, f"L2 table {index}")
+        )
 
     def _l2_runs(self, start: int = 0):
         """(guest offset, length, kind, host offset or L2 entry) in guest order from the
@@ -267,8 +306,10 @@ class Qcow2Archive(Archive):
                 n = min(cs, size - guest)
                 if entry & COMPRESSED:
                     if self.data is not self.source:
-                        raise FormatError(f"{self.source.name}: compressed cluster at guest "
-                                          f"offset {guest} in an image with a data file")
+                        raise FormatError(
+                            f"{self.source.name}: compressed cluster at guest "
+                            f"offset {guest} in an image with a data file"
+                        )
                     kind, host = "compressed", entry
                 else:
                     host = entry & OFFSET_MASK
@@ -278,14 +319,21 @@ class Qcow2Archive(Archive):
                         kind = "data"  # (an external data file's first cluster is at 0)
                         limit = self.data.file_size
                         if host % cs or host + n > limit:
-                            raise FormatError(f"{self.source.name}: cluster at guest offset "
-                                              f"{guest} maps to offset {host}, unaligned or "
-                                              f"outside the {limit}-byte data")
+                            raise FormatError(
+                                f"{self.source.name}: cluster at guest offset "
+                                f"{guest} maps to offset {host}, unaligned or "
+                                f"outside the {limit}-byte data"
+                            )
                     else:
                         kind = "backing"
-                if run and run[2] == kind and kind in ("data", "zero", "backing") and \
-                        run[0] + run[1] == guest and run[1] + n <= MAX_READ and \
-                        (kind != "data" or run[3] + run[1] == host):
+                if (
+                    run
+                    and run[2] == kind
+                    and kind in ("data", "zero", "backing")
+                    and run[0] + run[1] == guest
+                    and run[1] + n <= MAX_READ
+                    and (kind != "data" or run[3] + run[1] == host)
+                ):
                     run[1] += n
                     continue
                 if run:
@@ -307,8 +355,9 @@ class Qcow2Archive(Archive):
             if a >= b:
                 continue
             if kind == "data":
-                yield Extent(a, b - a, DATA, host + (a - guest), self.data.path or self.data.name,
-                             depth)
+                yield Extent(
+                    a, b - a, DATA, host + (a - guest), self.data.path or self.data.name, depth
+                )
             elif kind == "compressed":
                 yield Extent(a, b - a, DATA, None, here, depth)
             elif kind == "backing" and self.backing is not None:
@@ -327,31 +376,43 @@ class Qcow2Archive(Archive):
         sectors = ((entry >> x) & ((1 << (bits - 8)) - 1)) + 1
         length = min(sectors * 512 - (off & 511), self.file_size - off)
         if off >= self.file_size or length <= 0:
-            raise FormatError(f"{self.source.name}: compressed cluster at guest offset {guest} "
-                              f"points at offset {off}, outside the file")
+            raise FormatError(
+                f"{self.source.name}: compressed cluster at guest offset {guest} "
+                f"points at offset {off}, outside the file"
+            )
         raw = self.source.pread(length, off, f"compressed cluster at guest offset {guest}")
         try:
             if self.cluster_compression == "zstd":
                 import zstandard
+
                 # one read up to the end of the first frame, one byte past a cluster at
                 # most: a frame that gives more is damage (as qemu has it), and a bomb
                 # inflating to GiBs costs a cluster (the bytes after the frame belong to
                 # the next cluster)
-                out = zstandard.ZstdDecompressor().stream_reader(
-                    raw, read_across_frames=False).read(cs + 1)
+                out = (
+                    zstandard.ZstdDecompressor()
+                    .stream_reader(raw, read_across_frames=False)
+                    .read(cs + 1)
+                )
                 if len(out) > cs:
                     raise ValueError("it inflates past a cluster")
             else:
                 out = zlib.decompressobj(-12).decompress(raw, cs)
         except ImportError:
-            raise UnsupportedError(f"{self.source.name}: zstd-compressed clusters need the "
-                                   "zstandard package (pip install 'vmarc[zstd]')") from None
+            raise UnsupportedError(
+                f"{self.source.name}: zstd-compressed clusters need the "
+                "zstandard package (pip install 'vmarc[zstd]')"
+            ) from None
         except Exception as e:
-            raise FormatError(f"{self.source.name}: compressed cluster at guest offset {guest} "
-                              f"(file offset {off}) does not decompress: {e}") from None
+            raise FormatError(
+                f"{self.source.name}: compressed cluster at guest offset {guest} "
+                f"(file offset {off}) does not decompress: {e}"
+            ) from None
         if len(out) < cs:
-            raise FormatError(f"{self.source.name}: compressed cluster at guest offset {guest} "
-                              f"decompresses to {len(out)} of {cs} bytes")
+            raise FormatError(
+                f"{self.source.name}: compressed cluster at guest offset {guest} "
+                f"decompresses to {len(out)} of {cs} bytes"
+            )
         return out[:cs]
 
     def read_at(self, offset: int, n: int) -> bytes:
@@ -359,7 +420,7 @@ class Qcow2Archive(Archive):
         out = bytearray(n)
         end = offset + n
         for guest, length, data in self._pieces(offset, end):
-            out[guest - offset:guest - offset + len(data)] = data
+            out[guest - offset : guest - offset + len(data)] = data
         return bytes(out)
 
     def _pieces(self, start: int = 0, end: int | None = None):
@@ -375,7 +436,7 @@ class Qcow2Archive(Archive):
                 yield a, b - a, self.data.pread(b - a, host + (a - guest), "qcow2 data")
             elif kind == "compressed":
                 data = self._decompress(host, guest)
-                yield a, b - a, memoryview(data)[a - guest:b - guest]
+                yield a, b - a, memoryview(data)[a - guest : b - guest]
             elif self.backing is not None:
                 bsize = self.backing.disks[0].size
                 if a < bsize:
@@ -395,8 +456,11 @@ class Qcow2Archive(Archive):
         if disks is not None and disk not in disks:
             return
         if self.backing is not None:  # say which other files this reads
-            print(f"vmarc: {self.source.name}: reading through its backing chain: "
-                  + " -> ".join(self.chain()), file=sys.stderr)
+            print(
+                f"vmarc: {self.source.name}: reading through its backing chain: "
+                + " -> ".join(self.chain()),
+                file=sys.stderr,
+            )
         for guest, _length, data in self._pieces():
             yield disk, guest, memoryview(data)
 
@@ -405,8 +469,8 @@ class Qcow2Archive(Archive):
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
 L2_ENTRIES = CLUSTER // 8
-L2_CACHE = 16        # L2 tables held in memory while writing (64 KiB each)
-REFCOUNTS_PER_BLOCK = CLUSTER // 2   # refcount_order 4: 16-bit counts
+L2_CACHE = 16  # L2 tables held in memory while writing (64 KiB each)
+REFCOUNTS_PER_BLOCK = CLUSTER // 2  # refcount_order 4: 16-bit counts
 
 
 class Qcow2Writer:
@@ -422,15 +486,17 @@ class Qcow2Writer:
 
     def __init__(self, out, size: int):
         if out.is_stream:
-            raise UsageError(f"{out.path}: qcow2 cannot be written as a stream (its tables "
-                             "are written last); give a file or a block device")
+            raise UsageError(
+                f"{out.path}: qcow2 cannot be written as a stream (its tables "
+                "are written last); give a file or a block device"
+            )
         self.out = out
         self.fd = out.fd
         self.size = size
         self.l1_size = -(-size // (CLUSTER * L2_ENTRIES))
         self.l1_clusters = max(1, -(-self.l1_size * 8 // CLUSTER))
         self.next_cluster = 1 + self.l1_clusters
-        self.l2_host: dict[int, int] = {}            # L2 index -> file offset of its table
+        self.l2_host: dict[int, int] = {}  # L2 index -> file offset of its table
         self.l2_cache: OrderedDict[int, array] = OrderedDict()
         self.asm = ClusterAssembler(CLUSTER, size, self._put)
 
@@ -446,7 +512,7 @@ class Qcow2Writer:
             self.l2_cache.move_to_end(i)
             return table
         table = array("Q")
-        if i in self.l2_host:                        # written back before: read it again
+        if i in self.l2_host:  # written back before: read it again
             table.frombytes(os.pread(self.fd, CLUSTER, self.l2_host[i]))
             if sys.byteorder == "little":
                 table.byteswap()
@@ -462,7 +528,7 @@ class Qcow2Writer:
     def _write_table(self, i: int, table: array) -> None:
         out = array("Q", table)
         if sys.byteorder == "little":
-            out.byteswap()                           # qcow2 tables are big-endian
+            out.byteswap()  # qcow2 tables are big-endian
         self._pwrite(out.tobytes(), self.l2_host[i])
 
     def _put(self, index: int, data) -> None:
@@ -502,7 +568,26 @@ class Qcow2Writer:
         self._pwrite(raw_table + bytes(table * CLUSTER - len(raw_table)), table_off)
         if self.l1_size:
             self._pwrite(struct.pack(f">{self.l1_size}Q", *l1), CLUSTER)
-        header = struct.pack(">4sIQIIQIIQQIIQQQQII", MAGIC, 3, 0, 0, CLUSTER_BITS, self.size, 0,
-                             self.l1_size, CLUSTER, table_off, table, 0, 0, 0, 0, 0, 4, 104)
+        header = struct.pack(
+            ">4sIQIIQIIQQIIQQQQII",
+            MAGIC,
+            3,
+            0,
+            0,
+            CLUSTER_BITS,
+            self.size,
+            0,
+            self.l1_size,
+            CLUSTER,
+            table_off,
+            table,
+            0,
+            0,
+            0,
+            0,
+            0,
+            4,
+            104,
+        )
         self._pwrite(header + bytes(8), 0)  # then the end-of-extensions marker
         self.out.set_size(total * CLUSTER)

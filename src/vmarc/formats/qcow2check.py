@@ -34,24 +34,32 @@ class _Refs:
         cs = self.cs
         first, last = offset // cs, (offset + max(length, 1) - 1) // cs
         if last >= len(self.count):
-            self.error(f"{what} at offset {offset} ({length} bytes) runs past the end of the "
-                       f"{self.img.file_size}-byte file", offset)
+            self.error(
+                f"{what} at offset {offset} ({length} bytes) runs past the end of the "
+                f"{self.img.file_size}-byte file",
+                offset,
+            )
             last = len(self.count) - 1
         for c in range(first, last + 1):
             if self.count[c] < 255:
                 self.count[c] += 1
 
     def error(self, text: str, offset: int) -> None:
-        self.checks.fail(FormatError(f"{self.img.source.name}: {text}", [
-            Damage(self.img.disks[0], 0, 0, "metadata", file_offset=offset)]))
+        self.checks.fail(
+            FormatError(
+                f"{self.img.source.name}: {text}",
+                [Damage(self.img.disks[0], 0, 0, "metadata", file_offset=offset)],
+            )
+        )
 
 
 def _table(img, offset: int, entries: int, what: str) -> tuple[int, ...]:
     return struct.unpack(f">{entries}Q", img.source.pread(8 * entries, offset, what))
 
 
-def _count_l1(img, refs: _Refs, l1_offset: int, l1_size: int, what: str,
-              active: bool, l2_seen: list) -> None:
+def _count_l1(
+    img, refs: _Refs, l1_offset: int, l1_size: int, what: str, active: bool, l2_seen: list
+) -> None:
     """The references of one L1 table (the active one or a snapshot's) and below it."""
     cs = img.cluster_size
     refs.add(l1_offset, 8 * l1_size, f"{what} L1 table")
@@ -63,8 +71,7 @@ def _count_l1(img, refs: _Refs, l1_offset: int, l1_size: int, what: str,
         if not l2:
             continue
         if l2 % cs:
-            refs.error(f"{what} L1 entry {i}: L2 table at offset {l2} is not cluster-aligned",
-                       l2)
+            refs.error(f"{what} L1 entry {i}: L2 table at offset {l2} is not cluster-aligned", l2)
             continue
         refs.add(l2, cs, f"{what} L2 table {i}")
         if l2 + cs > img.file_size:
@@ -78,15 +85,19 @@ def _count_l1(img, refs: _Refs, l1_offset: int, l1_size: int, what: str,
                 sectors = ((e >> x) & ((1 << (img.cluster_bits - 8)) - 1)) + 1
                 refs.add(coff, sectors * 512 - (coff & 511), f"{what} compressed cluster")
                 if active and e & COPIED:
-                    refs.error(f"L2 table {i} entry {j}: a compressed cluster carries the "
-                               "COPIED flag", l2 + 8 * j)
+                    refs.error(
+                        f"L2 table {i} entry {j}: a compressed cluster carries the COPIED flag",
+                        l2 + 8 * j,
+                    )
                 continue
             host = e & OFFSET_MASK
             if not host and not (e & COPIED and img.data is not img.source):
                 continue
             if host % cs:
-                refs.error(f"{what} L2 table {i} entry {j}: cluster offset {host} is not "
-                           "cluster-aligned", l2 + 8 * j)
+                refs.error(
+                    f"{what} L2 table {i} entry {j}: cluster offset {host} is not cluster-aligned",
+                    l2 + 8 * j,
+                )
                 continue
             if img.data is img.source:  # a data file keeps no refcounts
                 refs.add(host, cs, f"{what} data cluster (L2 table {i} entry {j})")
@@ -103,8 +114,9 @@ def _stored(img, refs: _Refs):
     table_off, clusters = img.refcount_table_offset, img.refcount_table_clusters
     refs.add(table_off, clusters * cs, "refcount table")
     if table_off % cs or table_off + clusters * cs > img.file_size:
-        refs.error(f"refcount table at offset {table_off} is unaligned or outside the file",
-                   table_off)
+        refs.error(
+            f"refcount table at offset {table_off} is unaligned or outside the file", table_off
+        )
         return {}
     stored = {}
     for t, block in enumerate(_table(img, table_off, clusters * cs // 8, "refcount table")):
@@ -112,8 +124,9 @@ def _stored(img, refs: _Refs):
         if not block:
             continue
         if block % cs:
-            refs.error(f"refcount table entry {t}: block at offset {block} is not "
-                       "cluster-aligned", block)
+            refs.error(
+                f"refcount table entry {t}: block at offset {block} is not cluster-aligned", block
+            )
             continue
         refs.add(block, cs, f"refcount block {t}")
         if block + cs > img.file_size:
@@ -137,7 +150,7 @@ def _count_snapshots(img, refs: _Refs, l2_seen: list) -> None:
     for k in range(img.nb_snapshots):
         head = img.source.pread(SNAPSHOT_FIXED, pos, f"snapshot {k}")
         l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", head, 0)
-        extra, = struct.unpack_from(">I", head, 36)
+        (extra,) = struct.unpack_from(">I", head, 36)
         _count_l1(img, refs, l1_off, l1_size, f"snapshot {k}", False, l2_seen)
         pos += SNAPSHOT_FIXED + extra + id_len + name_len
         pos += -pos % 8
@@ -161,11 +174,16 @@ def check_refcounts(img, checks: Checks) -> None:
         if got > want:  # more than is used: wasted space, as qemu-img check counts it
             leaked += 1
             if len(checks.leaks) < 100:
-                checks.leaks.append(f"{img.source.name}: leaked cluster {c} (offset {c * cs}): "
-                                    f"refcount {got}, {want} reference{'s' if want != 1 else ''}")
+                checks.leaks.append(
+                    f"{img.source.name}: leaked cluster {c} (offset {c * cs}): "
+                    f"refcount {got}, {want} reference{'s' if want != 1 else ''}"
+                )
             continue
-        refs.error(f"cluster {c} (offset {c * cs}): refcount {got} but {want} reference"
-                   f"{'s' if want != 1 else ''} to it", c * cs)
+        refs.error(
+            f"cluster {c} (offset {c * cs}): refcount {got} but {want} reference"
+            f"{'s' if want != 1 else ''} to it",
+            c * cs,
+        )
     if leaked > 100:
         checks.leaks.append(f"{img.source.name}: {leaked - 100} more leaked clusters")
     for entry, where in active:
@@ -174,8 +192,14 @@ def check_refcounts(img, checks: Checks) -> None:
             continue
         one = stored.get(host // cs, 0) == 1
         if bool(entry & COPIED) != one:
-            what = "L2 table" if where is None else f"data cluster (L2 table {where[0]} " \
-                                                     f"entry {where[1]})"
-            refs.error(f"{what} at offset {host}: COPIED flag "
-                       f"{'set' if entry & COPIED else 'clear'} but refcount "
-                       f"{stored.get(host // cs, 0)}", host)
+            what = (
+                "L2 table"
+                if where is None
+                else f"data cluster (L2 table {where[0]} entry {where[1]})"
+            )
+            refs.error(
+                f"{what} at offset {host}: COPIED flag "
+                f"{'set' if entry & COPIED else 'clear'} but refcount "
+                f"{stored.get(host // cs, 0)}",
+                host,
+            )

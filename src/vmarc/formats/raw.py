@@ -78,13 +78,15 @@ class RawArchive(Archive):
         self.disks.append(Disk(id="disk", name=stem, size=size))
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False,
-                   parent: str | None = None) -> str | None:
+    def needs_file(
+        cls, head: bytes, unsized: bool = False, parent: str | None = None
+    ) -> str | None:
         return "a raw image has no size known before its end"
 
     def checked(self):
-        return self.every_disk([], ["nothing to verify: a raw image has no metadata and no "
-                                    "checksums"])
+        return self.every_disk(
+            [], ["nothing to verify: a raw image has no metadata and no checksums"]
+        )
 
     def stream(self, disks=None, checks=None, verify=True):
         disk = self.disks[0]

@@ -22,7 +22,7 @@ class Member:
     def __init__(self, name: str, size: int, offset: int, data_offset: int, typeflag: bytes):
         self.name = name
         self.size = size
-        self.offset = offset            # offset of the member's header in the tar stream
+        self.offset = offset  # offset of the member's header in the tar stream
         self.data_offset = data_offset  # offset of its first data byte
         self.typeflag = typeflag
 
@@ -38,8 +38,7 @@ def _octal(field: bytes, what: str, where: str) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise FormatError(f"{where}: {what} field is not octal: "
-                          f"{field!r}") from None
+        raise FormatError(f"{where}: {what} field is not octal: {field!r}") from None
 
 
 def parse_header(block: bytes, where: str) -> tuple[str, int, bytes]:
@@ -50,8 +49,9 @@ def parse_header(block: bytes, where: str) -> tuple[str, int, bytes]:
     if stored != unsigned:
         signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
         if stored != signed:
-            raise FormatError(f"{where}: header checksum mismatch "
-                              f"(stored {stored}, computed {unsigned})")
+            raise FormatError(
+                f"{where}: header checksum mismatch (stored {stored}, computed {unsigned})"
+            )
     name = block[0:100].split(b"\0", 1)[0]
     if block[257:262] == b"ustar":
         prefix = block[345:500].split(b"\0", 1)[0]
@@ -65,8 +65,7 @@ def _decode_name(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise FormatError(f"{where}: member name is not UTF-8: "
-                          f"{raw[:60]!r}") from None
+        raise FormatError(f"{where}: member name is not UTF-8: {raw[:60]!r}") from None
 
 
 def _pax_records(data: bytes, where: str) -> dict[str, str]:
@@ -80,7 +79,7 @@ def _pax_records(data: bytes, where: str) -> dict[str, str]:
             raise FormatError(f"{where}: pax record: bad record length") from None
         if sp < 0 or length <= 0 or pos + length > len(data):
             raise FormatError(f"{where}: pax record: bad record length")
-        key, _, value = data[sp + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return out
@@ -91,8 +90,8 @@ class TarReader:
 
     def __init__(self, src: Source):
         self.src = src
-        self._left = 0      # data bytes of the current member not consumed yet
-        self._pad = 0       # padding after the current member's data
+        self._left = 0  # data bytes of the current member not consumed yet
+        self._pad = 0  # padding after the current member's data
         self.ended = False
 
     def _finish_member(self):
@@ -108,25 +107,38 @@ class TarReader:
             where = self.src.offset
             block = self.src.read_upto(BLOCK)
             if len(block) < BLOCK:
-                raise TruncatedError(f"{self.src.name}: tar archive truncated at offset {where}"
-                                     + (" (no end-of-archive blocks)" if not block else
-                                        f" (partial header of {len(block)} bytes)"))
+                raise TruncatedError(
+                    f"{self.src.name}: tar archive truncated at offset {where}"
+                    + (
+                        " (no end-of-archive blocks)"
+                        if not block
+                        else f" (partial header of {len(block)} bytes)"
+                    )
+                )
             if block == ZERO_BLOCK:
                 second = self.src.read_upto(BLOCK)
                 if second != ZERO_BLOCK:
-                    raise TruncatedError(f"{self.src.name}: tar archive truncated at offset "
-                                         f"{where + BLOCK}: second end-of-archive block missing")
+                    raise TruncatedError(
+                        f"{self.src.name}: tar archive truncated at offset "
+                        f"{where + BLOCK}: second end-of-archive block missing"
+                    )
                 self.ended = True
                 return None
-            name, size, typeflag = parse_header(block, f"{self.src.name}: tar header at offset {where}")
+            name, size, typeflag = parse_header(
+                block, f"{self.src.name}: tar header at offset {where}"
+            )
             if typeflag in (b"x", b"L"):
                 if size > MAX_META:
-                    raise FormatError(f"{self.src.name}: tar header at offset {where}: {size}-byte extended "
-                                      f"header record is implausibly large")
+                    raise FormatError(
+                        f"{self.src.name}: tar header at offset {where}: {size}-byte extended "
+                        f"header record is implausibly large"
+                    )
                 data = self.src.read_exact(size, "tar extended header")
                 self.src.skip(-size % BLOCK, "tar padding")
                 if typeflag == b"L":
-                    long_name = _decode_name(data.split(b"\0", 1)[0], f"{self.src.name}: offset {where}")
+                    long_name = _decode_name(
+                        data.split(b"\0", 1)[0], f"{self.src.name}: offset {where}"
+                    )
                 else:
                     pax.update(_pax_records(data, f"{self.src.name}: offset {where}"))
                 continue
@@ -136,8 +148,10 @@ class TarReader:
             if typeflag == b"5":  # directory entries carry no data
                 continue
             if typeflag not in (b"0", b"\0", b"7"):
-                raise FormatError(f"{self.src.name}: tar member {name!r} at offset {where}: unsupported type "
-                                  f"{typeflag!r} (only regular files belong in this archive)")
+                raise FormatError(
+                    f"{self.src.name}: tar member {name!r} at offset {where}: unsupported type "
+                    f"{typeflag!r} (only regular files belong in this archive)"
+                )
             if "path" in pax:
                 name = pax["path"]
             elif long_name:
@@ -148,8 +162,10 @@ class TarReader:
                 except ValueError:
                     size = -1
                 if size < 0:
-                    raise FormatError(f"{self.src.name}: tar pax header at offset {where}: "
-                                      f"bad size {pax['size'][:20]!r}")
+                    raise FormatError(
+                        f"{self.src.name}: tar pax header at offset {where}: "
+                        f"bad size {pax['size'][:20]!r}"
+                    )
             self._left = size
             self._pad = -size % BLOCK
             return Member(name, size, where, self.src.offset, typeflag)

@@ -54,7 +54,7 @@ SECTOR = 512
 FIXED, DYNAMIC, DIFFERENCING = 2, 3, 4
 TYPES = {FIXED: "fixed", DYNAMIC: "dynamic", DIFFERENCING: "differencing"}
 UNALLOCATED = 0xFFFFFFFF
-VHD_EPOCH = 946684800            # 2000-01-01 UTC
+VHD_EPOCH = 946684800  # 2000-01-01 UTC
 MAX_GEOMETRY = 65535 * 16 * 255  # sectors
 MAX_SIZE = MAX_GEOMETRY * SECTOR * 2  # a little over 2 TiB: the format's own limit
 MAX_BLOCK = 1 << 28
@@ -66,7 +66,7 @@ SIZE_BY_CURRENT = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 
 def checksum(data: bytes, field: int) -> int:
     """One's complement of the byte sum, the checksum field counted as zero."""
-    return ~(sum(data) - sum(data[field:field + 4])) & 0xFFFFFFFF
+    return ~(sum(data) - sum(data[field : field + 4])) & 0xFFFFFFFF
 
 
 def probe(head: bytes) -> bool:
@@ -85,7 +85,7 @@ def _looks_like_vhd(path: str) -> bool:
 
 def probe_tail(tail: bytes) -> bool:
     """A fixed VHD is raw data with a footer at the end (512 bytes, or 511 from old tools)."""
-    return tail[-FOOTER:].startswith(COOKIE) or tail[-FOOTER + 1:].startswith(COOKIE)
+    return tail[-FOOTER:].startswith(COOKIE) or tail[-FOOTER + 1 :].startswith(COOKIE)
 
 
 class Footer:
@@ -95,10 +95,22 @@ class Footer:
         if raw[:8] != COOKIE:
             raise FormatError(f"{where}: no VHD footer cookie 'conectix'")
         self.raw = raw
-        (self.features, self.version, self.data_offset, self.timestamp, self.creator_app,
-         self.creator_version, self.creator_os, self.original_size, self.current_size,
-         self.cylinders, self.heads, self.sectors, self.type, self.checksum) = struct.unpack_from(
-            ">IIQI4sI4sQQHBBII", raw, 8)
+        (
+            self.features,
+            self.version,
+            self.data_offset,
+            self.timestamp,
+            self.creator_app,
+            self.creator_version,
+            self.creator_os,
+            self.original_size,
+            self.current_size,
+            self.cylinders,
+            self.heads,
+            self.sectors,
+            self.type,
+            self.checksum,
+        ) = struct.unpack_from(">IIQI4sI4sQQHBBII", raw, 8)
         self.uuid = raw[68:84]
         self.saved_state = raw[84]
         self.checksum_ok = checksum(raw, 64) == self.checksum
@@ -117,10 +129,16 @@ class DynamicHeader:
         if raw[:8] != HEADER_COOKIE:
             raise FormatError(f"{where}: no VHD dynamic header cookie 'cxsparse'")
         self.raw = raw
-        (self.data_offset, self.table_offset, self.version, self.max_table_entries,
-         self.block_size, self.checksum) = struct.unpack_from(">QQIIII", raw, 8)
+        (
+            self.data_offset,
+            self.table_offset,
+            self.version,
+            self.max_table_entries,
+            self.block_size,
+            self.checksum,
+        ) = struct.unpack_from(">QQIIII", raw, 8)
         self.parent_uuid = raw[40:56]
-        self.parent_timestamp, = struct.unpack_from(">I", raw, 56)
+        (self.parent_timestamp,) = struct.unpack_from(">I", raw, 56)
         self.parent_name = raw[64:576].decode("utf-16-be", "replace").split("\0", 1)[0]
         self.locators = [struct.unpack_from(">4sIIIQ", raw, 576 + 24 * i) for i in range(8)]
         self.checksum_ok = checksum(raw, 36) == self.checksum
@@ -161,7 +179,7 @@ def bitmap_runs(bitmap: bytes, sectors: int):
     if bitmap.count(b"\xff") * 8 >= sectors:
         yield 0, sectors
         return
-    bits = bin(int.from_bytes(bitmap, "big") | (1 << len(bitmap) * 8))[3:3 + sectors]
+    bits = bin(int.from_bytes(bitmap, "big") | (1 << len(bitmap) * 8))[3 : 3 + sectors]
     for m in re.finditer("1+", bits):
         yield m.start(), m.end() - m.start()
 
@@ -170,8 +188,9 @@ class VhdArchive(Archive):
     format = "vhd"
     access = RANDOM
 
-    def __init__(self, source, parent: str | None = None, no_backing: bool = False,
-                 _children: tuple = ()):
+    def __init__(
+        self, source, parent: str | None = None, no_backing: bool = False, _children: tuple = ()
+    ):
         super().__init__(source)
         self.parent_override = parent
         self.parent: VhdArchive | None = None
@@ -187,15 +206,22 @@ class VhdArchive(Archive):
             self._open_stream()
         f = self.footer
         if f.type not in TYPES:
-            raise FormatError(f"{name}: VHD disk type {f.type} is not fixed (2), dynamic (3) "
-                              "or differencing (4)")
+            raise FormatError(
+                f"{name}: VHD disk type {f.type} is not fixed (2), dynamic (3) or differencing (4)"
+            )
         size = f.size
         if size > MAX_SIZE:
             raise FormatError(f"{name}: VHD claims {size} bytes, past the format's limit")
         self.size = size
-        disk = Disk(id=str(uuidlib.UUID(bytes=f.uuid)), name=os.path.basename(source.path or name),
-                    size=size, meta={"subformat": TYPES[f.type],
-                                     "creator": f.creator_app.decode("latin-1").rstrip("\0 ")})
+        disk = Disk(
+            id=str(uuidlib.UUID(bytes=f.uuid)),
+            name=os.path.basename(source.path or name),
+            size=size,
+            meta={
+                "subformat": TYPES[f.type],
+                "creator": f.creator_app.decode("latin-1").rstrip("\0 "),
+            },
+        )
         self.disks.append(disk)
         if f.type == DIFFERENCING and not no_backing:  # no_backing: this layer alone
             self._open_parent()
@@ -216,8 +242,10 @@ class VhdArchive(Archive):
             self.footer_at = size - FOOTER + 1
         else:
             head = src.pread(FOOTER, 0, "VHD footer copy") if size >= FOOTER else b""
-            cut = FormatError(f"{src.name}: no VHD footer at the end of the file (offset "
-                              f"{size - FOOTER}): truncated?")
+            cut = FormatError(
+                f"{src.name}: no VHD footer at the end of the file (offset "
+                f"{size - FOOTER}): truncated?"
+            )
             if not head.startswith(COOKIE):
                 raise FormatError(f"{src.name}: no VHD footer at offset {size - FOOTER}")
             copy = Footer(head, f"{src.name}: footer copy at offset 0")
@@ -230,21 +258,28 @@ class VhdArchive(Archive):
         self.file_size = size
         if self.footer.type == FIXED:
             if self.footer.size > self.footer_at:
-                raise FormatError(f"{src.name}: fixed VHD of {self.footer.size} bytes in a file "
-                                  f"of {size}: truncated")
+                raise FormatError(
+                    f"{src.name}: fixed VHD of {self.footer.size} bytes in a file "
+                    f"of {size}: truncated"
+                )
             self.header = None
             return
-        self.head_footer = Footer(src.pread(FOOTER, 0, "VHD footer copy"),
-                                  f"{src.name}: footer copy at offset 0")
+        self.head_footer = Footer(
+            src.pread(FOOTER, 0, "VHD footer copy"), f"{src.name}: footer copy at offset 0"
+        )
         self._read_header(lambda n, off, what: src.pread(n, off, what))
 
     @classmethod
-    def needs_file(cls, head: bytes, unsized: bool = False, parent: str | None = None
-                   ) -> str | None:
+    def needs_file(
+        cls, head: bytes, unsized: bool = False, parent: str | None = None
+    ) -> str | None:
         if not head.startswith(COOKIE) and not unsized:
             return "a fixed VHD keeps its footer, and so its size, at the end"
-        if head.startswith(COOKIE) and struct.unpack_from(">I", head, 60)[0] == DIFFERENCING \
-                and not parent:
+        if (
+            head.startswith(COOKIE)
+            and struct.unpack_from(">I", head, 60)[0] == DIFFERENCING
+            and not parent
+        ):
             return "a differencing VHD names its parent in locators read at random"
         return None
 
@@ -256,8 +291,9 @@ class VhdArchive(Archive):
         self.footer = self.header = None
         self.file_size = self.footer_at = None
         self.size = None
-        self.disks.append(Disk(id="vhd", name=self.source.name, size=None,
-                               meta={"subformat": "fixed"}))
+        self.disks.append(
+            Disk(id="vhd", name=self.source.name, size=None, meta={"subformat": "fixed"})
+        )
 
     def _stream_fixed_pipe(self, disk, checks: Checks):
         """The data, holding back the last 512 bytes read: at the end they are the
@@ -274,17 +310,22 @@ class VhdArchive(Archive):
                 pos += len(chunk) - FOOTER
         where = f"{src.name}: footer at offset {pos}"
         if not tail.startswith(COOKIE):
-            raise FormatError(f"{src.name}: no VHD footer at the end of the stream (offset "
-                              f"{pos}): not a fixed VHD, or truncated")
+            raise FormatError(
+                f"{src.name}: no VHD footer at the end of the stream (offset "
+                f"{pos}): not a fixed VHD, or truncated"
+            )
         self.footer = self.head_footer = Footer(tail, where)
         self.footer_at = pos
         if self.footer.type != FIXED:
-            raise FormatError(f"{where}: disk type {self.footer.type}; a VHD without a footer "
-                              "copy at the start must be fixed")
+            raise FormatError(
+                f"{where}: disk type {self.footer.type}; a VHD without a footer "
+                "copy at the start must be fixed"
+            )
         self.size = disk.size = self.footer.size
         if self.size != pos:
-            raise FormatError(f"{where}: the footer gives {self.size} bytes but the data "
-                              f"before it holds {pos}")
+            raise FormatError(
+                f"{where}: the footer gives {self.size} bytes but the data before it holds {pos}"
+            )
         self.check_structure(checks)
 
     def _open_stream(self):
@@ -296,48 +337,65 @@ class VhdArchive(Archive):
 
         def read(n, off, what):
             if off < src.offset:
-                raise UnsupportedError(f"{src.name}: {what} at offset {off} lies before the "
-                                       "data already read; this VHD cannot be read from a pipe")
+                raise UnsupportedError(
+                    f"{src.name}: {what} at offset {off} lies before the "
+                    "data already read; this VHD cannot be read from a pipe"
+                )
             src.skip(off - src.offset, what)
             return src.read_exact(n, what)
+
         self._read_header(read)
         # Read from a pipe, blocks come in file order: in disk order only if the BAT says so
         # (and a differencing disk adds its parents' blocks at the end).
         order = self._file_order()
-        self.ordered = self.footer.type != DIFFERENCING and \
-            all(a[1] < b[1] for a, b in zip(order, order[1:]))
+        self.ordered = self.footer.type != DIFFERENCING and all(
+            a[1] < b[1] for a, b in zip(order, order[1:])
+        )
 
     def _read_header(self, read):
         name = self.source.name
         f = self.footer
         if f.data_offset < FOOTER or f.data_offset > MAX_SIZE:
-            raise FormatError(f"{name}: footer data_offset {f.data_offset} does not point at a "
-                              "dynamic header")
-        self.header = h = DynamicHeader(read(HEADER, f.data_offset, "VHD dynamic header"),
-                                        f"{name}: dynamic header at offset {f.data_offset}")
+            raise FormatError(
+                f"{name}: footer data_offset {f.data_offset} does not point at a dynamic header"
+            )
+        self.header = h = DynamicHeader(
+            read(HEADER, f.data_offset, "VHD dynamic header"),
+            f"{name}: dynamic header at offset {f.data_offset}",
+        )
         if not (SECTOR <= h.block_size <= MAX_BLOCK) or h.block_size & (h.block_size - 1):
-            raise FormatError(f"{name}: block size {h.block_size} is not a power of two between "
-                              f"512 and {MAX_BLOCK}")
+            raise FormatError(
+                f"{name}: block size {h.block_size} is not a power of two between "
+                f"512 and {MAX_BLOCK}"
+            )
         if h.max_table_entries * h.block_size < self.footer.size:
-            raise FormatError(f"{name}: {h.max_table_entries} BAT entries of {h.block_size} "
-                              f"bytes cannot hold a disk of {self.footer.size} bytes")
+            raise FormatError(
+                f"{name}: {h.max_table_entries} BAT entries of {h.block_size} "
+                f"bytes cannot hold a disk of {self.footer.size} bytes"
+            )
         if h.max_table_entries > MAX_SIZE // h.block_size + 1:
             raise FormatError(f"{name}: {h.max_table_entries} BAT entries is absurd")
-        if h.table_offset < f.data_offset + HEADER and h.table_offset + 4 * h.max_table_entries \
-                > f.data_offset:
+        if (
+            h.table_offset < f.data_offset + HEADER
+            and h.table_offset + 4 * h.max_table_entries > f.data_offset
+        ):
             raise FormatError(f"{name}: BAT at offset {h.table_offset} overlaps the dynamic header")
-        if self.file_size is not None and h.table_offset + 4 * h.max_table_entries > \
-                self.file_size:  # a header's claim checked against the file it is in
-            raise FormatError(f"{name}: a BAT of {h.max_table_entries} entries at offset "
-                              f"{h.table_offset} runs past the end of the file")
+        if (
+            self.file_size is not None and h.table_offset + 4 * h.max_table_entries > self.file_size
+        ):  # a header's claim checked against the file it is in
+            raise FormatError(
+                f"{name}: a BAT of {h.max_table_entries} entries at offset "
+                f"{h.table_offset} runs past the end of the file"
+            )
         raw = read(4 * h.max_table_entries, h.table_offset, "VHD block allocation table")
         self.bat = array("I", raw)  # 4 bytes an entry, not a Python int each
         if sys.byteorder == "little":
             self.bat.byteswap()
         self.bitmap_size = -(-(h.block_size // SECTOR) // 8 // SECTOR) * SECTOR
         self.sectors_per_block = h.block_size // SECTOR
-        self.meta_end = max(h.table_offset + 4 * h.max_table_entries, f.data_offset + HEADER,
-                            FOOTER)
+        self.meta_end = max(
+            h.table_offset + 4 * h.max_table_entries, f.data_offset + HEADER, FOOTER
+        )
 
     def _parent_candidates(self):
         h = self.header
@@ -386,14 +444,17 @@ class VhdArchive(Archive):
             if got != want:
                 parent.close()
                 if how == "--parent":
-                    raise FormatError(f"{name}: parent {path} has uuid {got}, but the disk "
-                                      f"expects {want}")
+                    raise FormatError(
+                        f"{name}: parent {path} has uuid {got}, but the disk expects {want}"
+                    )
                 tried.append(f"{path} ({how}, uuid {got})")
                 continue
             self.parent = parent
             return
-        raise SourceError(f"{name}: parent {want} ({self.header.parent_name}) not found; tried "
-                          f"{'; '.join(tried) or 'no locator'}; give it with --parent")
+        raise SourceError(
+            f"{name}: parent {want} ({self.header.parent_name}) not found; tried "
+            f"{'; '.join(tried) or 'no locator'}; give it with --parent"
+        )
 
     def close(self):
         if self.parent is not None:
@@ -418,12 +479,16 @@ class VhdArchive(Archive):
 
     # -- checks --------------------------------------------------------------------------
     def checked(self):
-        items = ["footer checksum and fields" + (" (and its copy at offset 0)"
-                                                 if self.header is not None else "")]
+        items = [
+            "footer checksum and fields"
+            + (" (and its copy at offset 0)" if self.header is not None else "")
+        ]
         if self.header is not None:
             n = sum(1 for e in self.bat if e != UNALLOCATED)
-            items += ["dynamic header checksum and fields",
-                      f"BAT: {n:,} blocks inside the file, none overlapping"]
+            items += [
+                "dynamic header checksum and fields",
+                f"BAT: {n:,} blocks inside the file, none overlapping",
+            ]
         if self.parent is not None:
             items.append("each parent's uuid against the one its child records")
         return self.every_disk(items, ["the disk's data: VHD keeps no checksum of it"])
@@ -439,42 +504,63 @@ class VhdArchive(Archive):
             return [Damage(disk, 0, 0, "metadata", file_offset=at)]
 
         def block(i, at):
-            return [Damage(disk, i * bs, min(bs, disk.size - i * bs), "structure", block=i,
-                           file_offset=at)]
+            return [
+                Damage(
+                    disk, i * bs, min(bs, disk.size - i * bs), "structure", block=i, file_offset=at
+                )
+            ]
+
         for err in self.open_problems:
             checks.fail(type(err)(str(err), meta(self.footer_at)))
         for where, f, at in (("footer", self.footer, self.footer_at),) + (
-                (("footer copy", self.head_footer, 0),) if self.header is not None else ()):
+            (("footer copy", self.head_footer, 0),) if self.header is not None else ()
+        ):
             if not f.checksum_ok:
-                checks.fail(IntegrityError(f"{name}: {where} checksum mismatch (stored "
-                                           f"{f.checksum:#010x}, computed {checksum(f.raw, 64):#010x})",
-                                           meta(at)))
+                checks.fail(
+                    IntegrityError(
+                        f"{name}: {where} checksum mismatch (stored "
+                        f"{f.checksum:#010x}, computed {checksum(f.raw, 64):#010x})",
+                        meta(at),
+                    )
+                )
             if not f.features & 2:  # the spec's "always set" bit: nobody reads it
                 checks.warn(f"{name}: {where}: reserved feature bit 0x2 not set")
             if f.version != 0x00010000:
-                checks.fail(FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000",
-                                        meta(at)))
+                checks.fail(
+                    FormatError(f"{name}: {where}: version {f.version:#x}, not 0x10000", meta(at))
+                )
             if f.timestamp + VHD_EPOCH > time.time() + 86400:
                 # Xen Orchestra's vhd-lib stores Unix time where VHD counts from 2000; the
                 # data reads the same (qemu-img and libvhdi ignore the field): a warning
-                checks.warn(f"{name}: {where}: timestamp {f.timestamp} lies in the future "
-                            "when counted from 2000 (Unix time, as Xen Orchestra writes it?)")
+                checks.warn(
+                    f"{name}: {where}: timestamp {f.timestamp} lies in the future "
+                    "when counted from 2000 (Unix time, as Xen Orchestra writes it?)"
+                )
         if self.footer.type == FIXED:
             if self.footer.data_offset != 0xFFFFFFFFFFFFFFFF:  # unused by a fixed disk
-                checks.warn(f"{name}: fixed VHD with data_offset "
-                            f"{self.footer.data_offset:#x}, not all ones")
+                checks.warn(
+                    f"{name}: fixed VHD with data_offset {self.footer.data_offset:#x}, not all ones"
+                )
             return
         if self.head_footer.raw != self.footer.raw:
-            checks.fail(FormatError(f"{name}: the footer copy at offset 0 differs from the footer",
-                                    meta(0)))
+            checks.fail(
+                FormatError(f"{name}: the footer copy at offset 0 differs from the footer", meta(0))
+            )
         h = self.header
         bs = h.block_size
         if not h.checksum_ok:
-            checks.fail(IntegrityError(f"{name}: dynamic header checksum mismatch",
-                                       meta(self.footer.data_offset)))
+            checks.fail(
+                IntegrityError(
+                    f"{name}: dynamic header checksum mismatch", meta(self.footer.data_offset)
+                )
+            )
         if h.version != 0x00010000:
-            checks.fail(FormatError(f"{name}: dynamic header version {h.version:#x}, not 0x10000",
-                                    meta(self.footer.data_offset)))
+            checks.fail(
+                FormatError(
+                    f"{name}: dynamic header version {h.version:#x}, not 0x10000",
+                    meta(self.footer.data_offset),
+                )
+            )
         span = self.bitmap_size + bs
         placed = []
         for i, entry in enumerate(self.bat):
@@ -482,20 +568,32 @@ class VhdArchive(Archive):
                 continue
             start = entry * SECTOR
             if start < self.meta_end:
-                checks.fail(FormatError(f"{name}: BAT entry {i} points at offset {start}, inside "
-                                        "the metadata", block(i, start)))
+                checks.fail(
+                    FormatError(
+                        f"{name}: BAT entry {i} points at offset {start}, inside the metadata",
+                        block(i, start),
+                    )
+                )
             # a file cut short: its missing blocks are reported as each is read
             end_limit = self.footer_at if not self.open_problems else None
             if end_limit is not None and start + span > end_limit:
-                checks.fail(FormatError(f"{name}: BAT entry {i}: block at offset {start} runs "
-                                        f"past the data area (footer at {end_limit})",
-                                        block(i, start)))
+                checks.fail(
+                    FormatError(
+                        f"{name}: BAT entry {i}: block at offset {start} runs "
+                        f"past the data area (footer at {end_limit})",
+                        block(i, start),
+                    )
+                )
             placed.append((start, i))
         placed.sort()
         for (a, i), (b, j) in zip(placed, placed[1:]):
             if b < a + span:
-                checks.fail(FormatError(f"{name}: BAT entries {i} and {j} overlap (blocks at "
-                                        f"offsets {a} and {b})", block(j, b)))
+                checks.fail(
+                    FormatError(
+                        f"{name}: BAT entries {i} and {j} overlap (blocks at offsets {a} and {b})",
+                        block(j, b),
+                    )
+                )
 
     # -- reading -------------------------------------------------------------------------
     def block_layers(self, index: int, bs: int, buf: bytearray | None = None):
@@ -514,10 +612,11 @@ class VhdArchive(Archive):
         if buf is not None:
             view = memoryview(buf)
             self.source.preadinto(view, off, f"VHD block {index}")
-            return bytes(view[:self.bitmap_size]), view[self.bitmap_size:]
-        raw = self.source.pread(self.bitmap_size + self.header.block_size, off,
-                                f"VHD block {index}")
-        return raw[:self.bitmap_size], memoryview(raw)[self.bitmap_size:]
+            return bytes(view[: self.bitmap_size]), view[self.bitmap_size :]
+        raw = self.source.pread(
+            self.bitmap_size + self.header.block_size, off, f"VHD block {index}"
+        )
+        return raw[: self.bitmap_size], memoryview(raw)[self.bitmap_size :]
 
     def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
         checks = checks or Checks()
@@ -555,7 +654,8 @@ class VhdArchive(Archive):
             if p.header is not None and p.header.block_size != bs:
                 raise UnsupportedError(
                     f"{self.source.name}: parent {p.source.name} has {p.header.block_size}-byte "
-                    f"blocks, this disk {bs}-byte ones; chains of mixed block sizes are not read")
+                    f"blocks, this disk {bs}-byte ones; chains of mixed block sizes are not read"
+                )
             layers.append(p)
             p = p.parent
         return layers
@@ -575,8 +675,15 @@ class VhdArchive(Archive):
                 whole = [(base, min(bs, disk.size - base))]
                 pieces, lost = self._cut_block(index, buf) if checks.salvage else ([], whole)
                 at = self.bat[index] * SECTOR if self.bat[index] != UNALLOCATED else None
-                checks.fail(type(e)(str(e), [Damage(disk, a, n, "missing", block=index,
-                                                    file_offset=at) for a, n in lost]))
+                checks.fail(
+                    type(e)(
+                        str(e),
+                        [
+                            Damage(disk, a, n, "missing", block=index, file_offset=at)
+                            for a, n in lost
+                        ],
+                    )
+                )
             yield from ((disk, off, data) for off, data in pieces)
 
     def _cut_block(self, index: int, buf: bytearray):
@@ -595,18 +702,17 @@ class VhdArchive(Archive):
         view = memoryview(buf)[:have]
         self.source.preadinto(view, off, f"VHD block {index}")
         got = have - self.bitmap_size
-        data = view[self.bitmap_size:]
+        data = view[self.bitmap_size :]
         pieces, lost = [], []
-        for first, count in bitmap_runs(bytes(view[:self.bitmap_size]), -(-limit // SECTOR)):
+        for first, count in bitmap_runs(bytes(view[: self.bitmap_size]), -(-limit // SECTOR)):
             a, b = first * SECTOR, min((first + count) * SECTOR, limit)
             if a < got:
-                pieces.append((base + a, data[a:min(b, got)]))
+                pieces.append((base + a, data[a : min(b, got)]))
             if b > got:
                 lost.append((base + max(a, got), b - max(a, got)))
         return pieces, lost
 
-    def _block_pieces(self, index: int, layers: list, buf: bytearray | None = None,
-                      mine=None):
+    def _block_pieces(self, index: int, layers: list, buf: bytearray | None = None, mine=None):
         """(disk offset, data) of every stretch of block index that some layer stores;
         buf: a reusable buffer for this layer's block (one reader only: not read_at);
         mine: this layer's (bitmap, data) when already read (from a pipe)."""
@@ -631,16 +737,19 @@ class VhdArchive(Archive):
             if merged is None:
                 merged = bytearray(bs)
                 present = bytearray(spb)
-            runs = [(0, len(data) // SECTOR + (1 if len(data) % SECTOR else 0))] \
-                if bitmap is None else bitmap_runs(bitmap, spb)
+            runs = (
+                [(0, len(data) // SECTOR + (1 if len(data) % SECTOR else 0))]
+                if bitmap is None
+                else bitmap_runs(bitmap, spb)
+            )
             for first, count in runs:
                 a, b = first * SECTOR, min((first + count) * SECTOR, len(data))
                 merged[a:b] = data[a:b]
-                present[first:first + count] = b"\1" * count
+                present[first : first + count] = b"\1" * count
         if merged is None:
             return
         view = memoryview(merged)
-        for m in re.finditer(b"\1+", bytes(present[:-(-limit // SECTOR)])):
+        for m in re.finditer(b"\1+", bytes(present[: -(-limit // SECTOR)])):
             a, b = m.start() * SECTOR, min(m.end() * SECTOR, limit)
             yield base + a, view[a:b]
 
@@ -651,7 +760,7 @@ class VhdArchive(Archive):
         end = min(offset + n, self.size)
         if self.footer.type == FIXED:
             if end > offset:
-                self.source.preadinto(memoryview(out)[:end - offset], offset, "fixed VHD data")
+                self.source.preadinto(memoryview(out)[: end - offset], offset, "fixed VHD data")
             return bytes(out)
         bs = self.header.block_size
         layers = self._layers()
@@ -659,7 +768,7 @@ class VhdArchive(Archive):
             for at, data in self._block_pieces(index, layers):
                 a, b = max(at, offset), min(at + len(data), end)
                 if a < b:
-                    out[a - offset:b - offset] = data[a - at:b - at]
+                    out[a - offset : b - offset] = data[a - at : b - at]
         return bytes(out)
 
     def lower(self):
@@ -671,14 +780,20 @@ class VhdArchive(Archive):
         where none does."""
         end = self.size if length is None else min(offset + length, self.size)
         below = len(self._layers()) - 1 if self.footer.type != FIXED else 0
-        return filled(self._stored(offset, end, depth), offset, end,
-                      self.source.path or self.source.name, depth + below)
+        return filled(
+            self._stored(offset, end, depth),
+            offset,
+            end,
+            self.source.path or self.source.name,
+            depth + below,
+        )
 
     def _stored(self, start: int, end: int, depth: int):
         if self.footer.type == FIXED:
             if start < end:
-                yield Extent(start, end - start, DATA, start,
-                             self.source.path or self.source.name, depth)
+                yield Extent(
+                    start, end - start, DATA, start, self.source.path or self.source.name, depth
+                )
             return
         bs = self.header.block_size
         layers = self._layers()
@@ -706,28 +821,29 @@ class VhdArchive(Archive):
         for entry, index in order:
             off = entry * SECTOR
             if off < src.offset:
-                raise FormatError(f"{src.name}: block {index} at offset {off} overlaps data "
-                                  "already read")
+                raise FormatError(
+                    f"{src.name}: block {index} at offset {off} overlaps data already read"
+                )
             src.skip(off - src.offset, f"VHD block {index}")
             src.readinto_exact(buf, f"VHD block {index}")
             base = index * bs
             limit = min(bs, disk.size - base)
             if limit <= 0:
                 continue
-            bitmap = bytes(buf[:self.bitmap_size])
+            bitmap = bytes(buf[: self.bitmap_size])
             if layers is not None:
-                mine = (bitmap, buf[self.bitmap_size:])
-                yield from ((disk, at, data) for at, data in
-                            self._block_pieces(index, layers, mine=mine))
+                mine = (bitmap, buf[self.bitmap_size :])
+                yield from (
+                    (disk, at, data) for at, data in self._block_pieces(index, layers, mine=mine)
+                )
                 continue
             for first, count in bitmap_runs(bitmap, min(spb, -(-limit // SECTOR))):
                 a, b = first * SECTOR, min((first + count) * SECTOR, limit)
-                yield disk, base + a, buf[self.bitmap_size + a:self.bitmap_size + b]
+                yield disk, base + a, buf[self.bitmap_size + a : self.bitmap_size + b]
         if layers is not None:  # what only the parents hold
             for index in range(-(-disk.size // bs)):
                 if index >= len(self.bat) or self.bat[index] == UNALLOCATED:
-                    yield from ((disk, at, data) for at, data in
-                                self._block_pieces(index, layers))
+                    yield from ((disk, at, data) for at, data in self._block_pieces(index, layers))
 
     def _file_order(self) -> list[tuple[int, int]]:
         """(BAT entry, block index) of the allocated blocks, in file order."""
@@ -740,20 +856,26 @@ class VhdArchive(Archive):
         rest = src.read_upto(64 << 20)
         tail = rest[-FOOTER:]
         if not tail.startswith(COOKIE):
-            tail = rest[-(FOOTER - 1):]
+            tail = rest[-(FOOTER - 1) :]
             if not tail.startswith(COOKIE):
-                raise FormatError(f"{src.name}: no VHD footer at the end of the stream "
-                                  f"(offset {src.offset}): truncated?")
+                raise FormatError(
+                    f"{src.name}: no VHD footer at the end of the stream "
+                    f"(offset {src.offset}): truncated?"
+                )
         if src.read_upto(1):
             raise FormatError(f"{src.name}: data after the VHD footer at offset {src.offset}")
         footer = Footer(tail, f"{src.name}: footer at offset {src.offset - len(tail)}")
         if not footer.checksum_ok:
-            raise IntegrityError(f"{src.name}: footer at offset {src.offset - len(tail)}: "
-                                 f"checksum mismatch (stored {footer.checksum:#010x}, "
-                                 f"computed {checksum(footer.raw, 64):#010x})")
+            raise IntegrityError(
+                f"{src.name}: footer at offset {src.offset - len(tail)}: "
+                f"checksum mismatch (stored {footer.checksum:#010x}, "
+                f"computed {checksum(footer.raw, 64):#010x})"
+            )
         if footer.raw != self.head_footer.raw:
-            raise FormatError(f"{src.name}: the footer at the end of the stream differs from "
-                              "the footer copy at offset 0")
+            raise FormatError(
+                f"{src.name}: the footer at the end of the stream differs from "
+                "the footer copy at offset 0"
+            )
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -764,8 +886,26 @@ CREATOR = b"qem2"  # size = current_size for qemu and XenServer alike (see SIZE_
 def make_footer(size: int, disk_type: int, data_offset: int, uid: bytes, ts: int) -> bytes:
     c, h, s = covering_chs(size)
     raw = bytearray(FOOTER)
-    struct.pack_into(">8sIIQI4sI4sQQHBBII", raw, 0, COOKIE, 2, 0x00010000, data_offset,
-                     ts, CREATOR, 0x00050003, b"Wi2k", size, size, c, h, s, disk_type, 0)
+    struct.pack_into(
+        ">8sIIQI4sI4sQQHBBII",
+        raw,
+        0,
+        COOKIE,
+        2,
+        0x00010000,
+        data_offset,
+        ts,
+        CREATOR,
+        0x00050003,
+        b"Wi2k",
+        size,
+        size,
+        c,
+        h,
+        s,
+        disk_type,
+        0,
+    )
     raw[68:84] = uid
     struct.pack_into(">I", raw, 64, checksum(raw, 64))
     return bytes(raw)
@@ -773,8 +913,18 @@ def make_footer(size: int, disk_type: int, data_offset: int, uid: bytes, ts: int
 
 def make_header(entries: int, table_offset: int) -> bytes:
     raw = bytearray(HEADER)
-    struct.pack_into(">8sQQIIII", raw, 0, HEADER_COOKIE, 0xFFFFFFFFFFFFFFFF, table_offset,
-                     0x00010000, entries, BLOCK_SIZE, 0)
+    struct.pack_into(
+        ">8sQQIIII",
+        raw,
+        0,
+        HEADER_COOKIE,
+        0xFFFFFFFFFFFFFFFF,
+        table_offset,
+        0x00010000,
+        entries,
+        BLOCK_SIZE,
+        0,
+    )
     struct.pack_into(">I", raw, 36, checksum(raw, 36))
     return bytes(raw)
 
@@ -797,8 +947,9 @@ class VhdWriter:
 
     def __init__(self, out, size: int, subformat: str = "dynamic", allocated=None):
         if size % SECTOR:
-            raise UsageError(f"a VHD holds whole 512-byte sectors; {size} bytes is not a "
-                             "multiple of 512")
+            raise UsageError(
+                f"a VHD holds whole 512-byte sectors; {size} bytes is not a multiple of 512"
+            )
         if size > MAX_SIZE // 2:
             raise UsageError(f"{size} bytes is past the VHD limit of about 2 TiB")
         self.out = out
@@ -842,8 +993,12 @@ class VhdWriter:
 
     def _head(self) -> bytes:
         bat = struct.pack(f">{self.entries}I", *self.bat)
-        return self.footer + make_header(self.entries, 3 * SECTOR) + bat + \
-            b"\xff" * (self.data_start - 3 * SECTOR - len(bat))
+        return (
+            self.footer
+            + make_header(self.entries, 3 * SECTOR)
+            + bat
+            + b"\xff" * (self.data_start - 3 * SECTOR - len(bat))
+        )
 
     def _write(self, data) -> None:
         write_all(self.fd, data)
@@ -881,7 +1036,7 @@ class VhdWriter:
         if not self.out.fresh or runs == [(0, BLOCK_SIZE)]:  # the whole block, one call
             parts = [self.bitmap, data]
             if len(data) < BLOCK_SIZE:
-                parts.append(memoryview(ZERO_CHUNK)[:BLOCK_SIZE - len(data)])
+                parts.append(memoryview(ZERO_CHUNK)[: BLOCK_SIZE - len(data)])
             if os.pwritev(self.fd, parts, at) != SECTOR + BLOCK_SIZE:
                 pwrite_all(self.fd, b"".join(bytes(p) for p in parts), at)
         else:  # a new file: zero 4 KiB runs stay holes
@@ -934,9 +1089,9 @@ def allocated_blocks(stream) -> set[int]:
 def probe_tar(head: bytes) -> bool:
     """A tar archive whose first member is a .vhd file."""
     pos = 0
-    while pos + 512 <= len(head) and head[pos:pos + 512] != bytes(512):
+    while pos + 512 <= len(head) and head[pos : pos + 512] != bytes(512):
         try:
-            name, size, kind = parse_header(head[pos:pos + 512], "probe")
+            name, size, kind = parse_header(head[pos : pos + 512], "probe")
         except Exception:
             return False
         if kind not in (b"x", b"g", b"L"):  # past pax / GNU long-name records
@@ -967,8 +1122,11 @@ class VhdTarArchive(VhdArchive):
         if member is None or not member.name.lower().endswith(".vhd"):
             raise FormatError(f"{source.name}: the tar's first member is not a .vhd file")
         self.outer = source
-        inner = Source(_MemberStream(reader, member), name=f"{source.name}:{member.name}",
-                       compression=source.compression)
+        inner = Source(
+            _MemberStream(reader, member),
+            name=f"{source.name}:{member.name}",
+            compression=source.compression,
+        )
         super().__init__(inner)
 
     def close(self):

@@ -22,14 +22,14 @@ from .clusters import cluster_flags
 
 MAGIC = b"VMA\0"
 EXTENT_MAGIC = b"VMAE"
-HEADER_FIXED = 12288            # header struct size; the blob buffer follows
+HEADER_FIXED = 12288  # header struct size; the blob buffer follows
 MAX_HEADER = HEADER_FIXED + (1 << 20) * 16  # blobs are small configs; refuse absurd sizes
 CLUSTER = 65536
 BLOCK = 4096
 BLOCKS_PER_CLUSTER = 16
 EXTENT_HEADER = 512
 BLOCKINFOS = 59
-MAX_DEVICE_SIZE = 1 << 50       # 1 PiB: larger is hostile, not a disk
+MAX_DEVICE_SIZE = 1 << 50  # 1 PiB: larger is hostile, not a disk
 
 
 @functools.lru_cache(maxsize=4096)
@@ -70,7 +70,7 @@ class _ExtentData:
         self.src.skip(at - self.pos, self.what)
         view = self.src.take_view(n)
         if view is None:
-            view = self.buf[at:at + n]
+            view = self.buf[at : at + n]
             self.src.readinto_exact(view, self.what)
         self.pos = at + n
         return view
@@ -92,22 +92,28 @@ class VmaArchive(Archive):
         head = source.read_exact(HEADER_FIXED, "VMA header")
         if head[:4] != MAGIC:
             raise FormatError(f"{name}: no VMA magic at offset 0")
-        version, = struct.unpack_from(">I", head, 4)
+        (version,) = struct.unpack_from(">I", head, 4)
         if version != 1:
             raise FormatError(f"{name}: VMA version {version} (only version 1 exists)")
         self.uuid = head[8:24]
-        self.ctime, = struct.unpack_from(">q", head, 24)
+        (self.ctime,) = struct.unpack_from(">q", head, 24)
         stored_md5 = head[32:48]
         blob_off, blob_size, header_size = struct.unpack_from(">III", head, 48)
         if header_size % 512 == 0 and header_size > MAX_HEADER:
-            raise FormatError(f"{name}: VMA header_size {header_size} at offset 56 is too large "
-                              f"(at most {MAX_HEADER}: configs are small)")
+            raise FormatError(
+                f"{name}: VMA header_size {header_size} at offset 56 is too large "
+                f"(at most {MAX_HEADER}: configs are small)"
+            )
         if not (HEADER_FIXED <= header_size <= MAX_HEADER) or header_size % 512:
-            raise FormatError(f"{name}: VMA header_size {header_size} at offset 56 is not a "
-                              f"multiple of 512 between {HEADER_FIXED} and {MAX_HEADER}")
+            raise FormatError(
+                f"{name}: VMA header_size {header_size} at offset 56 is not a "
+                f"multiple of 512 between {HEADER_FIXED} and {MAX_HEADER}"
+            )
         if blob_off < HEADER_FIXED or blob_off + blob_size > header_size:
-            raise FormatError(f"{name}: VMA blob buffer [{blob_off}, {blob_off + blob_size}) "
-                              f"lies outside the {header_size}-byte header")
+            raise FormatError(
+                f"{name}: VMA blob buffer [{blob_off}, {blob_off + blob_size}) "
+                f"lies outside the {header_size}-byte header"
+            )
         rest = source.read_exact(header_size - HEADER_FIXED, "VMA header blob buffer")
         header = head + rest
         zeroed = bytearray(header)
@@ -115,25 +121,29 @@ class VmaArchive(Archive):
         if md5_digest(zeroed) != stored_md5:
             raise FormatError(f"{name}: VMA header md5 mismatch (header of {header_size} bytes)")
         self.header_size = header_size
-        blobs = header[blob_off:blob_off + blob_size]
+        blobs = header[blob_off : blob_off + blob_size]
 
         def blob(ptr: int, what: str) -> bytes:
             if ptr == 0 or ptr + 2 > len(blobs):
-                raise FormatError(f"{name}: {what}: blob pointer {ptr} outside the "
-                                  f"{len(blobs)}-byte blob buffer")
-            length, = struct.unpack_from("<H", blobs, ptr)
+                raise FormatError(
+                    f"{name}: {what}: blob pointer {ptr} outside the {len(blobs)}-byte blob buffer"
+                )
+            (length,) = struct.unpack_from("<H", blobs, ptr)
             if ptr + 2 + length > len(blobs):
-                raise FormatError(f"{name}: {what}: blob at {ptr} of {length} bytes runs past "
-                                  "the blob buffer")
-            return blobs[ptr + 2:ptr + 2 + length]
+                raise FormatError(
+                    f"{name}: {what}: blob at {ptr} of {length} bytes runs past the blob buffer"
+                )
+            return blobs[ptr + 2 : ptr + 2 + length]
 
         def text(ptr: int, what: str) -> str:
             raw = blob(ptr, what)
             if not raw.endswith(b"\0"):
                 raise FormatError(f"{name}: {what}: string blob at {ptr} is not NUL-terminated")
             if b"\0" in raw[:-1] or len(raw) > 256:  # a file name: extract writes it
-                raise FormatError(f"{name}: {what}: string blob at {ptr} holds a NUL byte or "
-                                  "is longer than 255 bytes")
+                raise FormatError(
+                    f"{name}: {what}: string blob at {ptr} holds a NUL byte or "
+                    "is longer than 255 bytes"
+                )
             return raw[:-1].decode("utf-8", "replace")
 
         names = struct.unpack_from(">256I", header, 2044)
@@ -161,14 +171,19 @@ class VmaArchive(Archive):
                 raise FormatError(f"{name}: device id {dev_id} is reserved")
             devname = text(ptr, f"device {dev_id} name")
             if any(d.id == devname for d in self.devices.values()):  # one would be dropped
-                raise FormatError(f"{name}: device name {devname!r} appears twice in the "
-                                  f"header (device {dev_id})")
+                raise FormatError(
+                    f"{name}: device name {devname!r} appears twice in the header (device {dev_id})"
+                )
             if size > MAX_DEVICE_SIZE:
                 raise FormatError(f"{name}: device {devname} claims {size} bytes")
             short = devname[6:] if devname.startswith("drive-") else devname
-            disk = Disk(id=devname, name=devname, size=size,
-                        device=short if devname != "vmstate" else None,
-                        meta={"dev_id": dev_id, "clusters": -(-size // CLUSTER)})
+            disk = Disk(
+                id=devname,
+                name=devname,
+                size=size,
+                device=short if devname != "vmstate" else None,
+                meta={"dev_id": dev_id, "clusters": -(-size // CLUSTER)},
+            )
             if short in drives:
                 disk.meta["volume"] = drives[short]
             self.devices[dev_id] = disk
@@ -249,8 +264,9 @@ class VmaArchive(Archive):
         name = src.name
         wanted = {d.id for d in (disks if disks is not None else self.disks)}
         total = sum(d.meta["clusters"] for d in self.devices.values())
-        seen = {dev_id: cluster_flags(d.meta["clusters"], total)
-                for dev_id, d in self.devices.items()}
+        seen = {
+            dev_id: cluster_flags(d.meta["clusters"], total) for dev_id, d in self.devices.items()
+        }
         self._seen, self._first_unseen, self._pending = seen, {}, None
         self._extents = 0  # extent headers whose md5 matched
         next_state = 0  # vmstate clusters must arrive in order
@@ -266,17 +282,21 @@ class VmaArchive(Archive):
                 if got == 0:
                     break
                 if got < EXTENT_HEADER:
-                    raise TruncatedError(f"{name}: truncated in the extent header at offset {where} "
-                                         f"({got} of 512 bytes)")
+                    raise TruncatedError(
+                        f"{name}: truncated in the extent header at offset {where} "
+                        f"({got} of 512 bytes)"
+                    )
                 if hdr[:4] != EXTENT_MAGIC:
                     raise FormatError(f"{name}: no extent magic at offset {where}")
                 reserved, block_count = struct.unpack_from(">HH", hdr, 4)
                 if reserved:
-                    raise FormatError(f"{name}: extent at offset {where}: reserved field is "
-                                      f"{reserved}, must be 0")
+                    raise FormatError(
+                        f"{name}: extent at offset {where}: reserved field is {reserved}, must be 0"
+                    )
                 if hdr[8:24] != self.uuid:
-                    raise FormatError(f"{name}: extent at offset {where} carries another archive's "
-                                      "uuid")
+                    raise FormatError(
+                        f"{name}: extent at offset {where} carries another archive's uuid"
+                    )
                 stored = bytes(hdr[24:40])
                 hdr[24:40] = bytes(16)
                 if md5_digest(hdr) != stored:
@@ -285,11 +305,14 @@ class VmaArchive(Archive):
                 infos = struct.unpack_from(">59Q", hdr, 40)
                 total = sum((bi >> 48).bit_count() for bi in infos if (bi >> 32) & 0xFF)
                 if total != block_count:
-                    raise FormatError(f"{name}: extent at offset {where}: masks mark {total} blocks "
-                                      f"but block_count is {block_count}")
+                    raise FormatError(
+                        f"{name}: extent at offset {where}: masks mark {total} blocks "
+                        f"but block_count is {block_count}"
+                    )
                 base_at = where + EXTENT_HEADER  # archive offset of this extent's data
-                extent = _ExtentData(src, dview, block_count * BLOCK,
-                                     f"the data of the extent at {where}", read)
+                extent = _ExtentData(
+                    src, dview, block_count * BLOCK, f"the data of the extent at {where}", read
+                )
                 pos = 0  # next unread block of this extent's data
                 run = None  # (disk, disk offset, data start, length): coalesced contiguous writes
                 for bi in infos:
@@ -300,25 +323,38 @@ class VmaArchive(Archive):
                     cluster = bi & 0xFFFFFFFF
                     disk = self.devices.get(dev_id)
                     if disk is None:
-                        raise FormatError(f"{name}: extent at offset {where}, device {dev_id}: no "
-                                          "such device in the header")
+                        raise FormatError(
+                            f"{name}: extent at offset {where}, device {dev_id}: no "
+                            "such device in the header"
+                        )
                     marks = seen[dev_id]
                     if cluster >= len(marks):
-                        raise FormatError(f"{self._at(disk, cluster, where)}: past the device's "
-                                          f"end ({disk.size} bytes)")
+                        raise FormatError(
+                            f"{self._at(disk, cluster, where)}: past the device's "
+                            f"end ({disk.size} bytes)"
+                        )
                     base = cluster * CLUSTER
                     if marks[cluster]:  # a salvaged output gets the later copy over it
                         self._broken(checks, disk, cluster, where, "cluster appears a second time")
                     marks[cluster] = 1
                     if disk is self.vmstate:
                         if cluster != next_state:
-                            self._broken(checks, disk, cluster, where, "vmstate cluster out of "
-                                         f"order (expected {next_state})")
+                            self._broken(
+                                checks,
+                                disk,
+                                cluster,
+                                where,
+                                f"vmstate cluster out of order (expected {next_state})",
+                            )
                         next_state = cluster + 1
-                    if mask and base + CLUSTER > disk.size and \
-                            mask >> -(-(disk.size - base) // BLOCK):  # blocks past the end
-                        self._broken(checks, disk, cluster, where, "mask stores blocks past the "
-                                     "device's end")
+                    if (
+                        mask
+                        and base + CLUSTER > disk.size
+                        and mask >> -(-(disk.size - base) // BLOCK)
+                    ):  # blocks past the end
+                        self._broken(
+                            checks, disk, cluster, where, "mask stores blocks past the device's end"
+                        )
                     if disk.id in wanted and mask:
                         for first, count, rank in mask_runs(mask):
                             start = base + first * BLOCK
@@ -327,8 +363,12 @@ class VmaArchive(Archive):
                             n = min(count * BLOCK, disk.size - start)
                             at = (pos + rank) * BLOCK
                             # extend the run when this follows it both on disk and in the data
-                            if run and run[0] is disk and run[1] + run[3] == start \
-                                    and run[2] + run[3] == at:
+                            if (
+                                run
+                                and run[0] is disk
+                                and run[1] + run[3] == start
+                                and run[2] + run[3] == at
+                            ):
                                 run[3] += n
                             else:
                                 # marked seen but not yet yielded: covered() stays below it
@@ -350,30 +390,60 @@ class VmaArchive(Archive):
             missing = len(marks) - marks.set_count
             if missing:
                 first = marks.find_unset()
-                damage = [Damage(disk, a * CLUSTER, min(b * CLUSTER, disk.size) - a * CLUSTER,
-                                 "missing", cluster=a, clusters=b - a)
-                          for a, b in marks.unset_runs()]
-                checks.fail(TruncatedError(
-                    f"{name}: {disk.id} is incomplete: {len(marks) - missing} of {len(marks)} "
-                    f"clusters present, {missing} missing (first missing: cluster {first}, disk "
-                    f"offset {first * CLUSTER}); the archive ends at offset {src.offset}", damage))
+                damage = [
+                    Damage(
+                        disk,
+                        a * CLUSTER,
+                        min(b * CLUSTER, disk.size) - a * CLUSTER,
+                        "missing",
+                        cluster=a,
+                        clusters=b - a,
+                    )
+                    for a, b in marks.unset_runs()
+                ]
+                checks.fail(
+                    TruncatedError(
+                        f"{name}: {disk.id} is incomplete: {len(marks) - missing} of {len(marks)} "
+                        f"clusters present, {missing} missing (first missing: cluster {first}, disk "
+                        f"offset {first * CLUSTER}); the archive ends at offset {src.offset}",
+                        damage,
+                    )
+                )
 
     def stream_checks(self):
         return super().stream_checks() + [
-            f"md5 of the header and of {self._extents:,} extent headers"]
+            f"md5 of the header and of {self._extents:,} extent headers"
+        ]
 
     def checked(self):
-        return {d.id: {"checked": [f"every one of its {d.meta['clusters']:,} clusters present "
-                                   "exactly once"],
-                       "unchecked": ["the disk's data: VMA keeps no checksum of it"]}
-                for d in self.disks}
+        return {
+            d.id: {
+                "checked": [
+                    f"every one of its {d.meta['clusters']:,} clusters present exactly once"
+                ],
+                "unchecked": ["the disk's data: VMA keeps no checksum of it"],
+            }
+            for d in self.disks
+        }
 
     def _broken(self, checks: Checks, disk: Disk, cluster: int, where: int, what: str) -> None:
         """A cluster that breaks a rule: damage to its 64 KiB."""
         base = cluster * CLUSTER
-        checks.fail(FormatError(f"{self._at(disk, cluster, where)}: {what}", [
-            Damage(disk, base, min(CLUSTER, disk.size - base), "structure", cluster=cluster,
-                   extent_offset=where)]))
+        checks.fail(
+            FormatError(
+                f"{self._at(disk, cluster, where)}: {what}",
+                [
+                    Damage(
+                        disk,
+                        base,
+                        min(CLUSTER, disk.size - base),
+                        "structure",
+                        cluster=cluster,
+                        extent_offset=where,
+                    )
+                ],
+            )
+        )
 
     def _cut_extent(self, checks: Checks, infos, extent: _ExtentData, base_at: int) -> None:
         """An extent whose data broke off: its stored blocks not handed out are missing
@@ -399,10 +469,22 @@ class VmaArchive(Archive):
                 start = base + first * BLOCK
                 n = min(count * BLOCK, disk.size - start)
                 if n > 0 and (pos + rank + count) * BLOCK > arrived:
-                    damage.append(Damage(disk, start, n, "missing", cluster=cluster,
-                                         extent_offset=base_at - EXTENT_HEADER))
+                    damage.append(
+                        Damage(
+                            disk,
+                            start,
+                            n,
+                            "missing",
+                            cluster=cluster,
+                            extent_offset=base_at - EXTENT_HEADER,
+                        )
+                    )
             pos += mask.bit_count()
             if damage:
-                checks.fail(TruncatedError(
-                    f"{self._at(disk, cluster, base_at - EXTENT_HEADER)}: the extent's data "
-                    "breaks off before this cluster's blocks", damage))
+                checks.fail(
+                    TruncatedError(
+                        f"{self._at(disk, cluster, base_at - EXTENT_HEADER)}: the extent's data "
+                        "breaks off before this cluster's blocks",
+                        damage,
+                    )
+                )

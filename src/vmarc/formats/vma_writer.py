@@ -30,9 +30,9 @@ from .vma import (
     MAGIC,
 )
 
-CLUSTERS_PER_EXTENT = BLOCKINFOS - 1   # what Proxmox's writer puts in one extent
-MAX_BLOB = 65535                       # a blob's length is a u16
-MAX_DEVICES = 254                      # device ids 1..254
+CLUSTERS_PER_EXTENT = BLOCKINFOS - 1  # what Proxmox's writer puts in one extent
+MAX_BLOB = 65535  # a blob's length is a u16
+MAX_DEVICES = 254  # device ids 1..254
 
 
 def device_name(name: str) -> str:
@@ -49,8 +49,15 @@ class VmaWriter:
     writes the last extent.
     """
 
-    def __init__(self, out, devices: list[tuple[str, int]], configs: dict[str, bytes],
-                 uuid: bytes | None = None, ctime: int | None = None, ordered: bool = False):
+    def __init__(
+        self,
+        out,
+        devices: list[tuple[str, int]],
+        configs: dict[str, bytes],
+        uuid: bytes | None = None,
+        ctime: int | None = None,
+        ordered: bool = False,
+    ):
         # ordered: each device's pieces come in ascending order, so a cluster skipped
         # over is zero and is listed at once, as vzdump lists it (a reader can then tell
         # how far a device is complete without waiting for the end)
@@ -60,7 +67,8 @@ class VmaWriter:
         self.uuid = uuid or uuidlib.uuid4().bytes
         self._assemblers = [None] + [
             ClusterAssembler(CLUSTER, size, functools.partial(self.put_cluster, dev_id))
-            for dev_id, (_, size) in enumerate(devices, start=1)]
+            for dev_id, (_, size) in enumerate(devices, start=1)
+        ]
         out.write(self._header(devices, configs, int(time.time()) if ctime is None else ctime))
         self._ext = bytearray(EXTENT_HEADER + CLUSTERS_PER_EXTENT * CLUSTER)
         self._view = memoryview(self._ext)
@@ -69,7 +77,7 @@ class VmaWriter:
         self.extents = 0
         # the memory state is always given in order, and readers require it in order
         self._in_order = [False] + [ordered or name == "vmstate" for name, _ in devices]
-        self._next = [0] * len(self._assemblers)   # first cluster not listed yet
+        self._next = [0] * len(self._assemblers)  # first cluster not listed yet
 
     # -- header --------------------------------------------------------------------------
     def _header(self, devices, configs, ctime) -> bytes:
@@ -77,8 +85,7 @@ class VmaWriter:
 
         def blob(data: bytes, what: str) -> int:
             if len(data) > MAX_BLOB:
-                raise UsageError(f"{what}: {len(data)} bytes; a VMA blob holds at most "
-                                 f"{MAX_BLOB}")
+                raise UsageError(f"{what}: {len(data)} bytes; a VMA blob holds at most {MAX_BLOB}")
             at = len(blobs)
             blobs.extend(struct.pack("<H", len(data)) + data)
             return at
@@ -92,8 +99,9 @@ class VmaWriter:
         for dev_id, (name, size) in enumerate(devices, start=1):
             if size <= 0:
                 raise UsageError(f"{name}: a VMA device cannot be empty")
-            struct.pack_into(">IIQ", head, 4096 + 32 * dev_id,
-                             blob(name.encode() + b"\0", name), 0, size)
+            struct.pack_into(
+                ">IIQ", head, 4096 + 32 * dev_id, blob(name.encode() + b"\0", name), 0, size
+            )
         used = len(blobs)
         blobs.extend(bytes(-len(blobs) % 512))  # header_size is a multiple of 512
         head[0:4] = MAGIC
@@ -126,17 +134,21 @@ class VmaWriter:
             ext, pos = self._view, self._pos
             # a zero block starts with a zero byte: when no block does (one strided
             # copy of 16 bytes), every block holds data and none needs a full look
-            if len(data) == CLUSTER and (0 not in bytes(data[::BLOCK]) or not any(
-                    ZERO_CHUNK.startswith(data[b:b + BLOCK]) for b in range(0, CLUSTER, BLOCK))):
-                ext[pos:pos + CLUSTER] = data  # the common case: every block holds data
+            if len(data) == CLUSTER and (
+                0 not in bytes(data[::BLOCK])
+                or not any(
+                    ZERO_CHUNK.startswith(data[b : b + BLOCK]) for b in range(0, CLUSTER, BLOCK)
+                )
+            ):
+                ext[pos : pos + CLUSTER] = data  # the common case: every block holds data
                 mask, pos = 0xFFFF, pos + CLUSTER
             else:
                 for i in range(BLOCKS_PER_CLUSTER):
-                    block = data[i * BLOCK:(i + 1) * BLOCK]
+                    block = data[i * BLOCK : (i + 1) * BLOCK]
                     if block and not ZERO_CHUNK.startswith(block):
-                        ext[pos:pos + len(block)] = block
+                        ext[pos : pos + len(block)] = block
                         if len(block) < BLOCK:  # the device ends inside this block
-                            ext[pos + len(block):pos + BLOCK] = ZERO_CHUNK[:BLOCK - len(block)]
+                            ext[pos + len(block) : pos + BLOCK] = ZERO_CHUNK[: BLOCK - len(block)]
                         mask |= 1 << i
                         pos += BLOCK
             self._pos = pos
@@ -158,7 +170,7 @@ class VmaWriter:
         struct.pack_into(">HH16s", ext, 4, 0, (self._pos - EXTENT_HEADER) // BLOCK, self.uuid)
         struct.pack_into(">59Q", ext, 40, *infos)
         ext[24:40] = md5_digest(self._view[:EXTENT_HEADER])
-        self.out.write(self._view[:self._pos])
+        self.out.write(self._view[: self._pos])
         self._pos = EXTENT_HEADER
         self._infos = []
         self.extents += 1

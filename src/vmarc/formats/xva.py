@@ -39,9 +39,9 @@ class _DiskState:
     __slots__ = ("pos", "last_suffix", "chunks")
 
     def __init__(self):
-        self.pos = 0               # importer's write position
-        self.last_suffix = "-1"    # the importer starts from "-1"
-        self.chunks = 0            # chunk members seen (keepalives included)
+        self.pos = 0  # importer's write position
+        self.last_suffix = "-1"  # the importer starts from "-1"
+        self.chunks = 0  # chunk members seen (keepalives included)
 
 
 class XvaArchive(Archive):
@@ -53,11 +53,15 @@ class XvaArchive(Archive):
         self.tar = TarReader(source)
         first = self.tar.next()
         if first is None or first.name != "ova.xml":
-            raise FormatError(f"{source.name}: first tar member is "
-                              f"{first.name if first else 'missing'!r}; an XVA starts with ova.xml")
+            raise FormatError(
+                f"{source.name}: first tar member is "
+                f"{first.name if first else 'missing'!r}; an XVA starts with ova.xml"
+            )
         if first.size > xapi.MAX_OVA_XML:
-            raise FormatError(f"{source.name}: ova.xml member claims {first.size} bytes "
-                              f"(limit {xapi.MAX_OVA_XML}) at offset {first.offset}")
+            raise FormatError(
+                f"{source.name}: ova.xml member claims {first.size} bytes "
+                f"(limit {xapi.MAX_OVA_XML}) at offset {first.offset}"
+            )
         raw = self.tar.read(first)
         self.configs["ova.xml"] = raw
         self._parse_ova(raw, f"{source.name}: ova.xml")
@@ -81,8 +85,9 @@ class XvaArchive(Archive):
                 "name": s.get("name_label", ""),
                 "description": s.get("name_description", ""),
                 "uuid": s.get("uuid", ""),
-                "memory": xapi.to_int(s.get("memory_static_max", "0") or "0",
-                                        "VM memory_static_max", where),
+                "memory": xapi.to_int(
+                    s.get("memory_static_max", "0") or "0", "VM memory_static_max", where
+                ),
                 "vcpus": xapi.to_int(s.get("VCPUs_max", "0") or "0", "VM VCPUs_max", where),
             }
 
@@ -113,11 +118,19 @@ class XvaArchive(Archive):
                 raise FormatError(f"{where}: VDI id {vdi_id!r} cannot name a tar directory")
             size = xapi.to_int(vs.get("virtual_size", ""), f"VDI {vdi_id} virtual_size", where)
             device = vbd.get("device") or _device_of(vbd.get("userdevice"))
-            disks.append(Disk(id=vdi_id, name=vs.get("name_label", ""), size=size,
-                              device=device,
-                              meta={"userdevice": vbd.get("userdevice"),
-                                    "uuid": vs.get("uuid", ""),
-                                    "bootable": vbd.get("bootable")}))
+            disks.append(
+                Disk(
+                    id=vdi_id,
+                    name=vs.get("name_label", ""),
+                    size=size,
+                    device=device,
+                    meta={
+                        "userdevice": vbd.get("userdevice"),
+                        "uuid": vs.get("uuid", ""),
+                        "bootable": vbd.get("bootable"),
+                    },
+                )
+            )
         # Slot order for people; the stream itself goes in string order of the ids.
         disks.sort(key=lambda d: (_slot_key(d.meta.get("userdevice")), d.id))
         for i, d in enumerate(disks):
@@ -126,8 +139,7 @@ class XvaArchive(Archive):
         self._by_id = {d.id: d for d in disks}
 
     def settings(self):
-        return xapi.read_settings(self.ova, self._vm_id, self.disks,
-                                    f"{self.source.name}: ova.xml")
+        return xapi.read_settings(self.ova, self._vm_id, self.disks, f"{self.source.name}: ova.xml")
 
     def stream_order(self):
         return sorted(self.disks, key=lambda d: d.id)  # XAPI: string order of "Ref:N"
@@ -144,8 +156,10 @@ class XvaArchive(Archive):
             for disk, start, m in self._chunks(checks):
                 keep = disk.id in wanted
                 n = max(0, min(m.size, disk.size - start))  # what lies inside the disk
-                where = (f"{name}: {disk.describe()}, chunk {m.name} (disk offset {start}, "
-                         f"archive offset {m.data_offset})")
+                where = (
+                    f"{name}: {disk.describe()}, chunk {m.name} (disk offset {start}, "
+                    f"archive offset {m.data_offset})"
+                )
                 data = None
                 try:
                     # no copy when the read-ahead buffer holds the whole chunk and its hash
@@ -154,7 +168,7 @@ class XvaArchive(Archive):
                     viewed = data is not None
                     if not viewed:
                         i, buf = ring.take()
-                        data = buf[:m.size]
+                        data = buf[: m.size]
                         if keep or verify:
                             self.tar.readinto(data, m)
                     func, expected = self._read_checksum(m, disk)
@@ -172,25 +186,37 @@ class XvaArchive(Archive):
                     else:
                         ring.check(i, m.size, func, expected, where, damage)
                     inline = func in INLINE
-                tail = n < m.size and (keep or verify) and not is_zero(data[n:m.size])
+                tail = n < m.size and (keep or verify) and not is_zero(data[n : m.size])
                 if tail:
                     # zero padding is what Xen Orchestra writes; data there, any importer
                     # drops: the archive and its ova.xml disagree about the disk
-                    checks.fail(FormatError(
-                        f"{where}: {m.size - n} bytes past the disk's size ({disk.size}) hold "
-                        "data, not padding: ova.xml's virtual_size is too small for the "
-                        "chunks", [Damage(disk, disk.size, m.size - n, "structure",
-                                          member=m.name, archive_offset=m.data_offset + n)]))
+                    checks.fail(
+                        FormatError(
+                            f"{where}: {m.size - n} bytes past the disk's size ({disk.size}) hold "
+                            "data, not padding: ova.xml's virtual_size is too small for the "
+                            "chunks",
+                            [
+                                Damage(
+                                    disk,
+                                    disk.size,
+                                    m.size - n,
+                                    "structure",
+                                    member=m.name,
+                                    archive_offset=m.data_offset + n,
+                                )
+                            ],
+                        )
+                    )
                 if keep and (n or tail):
                     # salvage keeps the tail too: a piece past the disk's size, which a raw
                     # output grows to hold (convert and extract clip it for the others)
-                    yield disk, start, data[:m.size if tail and checks.salvage else n]
+                    yield disk, start, data[: m.size if tail and checks.salvage else n]
                 self.source.release_views()  # the consumer is done with the chunk
             ring.finish()
             if self.source.compression:
                 self.source.drain()  # let the decompressor check its own trailer
         except CorruptError as e:
-            ring.finish()   # the chunks handed out so far are checked, in order, first
+            ring.finish()  # the chunks handed out so far are checked, in order, first
             checks.stop(e)  # raises unless keeping intact disks, collecting or salvaging
         finally:
             ring.close()
@@ -200,12 +226,18 @@ class XvaArchive(Archive):
         out = {}
         for d in self.disks:
             hashed = self._hashed.get(d.id, {})
-            items = [f"{ {'xxh64': 'XXH64', 'sha1': 'SHA-1'}[DIGEST_NAME[f]]} of {n:,} "
-                     f"chunk{'s' if n != 1 else ''}" for f, n in hashed.items()]
-            items.append("chunk placement by XAPI's rules (numbering, keepalives, the disk "
-                         "reaches its size)")
-            out[d.id] = {"checked": items,
-                         "unchecked": [] if hashed else ["no chunk of data stored (all zero)"]}
+            items = [
+                f"{ {'xxh64': 'XXH64', 'sha1': 'SHA-1'}[DIGEST_NAME[f]] } of {n:,} "
+                f"chunk{'s' if n != 1 else ''}"
+                for f, n in hashed.items()
+            ]
+            items.append(
+                "chunk placement by XAPI's rules (numbering, keepalives, the disk reaches its size)"
+            )
+            out[d.id] = {
+                "checked": items,
+                "unchecked": [] if hashed else ["no chunk of data stored (all zero)"],
+            }
         return out
 
     def _cut_chunk(self, checks, disk, start, m, data, where):
@@ -216,9 +248,13 @@ class XvaArchive(Archive):
             yield disk, start, data[:got]
         self._placed[disk.id].pos = start + got
         if got:
-            checks.fail(CorruptError(f"{where}: {got} bytes read before the input broke off; "
-                                     "written as read, unverified",
-                                     [chunk_damage(disk, start, got, m, "unverified")]))
+            checks.fail(
+                CorruptError(
+                    f"{where}: {got} bytes read before the input broke off; "
+                    "written as read, unverified",
+                    [chunk_damage(disk, start, got, m, "unverified")],
+                )
+            )
 
     def _report_missing(self, checks: Checks) -> None:
         """Every disk must reach its virtual size; the rest of a disk that does not is
@@ -227,11 +263,14 @@ class XvaArchive(Archive):
         for d in self.stream_order():
             st = self._placed[d.id]
             if st.pos < d.size:
-                checks.fail(TruncatedError(
-                    f"{self.source.name}: {d.describe()} is incomplete: its data ends at "
-                    f"{st.pos} of {d.size} bytes ({st.chunks} chunk members; the last chunk "
-                    "is missing)", [Damage(d, st.pos, d.size - st.pos, "missing",
-                                           archive_offset=at)]))
+                checks.fail(
+                    TruncatedError(
+                        f"{self.source.name}: {d.describe()} is incomplete: its data ends at "
+                        f"{st.pos} of {d.size} bytes ({st.chunks} chunk members; the last chunk "
+                        "is missing)",
+                        [Damage(d, st.pos, d.size - st.pos, "missing", archive_offset=at)],
+                    )
+                )
 
     def scan(self, checks: Checks | None = None):
         """(disk, disk offset, length, archive offset, checksum) of every chunk, reading
@@ -244,8 +283,13 @@ class XvaArchive(Archive):
                 self._placed[disk.id].pos = start  # lost from here if the chunk is
                 func, text = self._read_checksum(m, disk)
                 if m.size and start < disk.size:
-                    yield (disk, start, min(m.size, disk.size - start), m.data_offset,
-                           (DIGEST_NAME[func], text, m.size))
+                    yield (
+                        disk,
+                        start,
+                        min(m.size, disk.size - start),
+                        m.data_offset,
+                        (DIGEST_NAME[func], text, m.size),
+                    )
         except CorruptError as e:
             checks.stop(e)  # raises unless keeping intact disks or salvaging
         self._report_missing(checks)
@@ -268,34 +312,43 @@ class XvaArchive(Archive):
             where = f"{name}: member {m.name} at offset {m.offset}"
             match = DATA_NAME.fullmatch(m.name)
             if not match:
-                raise FormatError(f"{where}: unexpected member (an XVA holds ova.xml then "
-                                  "Ref:N/NNNNNNNN chunks, each followed by its checksum)")
+                raise FormatError(
+                    f"{where}: unexpected member (an XVA holds ova.xml then "
+                    "Ref:N/NNNNNNNN chunks, each followed by its checksum)"
+                )
             disk_id, suffix = match["disk"], match["num"]
             disk = self._by_id.get(disk_id)
             if disk is None:
-                raise FormatError(f"{where}: chunk of {disk_id}, which is not a disk of "
-                                  "this VM in ova.xml")
+                raise FormatError(
+                    f"{where}: chunk of {disk_id}, which is not a disk of this VM in ova.xml"
+                )
             while current < len(order) and state[order[current].id].pos >= order[current].size:
                 current += 1
             if current == len(order) or order[current] is not disk:
                 if order.index(disk) < current or current == len(order):
-                    raise FormatError(f"{where}: {disk.describe()} is already complete "
-                                      f"({disk.size} bytes)")
+                    raise FormatError(
+                        f"{where}: {disk.describe()} is already complete ({disk.size} bytes)"
+                    )
                 exp = order[current]
                 raise FormatError(
                     f"{where}: {exp.describe()} is incomplete (data ends at "
-                    f"{state[exp.id].pos} of {exp.size} bytes) but a chunk of {disk_id} follows")
+                    f"{state[exp.id].pos} of {exp.size} bytes) but a chunk of {disk_id} follows"
+                )
             st = state[disk_id]
             if not suffix > st.last_suffix:
-                raise FormatError(f"{where}: chunk suffix {suffix} does not follow "
-                                  f"{st.last_suffix} in string order")
+                raise FormatError(
+                    f"{where}: chunk suffix {suffix} does not follow "
+                    f"{st.last_suffix} in string order"
+                )
             gap = int(suffix) - int(st.last_suffix) - 1
             if gap < 0:
-                raise FormatError(f"{where}: chunk number {int(suffix)} goes back from "
-                                  f"{int(st.last_suffix)}")
+                raise FormatError(
+                    f"{where}: chunk number {int(suffix)} goes back from {int(st.last_suffix)}"
+                )
             if m.size > CHUNK:
-                raise FormatError(f"{where}: chunk member of {m.size} bytes; XVA chunks "
-                                  "are at most 1 MiB")
+                raise FormatError(
+                    f"{where}: chunk member of {m.size} bytes; XVA chunks are at most 1 MiB"
+                )
             start = st.pos + gap * CHUNK
             yield disk, start, m
             st.last_suffix = suffix
@@ -305,27 +358,34 @@ class XvaArchive(Archive):
     def _read_checksum(self, data_member, disk):
         m = self.tar.next()
         if m is None:
-            raise TruncatedError(f"{self.source.name}: archive ends after chunk "
-                                 f"{data_member.name} without its checksum member")
-        ext = m.name[len(data_member.name):] if m.name.startswith(data_member.name) else ""
+            raise TruncatedError(
+                f"{self.source.name}: archive ends after chunk "
+                f"{data_member.name} without its checksum member"
+            )
+        ext = m.name[len(data_member.name) :] if m.name.startswith(data_member.name) else ""
         if ext not in CHECKSUMS:
-            raise FormatError(f"{self.source.name}: member {m.name} at offset {m.offset}: "
-                              f"expected {data_member.name}.xxhash or .checksum after the chunk")
+            raise FormatError(
+                f"{self.source.name}: member {m.name} at offset {m.offset}: "
+                f"expected {data_member.name}.xxhash or .checksum after the chunk"
+            )
         func, pattern = CHECKSUMS[ext]
         if m.size > 64:
-            raise FormatError(f"{self.source.name}: checksum member {m.name} at offset "
-                              f"{m.offset} claims {m.size} bytes")
+            raise FormatError(
+                f"{self.source.name}: checksum member {m.name} at offset "
+                f"{m.offset} claims {m.size} bytes"
+            )
         text = self.tar.read(m).decode("ascii", "replace")
         if not pattern.fullmatch(text):
-            raise FormatError(f"{self.source.name}: {disk.describe()}, checksum member {m.name} "
-                              f"at offset {m.offset} holds {text!r}, not a {ext[1:]} digest in "
-                              "XAPI's form")
+            raise FormatError(
+                f"{self.source.name}: {disk.describe()}, checksum member {m.name} "
+                f"at offset {m.offset} holds {text!r}, not a {ext[1:]} digest in "
+                "XAPI's form"
+            )
         return func, text
 
 
 def chunk_damage(disk: Disk, start: int, n: int, member, cause: str = "checksum") -> Damage:
-    return Damage(disk, start, n, cause, member=member.name,
-                  archive_offset=member.data_offset)
+    return Damage(disk, start, n, cause, member=member.name, archive_offset=member.data_offset)
 
 
 def _device_of(userdevice) -> str | None:

@@ -51,10 +51,10 @@ class _ZstdFrameCheck(io.RawIOBase):
     def __init__(self, raw, name):
         self._raw = raw
         self._name = name
-        self._need = 4          # bytes still needed by the current parse state
+        self._need = 4  # bytes still needed by the current parse state
         self._state = "magic"
-        self._hdr = b""         # partial header bytes being collected
-        self._skip = 0          # payload bytes to pass through without parsing
+        self._hdr = b""  # partial header bytes being collected
+        self._skip = 0  # payload bytes to pass through without parsing
         self._checksum = False
         self.consumed = 0
 
@@ -67,8 +67,10 @@ class _ZstdFrameCheck(io.RawIOBase):
         data = self._raw.read(size)
         if not data:
             if self._state != "magic" or self._hdr or self._skip:
-                raise TruncatedError(f"{self._name}: zstd stream truncated at compressed "
-                                     f"offset {self.consumed} (inside a frame)")
+                raise TruncatedError(
+                    f"{self._name}: zstd stream truncated at compressed "
+                    f"offset {self.consumed} (inside a frame)"
+                )
             return b""
         self._walk(memoryview(data))
         self.consumed += len(data)
@@ -76,7 +78,7 @@ class _ZstdFrameCheck(io.RawIOBase):
 
     def readinto(self, view):
         data = self.read(len(view))
-        view[:len(data)] = data
+        view[: len(data)] = data
         return len(data)
 
     def _walk(self, data: bytes):
@@ -88,7 +90,7 @@ class _ZstdFrameCheck(io.RawIOBase):
                 pos += step
                 continue
             take = min(self._need - len(self._hdr), end - pos)
-            self._hdr += data[pos:pos + take]  # bytes + memoryview slice: a small copy
+            self._hdr += data[pos : pos + take]  # bytes + memoryview slice: a small copy
             pos += take
             if len(self._hdr) < self._need:
                 return
@@ -104,8 +106,10 @@ class _ZstdFrameCheck(io.RawIOBase):
             elif magic & 0xFFFFFFF0 == 0x184D2A50:
                 self._state, self._need = "skipsize", 4
             else:
-                raise CorruptError(f"{self._name}: zstd stream corrupt: no frame magic at "
-                                   f"compressed offset {self.consumed}")
+                raise CorruptError(
+                    f"{self._name}: zstd stream corrupt: no frame magic at "
+                    f"compressed offset {self.consumed}"
+                )
         elif st == "skipsize":
             self._skip = int.from_bytes(hdr, "little")
             self._state, self._need = "magic", 4
@@ -142,9 +146,13 @@ class _ProcessReader(io.RawIOBase):
         self._compression = compression
         self._pump = None
         try:
-            self._proc = subprocess.Popen(argv, stdin=raw.fileno() if regular_file else subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          bufsize=0)
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=raw.fileno() if regular_file else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+            )
         except OSError as e:
             raise SourceError(f"{name}: cannot start {argv[0]}: {e.strerror}") from None
         try:
@@ -183,10 +191,19 @@ class _ProcessReader(io.RawIOBase):
             text = self._proc.stderr.read().decode(errors="replace").strip()
             last = text.splitlines()[-1] if text else f"exit status {rc}"
             last = last.replace("/*stdin*\\", "").strip(": ")
-            kind = TruncatedError if ("end of file" in last or "truncated" in last.lower()
-                                      or "premature" in last.lower()) else CorruptError
-            raise kind(f"{self._name}: {self._compression} stream "
-                       f"{'truncated' if kind is TruncatedError else 'corrupt'}: {last}")
+            kind = (
+                TruncatedError
+                if (
+                    "end of file" in last
+                    or "truncated" in last.lower()
+                    or "premature" in last.lower()
+                )
+                else CorruptError
+            )
+            raise kind(
+                f"{self._name}: {self._compression} stream "
+                f"{'truncated' if kind is TruncatedError else 'corrupt'}: {last}"
+            )
         return 0
 
     def close(self):
@@ -201,9 +218,11 @@ class _ProcessReader(io.RawIOBase):
 def _open_gzip(raw, name, regular_file):
     try:
         from isal import igzip  # ISA-L: at par with `igzip -dc` (bench/)
+
         return igzip.IGzipFile(fileobj=raw, mode="rb")
     except ImportError:  # stdlib fallback: same format, slower
         import gzip
+
         return gzip.GzipFile(fileobj=raw, mode="rb")
 
 
@@ -225,29 +244,35 @@ def _open_zstd(raw, name, regular_file):
         # Compressed reads stay under glibc's mmap threshold (128 KiB): larger fresh
         # buffers are mapped and unmapped on every read, which doubled the time (bench/).
         reader = zstandard.ZstdDecompressor(max_window_size=1 << zstd_window_log()).stream_reader(
-            checked, read_size=64 << 10, read_across_frames=True)
+            checked, read_size=64 << 10, read_across_frames=True
+        )
         return reader
     tool = shutil.which("zstd")
     if tool:
         # --long=31 windows need the memory limit raised to be read at all.
-        return _ProcessReader([tool, "-dcq", "--no-progress",
-                               f"--memory={1 << (zstd_window_log() - 20)}MB"],
-                              raw, name, "zstd", regular_file)
-    raise UnsupportedError(f"{name}: zstd-compressed input needs the zstandard package "
-                           "(pip install 'vmarc[zstd]') or the zstd tool")
+        return _ProcessReader(
+            [tool, "-dcq", "--no-progress", f"--memory={1 << (zstd_window_log() - 20)}MB"],
+            raw,
+            name,
+            "zstd",
+            regular_file,
+        )
+    raise UnsupportedError(
+        f"{name}: zstd-compressed input needs the zstandard package "
+        "(pip install 'vmarc[zstd]') or the zstd tool"
+    )
 
 
 def _open_lzop(raw, name, regular_file):
     tool = shutil.which("lzop")
     if not tool:
-        raise UnsupportedError(f"{name}: lzop-compressed input needs the lzop tool "
-                               "(apt-get install lzop)")
+        raise UnsupportedError(
+            f"{name}: lzop-compressed input needs the lzop tool (apt-get install lzop)"
+        )
     return _ProcessReader([tool, "-dc", "-q"], raw, name, "lzop", regular_file)
 
 
 DECOMPRESSORS = {"gzip": _open_gzip, "zstd": _open_zstd, "lzop": _open_lzop}
-
-
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -259,17 +284,21 @@ def open_compressor(kind: str, fd: int, path: str):
         raw = io.FileIO(fd, "wb", closefd=False)
         try:
             from isal import igzip_threaded
+
             return igzip_threaded.open(raw, "wb", threads=-1), None
         except ImportError:
             import gzip
+
             return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6), None
     argv = {"zstd": ["zstd", "-q", "-c", "-T0"], "lzop": ["lzop", "-q", "-c"]}.get(kind)
     if argv is None:
         raise UsageError(f"unknown output compression {kind!r}")
     tool = shutil.which(argv[0])
     if tool is None:
-        raise UnsupportedError(f"{path}: {kind} output needs the {argv[0]} tool "
-                               f"(apt-get install {argv[0]})")
-    proc = subprocess.Popen([tool, *argv[1:]], stdin=subprocess.PIPE, stdout=fd,
-                            stderr=subprocess.PIPE, bufsize=0)
+        raise UnsupportedError(
+            f"{path}: {kind} output needs the {argv[0]} tool (apt-get install {argv[0]})"
+        )
+    proc = subprocess.Popen(
+        [tool, *argv[1:]], stdin=subprocess.PIPE, stdout=fd, stderr=subprocess.PIPE, bufsize=0
+    )
     return None, proc

@@ -54,8 +54,7 @@ class HashRing:
         self._settle(i)
         return i, self._views[i]
 
-    def check(self, i: int, length: int, func, expected: str, where: str,
-              spot=None) -> None:
+    def check(self, i: int, length: int, func, expected: str, where: str, spot=None) -> None:
         """Hash bytes [0, length) of buffer i with func; compare with expected later.
         spot() makes the model.Damage a mismatch spoils (only then: it costs per chunk)."""
         if func in INLINE:
@@ -72,8 +71,11 @@ class HashRing:
     def _compare(self, got: str, expected: str, where: str, spot) -> None:
         if got != expected:
             damage = [spot()] if spot else []
-            self.checks.fail(IntegrityError(f"{where}: checksum mismatch (stored {expected}, "
-                                            f"computed {got})", damage))
+            self.checks.fail(
+                IntegrityError(
+                    f"{where}: checksum mismatch (stored {expected}, computed {got})", damage
+                )
+            )
 
     def _settle(self, i: int) -> None:
         item = self._pending[i]

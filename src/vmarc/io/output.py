@@ -28,7 +28,7 @@ def write_all(fd: int, data) -> None:
     """os.write until every byte is out (pipes and stdout take partial writes)."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
@@ -52,14 +52,15 @@ def _tmp_name(target: str) -> str:
     return os.path.join(d, f".{base}.vmarc-{os.getpid()}-{os.urandom(3).hex()}")
 
 
-BLKGETSIZE64 = 0x80081272   # ioctl: a block device's size in bytes
-BLKZEROOUT = 0x127F         # ioctl: zero a byte range (offloaded where the device can)
+BLKGETSIZE64 = 0x80081272  # ioctl: a block device's size in bytes
+BLKZEROOUT = 0x127F  # ioctl: zero a byte range (offloaded where the device can)
 FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
 def _fallocate():
     import ctypes
     import ctypes.util
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     f = libc.fallocate
     f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -72,8 +73,10 @@ def temp_writes():
     try:
         yield
     except OSError as e:
-        raise OutputError(f"temporary file in {tempfile.gettempdir()}: cannot write: "
-                          f"{e.strerror or e} (TMPDIR picks another place)") from None
+        raise OutputError(
+            f"temporary file in {tempfile.gettempdir()}: cannot write: "
+            f"{e.strerror or e} (TMPDIR picks another place)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -113,12 +116,18 @@ class OutputFile:
     user's target_is_zero); otherwise a writer zeroes what it leaves out with zero().
     """
 
-    def __init__(self, path: str, *, overwrite: bool = True, no_create: bool = False,
-                 target_is_zero: bool = False):
+    def __init__(
+        self,
+        path: str,
+        *,
+        overwrite: bool = True,
+        no_create: bool = False,
+        target_is_zero: bool = False,
+    ):
         self.path = path
         self.tmp = None
         self.fd = -1
-        self.device_size = None    # block devices: their size in bytes
+        self.device_size = None  # block devices: their size in bytes
         self.in_place = True
         self.is_stream = True
         self.fresh = True
@@ -126,32 +135,32 @@ class OutputFile:
         if path == "-":
             self.fd = sys.stdout.fileno()
             if os.isatty(self.fd):
-                raise UsageError("refusing to write binary data to a terminal; give an "
-                                 "output file, or redirect stdout (> file, | command)")
+                raise UsageError(
+                    "refusing to write binary data to a terminal; give an "
+                    "output file, or redirect stdout (> file, | command)"
+                )
             return
         try:
-            st = os.stat(path)            # through symlinks
+            st = os.stat(path)  # through symlinks
         except FileNotFoundError:
             st = None
         except OSError as e:
             raise OutputError(f"{path}: cannot use as output: {e.strerror}") from None
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{path}: is a directory")
-        if st is None or (stat.S_ISREG(st.st_mode) and not os.path.islink(path)
-                          and not no_create):
+        if st is None or (stat.S_ISREG(st.st_mode) and not os.path.islink(path) and not no_create):
             self._new_file(path, st, overwrite, no_create)
             return
         if not overwrite:
             raise UsageError(f"{path}: already exists")
         if stat.S_ISBLK(st.st_mode):
-            self._open(path, os.O_RDWR | os.O_EXCL, "in use (mounted or held by another "
-                       "program)")
+            self._open(path, os.O_RDWR | os.O_EXCL, "in use (mounted or held by another program)")
             self.device_size = _ioctl_u64(self.fd, BLKGETSIZE64)
             self.is_stream = False
             self.fresh = target_is_zero
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
             self._open(path, os.O_WRONLY, "")
-        elif stat.S_ISREG(st.st_mode):   # a symlink to a file, or -n
+        elif stat.S_ISREG(st.st_mode):  # a symlink to a file, or -n
             self._open(path, os.O_RDWR | (0 if no_create else os.O_TRUNC), "")
             self.is_stream = False
             self.fresh = target_is_zero or not no_create
@@ -164,14 +173,15 @@ class OutputFile:
 
     def _new_file(self, path, st, overwrite, no_create):
         if no_create:
-            raise UsageError(f"{path}: does not exist (-n writes into an existing file or "
-                             "device)")
+            raise UsageError(f"{path}: does not exist (-n writes into an existing file or device)")
         if st is not None and not overwrite:
             raise UsageError(f"{path}: already exists")
-        real = os.path.realpath(path)   # a dangling symlink: make its target
+        real = os.path.realpath(path)  # a dangling symlink: make its target
         if st is None and _on_dev(real):
-            raise UsageError(f"{path}: no such device (vmarc does not create files in /dev; "
-                             "is the volume active?)")
+            raise UsageError(
+                f"{path}: no such device (vmarc does not create files in /dev; "
+                "is the volume active?)"
+            )
         self.in_place = False
         self.is_stream = False
         self.target = real
@@ -193,15 +203,19 @@ class OutputFile:
     def reserve(self, size: int) -> None:
         """Refuse, before anything is written, a device too small for size bytes."""
         if self.device_size is not None and size is not None and self.device_size < size:
-            raise UsageError(f"{self.path}: the device holds {self.device_size} bytes, the "
-                             f"disk needs {size}; nothing was written")
+            raise UsageError(
+                f"{self.path}: the device holds {self.device_size} bytes, the "
+                f"disk needs {size}; nothing was written"
+            )
 
     def set_size(self, size: int) -> None:
         """The output's final size: a file is cut or extended to it (never cut short when
         written in place with -n); a device keeps its size and must hold it."""
         if self.device_size is not None and self.device_size < size:
-            raise OutputError(f"{self.path}: the device holds {self.device_size} bytes, the "
-                              f"image needs {size}; it is left partly written")
+            raise OutputError(
+                f"{self.path}: the device holds {self.device_size} bytes, the "
+                f"image needs {size}; it is left partly written"
+            )
         if self.device_size is not None or self.is_stream:
             return
         if self.no_create and os.fstat(self.fd).st_size >= size:
@@ -249,8 +263,11 @@ class OutputFile:
         if self.is_stdout:
             return
         try:
-            if sync and not stat.S_ISCHR(os.fstat(self.fd).st_mode) \
-                    and not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+            if (
+                sync
+                and not stat.S_ISCHR(os.fstat(self.fd).st_mode)
+                and not stat.S_ISFIFO(os.fstat(self.fd).st_mode)
+            ):
                 os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
@@ -346,7 +363,7 @@ class StreamOutput:
         self.compression = compression
         self.path = path
         self._proc = None
-        self._writer = None    # a file object for in-process compressors
+        self._writer = None  # a file object for in-process compressors
         self._fd = self.file.fd
         try:
             if compression is not None:
@@ -376,8 +393,10 @@ class StreamOutput:
     def _tool_failed(self):
         rc = self._proc.wait()
         text = self._proc.stderr.read().decode(errors="replace").strip()
-        raise OutputError(f"{self.path}: {self.compression} failed: "
-                          f"{text.splitlines()[-1] if text else f'exit status {rc}'}")
+        raise OutputError(
+            f"{self.path}: {self.compression} failed: "
+            f"{text.splitlines()[-1] if text else f'exit status {rc}'}"
+        )
 
     def commit(self, sync: bool = True) -> None:
         try:

@@ -30,21 +30,29 @@ def describe(path) -> str:
 class Source:
     """Sequential reader over an input's decompressed bytes."""
 
-    def __init__(self, stream, *, name: str, compression: str | None, path=None,
-                 file_size: int | None = None, raw_file=None):
-        self._stream = stream            # has readinto(memoryview) -> int
-        self._pending = b""              # bytes peeked but not consumed yet
-        self._raw_file = raw_file        # the underlying file object (for close / seek)
+    def __init__(
+        self,
+        stream,
+        *,
+        name: str,
+        compression: str | None,
+        path=None,
+        file_size: int | None = None,
+        raw_file=None,
+    ):
+        self._stream = stream  # has readinto(memoryview) -> int
+        self._pending = b""  # bytes peeked but not consumed yet
+        self._raw_file = raw_file  # the underlying file object (for close / seek)
         self.name = name
-        self.compression = compression   # None, "gzip", "zstd", "lzop"
-        self.path = path                 # a filesystem path, or None for stdin / streams
-        self.file_size = file_size       # size of the file on disk, when it is a regular file
-        self.offset = 0                  # decompressed bytes consumed so far
-        self.pread_bytes = 0             # bytes read at random (pread), for summaries
+        self.compression = compression  # None, "gzip", "zstd", "lzop"
+        self.path = path  # a filesystem path, or None for stdin / streams
+        self.file_size = file_size  # size of the file on disk, when it is a regular file
+        self.offset = 0  # decompressed bytes consumed so far
+        self.pread_bytes = 0  # bytes read at random (pread), for summaries
         self._scratch = None
         # Plain regular files can skip data by seeking instead of reading it.
         self.seekable = compression is None and file_size is not None
-        self._ahead = None               # the _Prefetch reading a plain file ahead, if any
+        self._ahead = None  # the _Prefetch reading a plain file ahead, if any
 
     def read_ahead(self) -> None:
         """Announce a sequential pass: a plain file is then read ahead on a thread (pipes
@@ -84,24 +92,32 @@ class Source:
         except CorruptError:
             raise
         except EOFError as e:  # isal/gzip: stream ended before its end marker
-            raise TruncatedError(f"{self.name}: {self.compression} stream truncated near "
-                                 f"decompressed offset {self.offset}: {e}") from None
+            raise TruncatedError(
+                f"{self.name}: {self.compression} stream truncated near "
+                f"decompressed offset {self.offset}: {e}"
+            ) from None
         except OSError as e:
             # a decompressor reports bad data as OSError without errno; an errno is the
             # system's (EIO, ...): the input could not be read, which is not damage
             if self.compression and not e.errno:
-                raise CorruptError(f"{self.name}: {self.compression} data corrupt near "
-                                   f"decompressed offset {self.offset}: {e}") from None
-            raise SourceError(f"{self.name}: read error at offset {self.offset}: "
-                              f"{e.strerror or e}") from None
+                raise CorruptError(
+                    f"{self.name}: {self.compression} data corrupt near "
+                    f"decompressed offset {self.offset}: {e}"
+                ) from None
+            raise SourceError(
+                f"{self.name}: read error at offset {self.offset}: {e.strerror or e}"
+            ) from None
         except Exception as e:  # decompressor errors (zstd.ZstdError, zlib.error...)
             if "window" in str(e).lower() or "too much memory" in str(e).lower():
                 raise UnsupportedError(
                     f"{self.name}: a zstd frame needs a window over 128 MiB (made with "
                     "zstd --long?); the zstd tool refuses it too; VMARC_ZSTD_LONG=1 reads "
-                    "it") from None
-            raise CorruptError(f"{self.name}: {self.compression or 'data'} corrupt near "
-                               f"decompressed offset {self.offset}: {e}") from None
+                    "it"
+                ) from None
+            raise CorruptError(
+                f"{self.name}: {self.compression or 'data'} corrupt near "
+                f"decompressed offset {self.offset}: {e}"
+            ) from None
 
     def readinto_upto(self, view: memoryview) -> int:
         """Fill as much of view as the input still has; returns the count (short at EOF)."""
@@ -119,8 +135,10 @@ class Source:
         start = self.offset
         got = self.readinto_upto(view)
         if got < len(view):
-            raise TruncatedError(f"{self.name}: truncated in {what} at offset {start}: "
-                                 f"input ends after {got} of {len(view)} bytes")
+            raise TruncatedError(
+                f"{self.name}: truncated in {what} at offset {start}: "
+                f"input ends after {got} of {len(view)} bytes"
+            )
 
     def read_exact(self, n: int, what: str) -> bytes:
         buf = bytearray(n)
@@ -150,8 +168,10 @@ class Source:
         # long enough to be worth restarting the read-ahead thread.
         if self.seekable and not self._pending and n > (4 * BLOCK if self._ahead else 65536):
             if self.offset + n > self.file_size:
-                raise TruncatedError(f"{self.name}: truncated in {what} at offset {self.offset}: "
-                                     f"{n} bytes needed, file has {self.file_size - self.offset}")
+                raise TruncatedError(
+                    f"{self.name}: truncated in {what} at offset {self.offset}: "
+                    f"{n} bytes needed, file has {self.file_size - self.offset}"
+                )
             ahead = self._ahead is not None
             if ahead:
                 self._ahead.stop()
@@ -173,16 +193,20 @@ class Source:
     def pread(self, n: int, offset: int, what: str) -> bytes:
         """n bytes at a file offset (plain files only; the stream position is unchanged)."""
         if not self.seekable:
-            raise UnsupportedError(f"{self.name}: {what} needs random access; give a file, "
-                                   "not a pipe or a compressed file")
+            raise UnsupportedError(
+                f"{self.name}: {what} needs random access; give a file, "
+                "not a pipe or a compressed file"
+            )
         try:
             data = os.pread(self._raw_file.fileno(), n, offset)
         except OSError as e:
             raise SourceError(f"{self.name}: read error at offset {offset}: {e.strerror}") from None
         self.pread_bytes += len(data)
         if len(data) < n:
-            raise TruncatedError(f"{self.name}: truncated in {what} at offset {offset}: file "
-                                 f"ends after {len(data)} of {n} bytes")
+            raise TruncatedError(
+                f"{self.name}: truncated in {what} at offset {offset}: file "
+                f"ends after {len(data)} of {n} bytes"
+            )
         return data
 
     def preadinto(self, view: memoryview, offset: int, what: str) -> None:
@@ -192,11 +216,14 @@ class Source:
             try:
                 n = os.preadv(fd, [view[got:]], offset + got)
             except OSError as e:
-                raise SourceError(f"{self.name}: read error at offset {offset + got}: "
-                                  f"{e.strerror}") from None
+                raise SourceError(
+                    f"{self.name}: read error at offset {offset + got}: {e.strerror}"
+                ) from None
             if n == 0:
-                raise TruncatedError(f"{self.name}: truncated in {what} at offset {offset}: "
-                                     f"file ends after {got} of {len(view)} bytes")
+                raise TruncatedError(
+                    f"{self.name}: truncated in {what} at offset {offset}: "
+                    f"file ends after {got} of {len(view)} bytes"
+                )
             got += n
             self.pread_bytes += n
 
@@ -255,7 +282,7 @@ def next_data(fd: int, pos: int) -> tuple[int | None, float]:
     except OSError as e:
         if e.errno == errno.ENXIO:  # nothing but a hole up to the end
             return None, pos
-        return pos, float("inf")    # no SEEK_DATA here: read everything
+        return pos, float("inf")  # no SEEK_DATA here: read everything
 
 
 class _Prefixed(io.RawIOBase):
@@ -288,14 +315,14 @@ class _Prefetch(io.RawIOBase):
 
     # 4 MiB buffers: most 1 MiB XVA chunks then lie inside one (view())
     def __init__(self, reader, count: int = 8, size: int = 4 * BLOCK):
-        self._reader = reader       # has readinto(view) and close()
+        self._reader = reader  # has readinto(view) and close()
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(count):
             self._free.put(bytearray(size))
-        self._buf = None            # the buffer being consumed, its fill and read position
+        self._buf = None  # the buffer being consumed, its fill and read position
         self._fill = self._pos = 0
-        self._holding = False       # a view() is out: finished buffers wait in _held
+        self._holding = False  # a view() is out: finished buffers wait in _held
         self._held: list = []
         self._done = False
         self._stop = False
@@ -353,7 +380,7 @@ class _Prefetch(io.RawIOBase):
             return None
         if self._fill - self._pos < n:
             return None
-        view = memoryview(self._buf)[self._pos:self._pos + n]
+        view = memoryview(self._buf)[self._pos : self._pos + n]
         self._pos += n
         self._holding = True
         return view
@@ -369,7 +396,7 @@ class _Prefetch(io.RawIOBase):
         if self._pos == self._fill and not self._next_buffer():
             return 0
         n = min(len(view), self._fill - self._pos)
-        view[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        view[:n] = memoryview(self._buf)[self._pos : self._pos + n]
         self._pos += n
         return n
 
@@ -435,8 +462,9 @@ def open_source(src, *, name: str | None = None) -> Source:
         stream = _Prefetch(DECOMPRESSORS[compression](stream, name, file_size is not None))
     elif file_size is None:  # a plain pipe: always read ahead (see Source.read_ahead)
         stream = _Prefetch(stream)
-    return Source(stream, name=name, compression=compression, path=path,
-                  file_size=file_size, raw_file=raw)
+    return Source(
+        stream, name=name, compression=compression, path=path, file_size=file_size, raw_file=raw
+    )
 
 
 def as_file(source: Source, why: str) -> Source:
@@ -445,8 +473,12 @@ def as_file(source: Source, why: str) -> Source:
     access (qcow2, a fixed or differencing VHD, raw of unknown size). Said on stderr."""
     from ..model import data_runs
     from .output import pwrite_all, temp_writes
-    print(f"vmarc: {source.name}: {why}; copying it to a temporary file in "
-          f"{tempfile.gettempdir()} first", file=sys.stderr)
+
+    print(
+        f"vmarc: {source.name}: {why}; copying it to a temporary file in "
+        f"{tempfile.gettempdir()} first",
+        file=sys.stderr,
+    )
     with temp_writes():
         fd, path = tempfile.mkstemp(prefix="vmarc-input-")
     try:
@@ -464,5 +496,5 @@ def as_file(source: Source, why: str) -> Source:
         os.close(fd)
         os.unlink(path)  # gone when the copy is closed
     source.close()
-    copy.path = None   # names no file: relative backing files are not looked up beside it
+    copy.path = None  # names no file: relative backing files are not looked up beside it
     return copy

@@ -16,7 +16,7 @@ from .damage import checks_for, report_path, summary, warn_elsewhere, write_repo
 from .progress import Progress
 
 OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
-ARCHIVE_FORMATS = ("vma", "xva")   # whole-VM outputs: ops/vmconvert.py
+ARCHIVE_FORMATS = ("vma", "xva")  # whole-VM outputs: ops/vmconvert.py
 SUBFORMATS = ("dynamic", "fixed")
 
 
@@ -52,8 +52,11 @@ def needs_order(out_format: str, opts: dict, to_stdout: bool) -> bool:
 def spooled(pieces, disk: Disk):
     """Pieces that came out of order, written to a sparse temporary file and read back in
     order (said on stderr: it costs disk space up to the data's size)."""
-    print(f"vmarc: {disk.describe()}: the source is not in disk order; spooling it to a "
-          f"temporary file in {tempfile.gettempdir()}", file=sys.stderr)
+    print(
+        f"vmarc: {disk.describe()}: the source is not in disk order; spooling it to a "
+        f"temporary file in {tempfile.gettempdir()}",
+        file=sys.stderr,
+    )
     with temp_writes():
         tmp = tempfile.TemporaryFile(prefix="vmarc-spool-")
     with tmp:
@@ -72,16 +75,27 @@ def spooled(pieces, disk: Disk):
             except OSError:
                 return  # nothing but holes left
             while pos < hole:
-                n = os.preadv(fd, [buf[:min(READ_SIZE, hole - pos)]], pos)
+                n = os.preadv(fd, [buf[: min(READ_SIZE, hole - pos)]], pos)
                 yield disk, pos, buf[:n]
                 pos += n
 
 
-def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | None = None,
-            verify: bool = True, progress: bool = False, sync: bool = True,
-            options: dict | None = None, reopen=None, no_create: bool = False,
-            target_is_zero: bool = False, salvage: bool = False, report: str | None = None,
-            stats: dict | None = None):
+def convert(
+    archive: Archive,
+    output: str,
+    out_format: str = "raw",
+    disk: str | None = None,
+    verify: bool = True,
+    progress: bool = False,
+    sync: bool = True,
+    options: dict | None = None,
+    reopen=None,
+    no_create: bool = False,
+    target_is_zero: bool = False,
+    salvage: bool = False,
+    report: str | None = None,
+    stats: dict | None = None,
+):
     """Write one disk of archive to output ("-" for stdout; a device or an existing file
     is written in place: output.OutputFile). Returns the Disk written.
 
@@ -93,23 +107,27 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
     needs a first pass to know its allocated blocks.
     """
     if out_format not in OUTPUT_FORMATS:
-        raise UsageError(f"unknown output format {out_format!r} (known: {', '.join(OUTPUT_FORMATS)})")
+        raise UsageError(
+            f"unknown output format {out_format!r} (known: {', '.join(OUTPUT_FORMATS)})"
+        )
     opts = options or {}
     known = {"vhd": {"subformat"}}.get(out_format, set())
     for key in opts:
         if key not in known:
             raise UsageError(f"-o {key}: not an option of {out_format} output")
     chosen = archive.select(disk)
-    with writing(OutputFile(output, no_create=no_create,
-                            target_is_zero=target_is_zero)) as out:
+    with writing(OutputFile(output, no_create=no_create, target_is_zero=target_is_zero)) as out:
         allocated = None
         if out_format == "vhd" and out.is_stream and opts.get("subformat", "dynamic") == "dynamic":
             if reopen is None or archive.source.path is None:
-                raise UsageError("a dynamic VHD on a stream needs its allocated blocks first: "
-                                 "give the input as a file (it is read twice), or write a file")
+                raise UsageError(
+                    "a dynamic VHD on a stream needs its allocated blocks first: "
+                    "give the input as a file (it is read twice), or write a file"
+                )
             with reopen() as first:
-                allocated = allocated_blocks(first.stream([first.select(disk)], Checks(),
-                                                          verify=verify))
+                allocated = allocated_blocks(
+                    first.stream([first.select(disk)], Checks(), verify=verify)
+                )
         writer = _writer(out_format, out, chosen.size, opts, allocated)
         checks = checks_for([chosen], salvage)
         pieces = archive.stream([chosen], checks, verify=verify)
@@ -118,11 +136,14 @@ def convert(archive: Archive, output: str, out_format: str = "raw", disk: str | 
         written = 0
         with Progress(archive.source, progress, label=chosen.describe()) as bar:
             for _disk, offset, data in pieces:
-                if chosen.size is not None and offset + len(data) > chosen.size and \
-                        not isinstance(writer, RawWriter):
+                if (
+                    chosen.size is not None
+                    and offset + len(data) > chosen.size
+                    and not isinstance(writer, RawWriter)
+                ):
                     # a salvaged tail past the disk's size (an XVA holding more than its
                     # ova.xml says): raw grows to keep it, the other formats cannot
-                    data = data[:max(0, chosen.size - offset)]
+                    data = data[: max(0, chosen.size - offset)]
                 writer.write(offset, data)
                 written += len(data)
                 bar.update()

@@ -28,8 +28,9 @@ def report_path(output: str, given: str | None) -> str:
     FIFO's report goes to the current directory."""
     if given:
         return given
-    if output != "-" and (not os.path.exists(output) or os.path.isfile(output)
-                          or os.path.isdir(output)):
+    if output != "-" and (
+        not os.path.exists(output) or os.path.isfile(output) or os.path.isdir(output)
+    ):
         return f"{output.rstrip('/')}.damage.json"
     return f"{os.path.basename(output) if output != '-' else 'stdout'}.damage.json"
 
@@ -65,10 +66,12 @@ def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:
         print(f"vmarc: warning: {text}", file=sys.stderr)
 
 
-CAUSES = {"checksum": "with a bad checksum (written as read)",
-          "unverified": "unverified (the input broke off before the checksum)",
-          "missing": "missing (written as zeros)",
-          "structure": "under broken metadata (read where it points)"}
+CAUSES = {
+    "checksum": "with a bad checksum (written as read)",
+    "unverified": "unverified (the input broke off before the checksum)",
+    "missing": "missing (written as zeros)",
+    "structure": "under broken metadata (read where it points)",
+}
 
 
 def summary(checks: Checks, report: str) -> SalvagedError:
@@ -80,12 +83,16 @@ def summary(checks: Checks, report: str) -> SalvagedError:
     for disk, causes in per_disk.items():
         parts = [f"{n} bytes {CAUSES[c]}" for c, n in sorted(causes.items()) if c in CAUSES]
         if causes.get("metadata"):
-            parts.append(f"{causes['metadata']} metadata problem(s) (the data is read as the "
-                         "metadata places it)")
+            parts.append(
+                f"{causes['metadata']} metadata problem(s) (the data is read as the "
+                "metadata places it)"
+            )
         print(f"vmarc: {disk}: {'; '.join(parts)}", file=sys.stderr)
     stretches = [d for d in checks.damage if d.cause != "metadata"]
     meta = len(checks.damage) - len(stretches)
     return SalvagedError(
         f"salvaged with {len(stretches)} damaged stretch{'es' if len(stretches) != 1 else ''}"
         f" ({sum(d.length for d in stretches)} bytes)"
-        + (f" and {meta} metadata problem(s)" if meta else "") + f"; report: {report}")
+        + (f" and {meta} metadata problem(s)" if meta else "")
+        + f"; report: {report}"
+    )

@@ -12,10 +12,17 @@ from .damage import checks_for, report_path, summary, warn_elsewhere, write_repo
 from .progress import Progress
 
 
-def extract(archive: Archive, directory: str, disks: list[str] | None = None,
-            verify: bool = True, progress: bool = False, sync: bool = True,
-            salvage: bool = False, report: str | None = None,
-            stats: dict | None = None) -> dict[str, str]:
+def extract(
+    archive: Archive,
+    directory: str,
+    disks: list[str] | None = None,
+    verify: bool = True,
+    progress: bool = False,
+    sync: bool = True,
+    salvage: bool = False,
+    report: str | None = None,
+    stats: dict | None = None,
+) -> dict[str, str]:
     """Returns {what: file name} for everything written. Damage is handled as by
     convert (ops/damage.py)."""
     chosen = [archive.select(s) for s in disks] if disks else list(archive.disks)
@@ -54,8 +61,12 @@ def extract(archive: Archive, directory: str, disks: list[str] | None = None,
             writers[d.id].out.commit(sync=sync)
         if salvage and checks.seen:
             report = report_path(directory, report)
-            write_report(report, archive.source.name,
-                         {d.id: os.path.join(directory, written[d.id]) for d in chosen}, checks)
+            write_report(
+                report,
+                archive.source.name,
+                {d.id: os.path.join(directory, written[d.id]) for d in chosen},
+                checks,
+            )
         target.commit()
     warn_elsewhere(checks, chosen)
     if checks.damage:

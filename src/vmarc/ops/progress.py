@@ -24,8 +24,16 @@ class Progress:
             return
         try:
             from tqdm import tqdm
-            self._bar = tqdm(total=self._total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=label or source.name, file=sys.stderr, dynamic_ncols=True)
+
+            self._bar = tqdm(
+                total=self._total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label or source.name,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         except ImportError:
             self._start = time.monotonic()
 

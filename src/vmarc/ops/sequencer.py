@@ -22,24 +22,34 @@ from ..model import ZERO_CHUNK
 
 # VMARC_HOLD_MEMORY (bytes) moves the bound; 0 sends everything held to the file
 HOLD_MEMORY = int(os.environ.get("VMARC_HOLD_MEMORY", 32 << 20))
-IN_MEMORY, IN_FILE = 1, 2   # values of _Track.held per chunk
+IN_MEMORY, IN_FILE = 1, 2  # values of _Track.held per chunk
 
 
 class _Track:
-    __slots__ = ("disk", "size", "chunks", "next", "buf", "dirty", "spool", "held", "memory",
-                 "covered")
+    __slots__ = (
+        "disk",
+        "size",
+        "chunks",
+        "next",
+        "buf",
+        "dirty",
+        "spool",
+        "held",
+        "memory",
+        "covered",
+    )
 
     def __init__(self, disk, chunk: int):
         self.disk = disk
         self.size = disk.size
         self.chunks = -(-disk.size // chunk)
-        self.next = 0             # next chunk to hand to the writer
-        self.buf = None           # chunk `next` being assembled
+        self.next = 0  # next chunk to hand to the writer
+        self.buf = None  # chunk `next` being assembled
         self.dirty = False
-        self.spool = None         # temporary file of data held for later
-        self.held = bytearray(self.chunks)   # 0, IN_MEMORY or IN_FILE per chunk
-        self.memory: dict[int, list] = {}    # chunk -> [(offset in chunk, bytes)]
-        self.covered = 0          # ordered sources: the end of the last piece
+        self.spool = None  # temporary file of data held for later
+        self.held = bytearray(self.chunks)  # 0, IN_MEMORY or IN_FILE per chunk
+        self.memory: dict[int, list] = {}  # chunk -> [(offset in chunk, bytes)]
+        self.covered = 0  # ordered sources: the end of the last piece
 
 
 class DiskSequencer:
@@ -73,17 +83,23 @@ class DiskSequencer:
             if i == self.current:
                 self._advance(i, min(j * csize, self._covered(t)))
                 if j < t.next:
-                    raise RuntimeError(f"{disk.id}: data for chunk {j} after it was written "
-                                       "(the reader broke its coverage promise)")
+                    raise RuntimeError(
+                        f"{disk.id}: data for chunk {j} after it was written "
+                        "(the reader broke its coverage promise)"
+                    )
             if i == self.current and j == t.next and t.held[j] != IN_FILE:
-                if within == 0 and step == min(csize, t.size - j * csize) and not t.dirty \
-                        and not t.held[j]:
-                    self.emit(i, j, part)        # a whole chunk: no copy
+                if (
+                    within == 0
+                    and step == min(csize, t.size - j * csize)
+                    and not t.dirty
+                    and not t.held[j]
+                ):
+                    self.emit(i, j, part)  # a whole chunk: no copy
                     t.next = j + 1
                 else:
                     if t.buf is None:
                         t.buf = bytearray(csize)
-                    t.buf[within:within + step] = part
+                    t.buf[within : within + step] = part
                     t.dirty = True
             else:
                 self._hold(t, j, offset, part)
@@ -138,15 +154,18 @@ class DiskSequencer:
                 if t.buf is None:
                     t.buf = bytearray(csize)
                 for at, data in t.memory.pop(j, ()):
-                    t.buf[at:at + len(data)] = data
+                    t.buf[at : at + len(data)] = data
                     self.memory_bytes -= len(data)
                 self.emit(i, j, memoryview(t.buf)[:length])
                 t.buf[:] = ZERO_CHUNK[:csize] if csize <= len(ZERO_CHUNK) else bytes(csize)
                 t.dirty = False
             else:
                 # nothing for this chunk: jump to the next held chunk or the coverage
-                found = [k for k in (t.held.find(IN_MEMORY, j + 1), t.held.find(IN_FILE, j + 1))
-                         if k >= 0]
+                found = [
+                    k
+                    for k in (t.held.find(IN_MEMORY, j + 1), t.held.find(IN_FILE, j + 1))
+                    if k >= 0
+                ]
                 t.next = max(j + 1, min(covered // csize, min(found, default=t.chunks)))
                 continue
             t.held[j] = 0
@@ -163,12 +182,15 @@ class DiskSequencer:
             with temp_writes():
                 t.spool = tempfile.TemporaryFile(prefix="vmarc-hold-")
                 os.ftruncate(t.spool.fileno(), t.size)
-            print(f"vmarc: {t.disk.describe()}: the source gives data of this disk before "
-                  f"the output can take it; holding that data in a temporary file in "
-                  f"{tempfile.gettempdir()} until its turn", file=sys.stderr)
+            print(
+                f"vmarc: {t.disk.describe()}: the source gives data of this disk before "
+                f"the output can take it; holding that data in a temporary file in "
+                f"{tempfile.gettempdir()} until its turn",
+                file=sys.stderr,
+            )
         fd = t.spool.fileno()
         with temp_writes():
-            for at, data in t.memory.pop(j, ()):     # the whole chunk goes to one place
+            for at, data in t.memory.pop(j, ()):  # the whole chunk goes to one place
                 pwrite_all(fd, data, j * csize + at)
                 self.memory_bytes -= len(data)
             pwrite_all(fd, part, offset)

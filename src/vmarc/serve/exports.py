@@ -38,7 +38,7 @@ class BlobView:
         self.data, self.size = data, len(data)
 
     def read_at(self, offset: int, n: int) -> bytes:
-        return self.data[offset:offset + n]
+        return self.data[offset : offset + n]
 
     def in_place(self, offset: int, n: int):
         return None
@@ -52,8 +52,11 @@ class Exports:
         self.opened = opened
         # NBD: export name (the disk id) -> view; the empty name is the default export
         self.disks: dict[str, DiskView] = {d.disk.id: d for d in opened.disks}
-        self.default = opened.select(default) if default or len(self.disks) == 1 else \
-            (opened.disks[0] if opened.disks else None)
+        self.default = (
+            opened.select(default)
+            if default or len(self.disks) == 1
+            else (opened.disks[0] if opened.disks else None)
+        )
         self.aliases: dict[str, DiskView] = {}
         for d in opened.disks:  # xvda, scsi0, names and indexes work as export names too
             for alias in d.disk.selectors() | archive.extra_selectors(d.disk):
@@ -71,7 +74,7 @@ class Exports:
         files = {}
         for d in self.opened.disks:
             # not extract's per-format file names: the device or the id as it is
-            stem = Archive.disk_filename(self.opened.archive, d.disk)[:-len(".raw")]
+            stem = Archive.disk_filename(self.opened.archive, d.disk)[: -len(".raw")]
             while stem in files:
                 stem = f"{stem}-{d.disk.index}"
             files[stem] = d

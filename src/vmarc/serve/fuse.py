@@ -25,13 +25,15 @@ def load():
     try:
         import mfusepy
     except ImportError as e:
-        raise UnsupportedError("mount needs FUSE: pip install 'vmarc[mount]' and the fuse3 "
-                               f"package (libfuse3) ({e})") from None
+        raise UnsupportedError(
+            f"mount needs FUSE: pip install 'vmarc[mount]' and the fuse3 package (libfuse3) ({e})"
+        ) from None
     except OSError as e:
         raise UnsupportedError(f"mount needs libfuse (apt-get install fuse3): {e}") from None
     if not os.path.exists("/dev/fuse"):
-        raise UnsupportedError("mount needs /dev/fuse (load the fuse module or give the "
-                               "container the device)")
+        raise UnsupportedError(
+            "mount needs /dev/fuse (load the fuse module or give the container the device)"
+        )
     return mfusepy
 
 
@@ -43,8 +45,10 @@ def mount(mfusepy, exports, mountpoint: str, st: os.stat_result, options: dict) 
     try:
         mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **opts)
     except RuntimeError as e:
-        raise SourceError(f"{mountpoint}: FUSE mount failed ({e}); is it already "
-                          "mounted, or is /dev/fuse not usable here?") from None
+        raise SourceError(
+            f"{mountpoint}: FUSE mount failed ({e}); is it already "
+            "mounted, or is /dev/fuse not usable here?"
+        ) from None
 
 
 def _operations(mfusepy, files: dict, st):
@@ -63,15 +67,26 @@ def _operations(mfusepy, files: dict, st):
         use_ns = True
 
         def getattr(self, path, fh=None):
-            base = {"st_uid": st.st_uid, "st_gid": st.st_gid, "st_atime": st.st_mtime_ns,
-                    "st_mtime": st.st_mtime_ns, "st_ctime": st.st_mtime_ns}  # use_ns
+            base = {
+                "st_uid": st.st_uid,
+                "st_gid": st.st_gid,
+                "st_atime": st.st_mtime_ns,
+                "st_mtime": st.st_mtime_ns,
+                "st_ctime": st.st_mtime_ns,
+            }  # use_ns
             if path == "/":
                 return dict(base, st_mode=stat.S_IFDIR | 0o555, st_nlink=2)
             f = files.get(path[1:])
             if f is None:
                 raise mfusepy.FuseOSError(errno.ENOENT)
-            return dict(base, st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=f.size,
-                        st_blksize=BLKSIZE, st_blocks=-(-f.size // 512))
+            return dict(
+                base,
+                st_mode=stat.S_IFREG | 0o444,
+                st_nlink=1,
+                st_size=f.size,
+                st_blksize=BLKSIZE,
+                st_blocks=-(-f.size // 512),
+            )
 
         def readdir(self, path, fh):
             if path != "/":
@@ -110,7 +125,7 @@ def _operations(mfusepy, files: dict, st):
             elif where is not None:
                 buf.size, buf.flags, buf.fd, buf.pos = n, _FD_FLAGS, where[0], where[1]
             elif data:
-                buf.mem = _libc.malloc(len(data))   # libfuse free()s it after replying
+                buf.mem = _libc.malloc(len(data))  # libfuse free()s it after replying
                 if not buf.mem:
                     _libc.free(ctypes.addressof(vec))
                     raise mfusepy.FuseOSError(errno.ENOMEM)
@@ -129,13 +144,22 @@ def _operations(mfusepy, files: dict, st):
 # single buffer, so only the leading fields' layout matters; the allocation is padded
 # for fields later libfuse versions may append.
 class _Buf(ctypes.Structure):
-    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int),
-                ("mem", ctypes.c_void_p), ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+    ]
 
 
 class _BufVec(ctypes.Structure):
-    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t),
-                ("off", ctypes.c_size_t), ("buf", _Buf)]
+    _fields_ = [
+        ("count", ctypes.c_size_t),
+        ("idx", ctypes.c_size_t),
+        ("off", ctypes.c_size_t),
+        ("buf", _Buf),
+    ]
 
     @classmethod
     def new(cls) -> _BufVec:
@@ -162,10 +186,11 @@ def _prepare_libfuse() -> None:
     negotiates 1 MiB requests where 2 stays at 128 KiB."""
     if not os.environ.get("FUSE_LIBRARY_PATH"):
         from ctypes.util import find_library
+
         lib = find_library("fuse3")
         if lib:
             os.environ["FUSE_LIBRARY_PATH"] = lib
     # libfuse allocates a reply buffer per request: keep those in the heap, already
     # faulted in, instead of a fresh mmap (and 256 page faults) per MiB
-    _libc.mallopt(-3, 64 << 20)    # M_MMAP_THRESHOLD (glibc, as Debian has it)
-    _libc.mallopt(-1, 256 << 20)   # M_TRIM_THRESHOLD
+    _libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD (glibc, as Debian has it)
+    _libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD

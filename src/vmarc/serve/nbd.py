@@ -44,10 +44,10 @@ EPERM, EIO, EINVAL, ENOTSUP = 1, 5, 22, 95
 
 ALLOCATION = "base:allocation"
 ALLOCATION_ID = 1
-MAX_REQUEST = 32 << 20      # the largest read a client may ask for
-MAX_OPTION = 64 << 10       # option payloads are small; refuse anything bigger
-MAX_EXTENTS = 4096          # block status descriptors per reply
-MAX_CLIENTS = 64            # connections served at once; more are closed at once
+MAX_REQUEST = 32 << 20  # the largest read a client may ask for
+MAX_OPTION = 64 << 10  # option payloads are small; refuse anything bigger
+MAX_EXTENTS = 4096  # block status descriptors per reply
+MAX_CLIENTS = 64  # connections served at once; more are closed at once
 # seconds a client may say nothing before it is dropped (the environment may shorten it)
 IDLE_TIMEOUT = int(os.environ.get("VMARC_NBD_IDLE_TIMEOUT", "600"))
 
@@ -59,12 +59,15 @@ class _Disconnect(Exception):
 class _Client(socketserver.BaseRequestHandler):
     def handle(self):
         self.sock: socket.socket = self.request
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) \
-            if self.sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) if self.sock.family in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ) else None
         # a silent client is dropped, not waited on: a receive timeout in the kernel
         # (settimeout would make the socket non-blocking, which sendfile cannot use)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                             struct.pack("ll", IDLE_TIMEOUT, 0))
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_TIMEOUT, 0)
+        )
         self.exports = self.server.exports  # serve/exports.py
         self.structured = False
         self.allocation = False
@@ -100,8 +103,9 @@ class _Client(socketserver.BaseRequestHandler):
 
     # -- handshake -----------------------------------------------------------------------
     def _handshake(self):
-        self.sock.sendall(NBDMAGIC + struct.pack(">QH", IHAVEOPT,
-                                                 FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        self.sock.sendall(
+            NBDMAGIC + struct.pack(">QH", IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        )
         (client_flags,) = struct.unpack(">I", self._recv(4))
         no_zeroes = bool(client_flags & CLIENT_NO_ZEROES)
         while True:
@@ -115,8 +119,10 @@ class _Client(socketserver.BaseRequestHandler):
                 disk = self.exports.find(data.decode("utf-8", "replace"))
                 if disk is None:
                     return None  # this old option has no way to say "unknown"
-                self.sock.sendall(struct.pack(">QH", disk.size, TRANSMISSION_FLAGS)
-                                  + (b"" if no_zeroes else bytes(124)))
+                self.sock.sendall(
+                    struct.pack(">QH", disk.size, TRANSMISSION_FLAGS)
+                    + (b"" if no_zeroes else bytes(124))
+                )
                 return disk
             if opt == OPT_ABORT:
                 self._opt_reply(opt, REP_ACK)
@@ -141,7 +147,7 @@ class _Client(socketserver.BaseRequestHandler):
     def _info(self, opt: int, data: bytes):
         try:
             (nlen,) = struct.unpack_from(">I", data)
-            name = data[4:4 + nlen].decode("utf-8")
+            name = data[4 : 4 + nlen].decode("utf-8")
             (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
             if len(data) != 4 + nlen + 2 + 2 * nreq:
                 raise ValueError
@@ -153,10 +159,10 @@ class _Client(socketserver.BaseRequestHandler):
             msg = f"no export {name!r}; exports: {', '.join(self.exports.disks)}".encode()
             self._opt_reply(opt, REP_ERR_UNKNOWN, msg)
             return None
-        self._opt_reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, disk.size,
-                                                   TRANSMISSION_FLAGS))
-        self._opt_reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096,
-                                                   MAX_REQUEST))
+        self._opt_reply(
+            opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, disk.size, TRANSMISSION_FLAGS)
+        )
+        self._opt_reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
         self._opt_reply(opt, REP_ACK)
         return disk
 
@@ -169,7 +175,7 @@ class _Client(socketserver.BaseRequestHandler):
             queries = []
             for _ in range(count):
                 (qlen,) = struct.unpack_from(">I", data, pos)
-                queries.append(data[pos + 4:pos + 4 + qlen].decode("utf-8"))
+                queries.append(data[pos + 4 : pos + 4 + qlen].decode("utf-8"))
                 pos += 4 + qlen
             if pos != len(data):
                 raise ValueError
@@ -179,13 +185,15 @@ class _Client(socketserver.BaseRequestHandler):
         if opt == OPT_SET_META_CONTEXT and not self.structured:
             self._opt_reply(opt, REP_ERR_INVALID, b"structured replies first")
             return
-        wanted = (opt == OPT_LIST_META_CONTEXT and not queries) or \
-            any(q in (ALLOCATION, "base:") for q in queries)
+        wanted = (opt == OPT_LIST_META_CONTEXT and not queries) or any(
+            q in (ALLOCATION, "base:") for q in queries
+        )
         if opt == OPT_SET_META_CONTEXT:
             self.allocation = wanted
         if wanted:
-            self._opt_reply(opt, REP_META_CONTEXT,
-                            struct.pack(">I", ALLOCATION_ID) + ALLOCATION.encode())
+            self._opt_reply(
+                opt, REP_META_CONTEXT, struct.pack(">I", ALLOCATION_ID) + ALLOCATION.encode()
+            )
         self._opt_reply(opt, REP_ACK)
 
     # -- transmission ----------------------------------------------------------------------
@@ -202,8 +210,12 @@ class _Client(socketserver.BaseRequestHandler):
                 return
             elif offset + length > disk.size or (cmd == CMD_READ and length > MAX_REQUEST):
                 self._error(handle, EINVAL, "request outside the disk or too large")
-            elif cmd == CMD_READ and self.structured and not flags & CMD_FLAG_DF \
-                    and disk.store_fd is not None:
+            elif (
+                cmd == CMD_READ
+                and self.structured
+                and not flags & CMD_FLAG_DF
+                and disk.store_fd is not None
+            ):
                 try:
                     disk.verify(offset, length)  # sendfile bypasses read()'s check
                 except Exception as e:
@@ -239,22 +251,31 @@ class _Client(socketserver.BaseRequestHandler):
         for i, (start, n, kind, at, *_) in enumerate(pieces):
             flags = REPLY_FLAG_DONE if i == len(pieces) - 1 else 0
             if kind == ZERO:
-                sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE,
-                                       handle, 12, start) + struct.pack(">I", n))
+                sock.sendall(
+                    head.pack(
+                        STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE, handle, 12, start
+                    )
+                    + struct.pack(">I", n)
+                )
                 continue
-            sock.sendall(head.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA,
-                                   handle, 8 + n, start))
+            sock.sendall(
+                head.pack(
+                    STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA, handle, 8 + n, start
+                )
+            )
             sent = 0
             while sent < n:
                 try:
                     got = os.sendfile(out, disk.store_fd, at + sent, n - sent)
                 except OSError as e:  # the archive's read failing mid-reply is worth a line
                     if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                        print(f"vmarc serve: {disk.disk.describe()}: read at {start}: "
-                              f"{e.strerror}; the reply is cut, the client disconnected",
-                              file=sys.stderr)
+                        print(
+                            f"vmarc serve: {disk.disk.describe()}: read at {start}: "
+                            f"{e.strerror}; the reply is cut, the client disconnected",
+                            file=sys.stderr,
+                        )
                     raise ConnectionError(e.strerror) from None
-                if got == 0:   # the archive file shrank under us: the reply cannot finish
+                if got == 0:  # the archive file shrank under us: the reply cannot finish
                     raise ConnectionError("archive file ends inside indexed data")
                 sent += got
         if not pieces:
@@ -262,8 +283,15 @@ class _Client(socketserver.BaseRequestHandler):
 
     def _read_reply(self, handle: int, offset: int, data: bytes):
         if self.structured:
-            head = struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                               REPLY_TYPE_OFFSET_DATA, handle, 8 + len(data), offset)
+            head = struct.pack(
+                ">IHHQIQ",
+                STRUCTURED_REPLY_MAGIC,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                handle,
+                8 + len(data),
+                offset,
+            )
         else:
             head = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle)
         self.sock.sendall(head)
@@ -271,17 +299,30 @@ class _Client(socketserver.BaseRequestHandler):
 
     def _done(self, handle: int):
         if self.structured:
-            self.sock.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                          REPLY_TYPE_NONE, handle, 0))
+            self.sock.sendall(
+                struct.pack(
+                    ">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0
+                )
+            )
         else:
             self.sock.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle))
 
     def _error(self, handle: int, err: int, msg: str):
         if self.structured:
             text = msg.encode()
-            self.sock.sendall(struct.pack(">IHHQIIH", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                          REPLY_TYPE_ERROR, handle, 6 + len(text), err,
-                                          len(text)) + text)
+            self.sock.sendall(
+                struct.pack(
+                    ">IHHQIIH",
+                    STRUCTURED_REPLY_MAGIC,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_ERROR,
+                    handle,
+                    6 + len(text),
+                    err,
+                    len(text),
+                )
+                + text
+            )
         else:
             self.sock.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, err, handle))
 
@@ -302,9 +343,19 @@ class _Client(socketserver.BaseRequestHandler):
         if one:
             descs = descs[:1]
         payload = struct.pack(">I", ALLOCATION_ID) + b"".join(
-            struct.pack(">II", n, s) for n, s in descs)
-        self.sock.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                      REPLY_TYPE_BLOCK_STATUS, handle, len(payload)) + payload)
+            struct.pack(">II", n, s) for n, s in descs
+        )
+        self.sock.sendall(
+            struct.pack(
+                ">IHHQI",
+                STRUCTURED_REPLY_MAGIC,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                handle,
+                len(payload),
+            )
+            + payload
+        )
 
 
 class TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -318,8 +369,9 @@ class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     request_queue_size = MAX_CLIENTS
 
 
-def make_server(exports, *, bind: str = "127.0.0.1", port: int = 10809,
-                unix_socket: str | None = None):
+def make_server(
+    exports, *, bind: str = "127.0.0.1", port: int = 10809, unix_socket: str | None = None
+):
     if unix_socket:
         server = UnixServer(unix_socket, _Client)
     else:

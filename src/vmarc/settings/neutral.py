@@ -20,19 +20,20 @@ BOOT_CLASSES = ("disk", "cdrom", "net")
 @dataclass
 class DiskSlot:
     """A disk of the VM in slot order: data from the archive, or a CD drive."""
-    disk: Disk | None            # the archive's disk (None for a CD drive)
-    kind: str = "disk"           # disk | cdrom
+
+    disk: Disk | None  # the archive's disk (None for a CD drive)
+    kind: str = "disk"  # disk | cdrom
     size: int = 0
     label: str = ""
-    media: str = ""              # a CD's image name (an ISO is never in the archive)
-    source_slot: str = ""        # where it was: xvda / userdevice 3 / scsi0 / ide2
+    media: str = ""  # a CD's image name (an ISO is never in the archive)
+    source_slot: str = ""  # where it was: xvda / userdevice 3 / scsi0 / ide2
 
 
 @dataclass
 class Nic:
     mac: str
-    network: str = ""            # neutral name: the Proxmox bridge (vmbr0...)
-    model: str = ""              # virtio, e1000... ("" when the source cannot say)
+    network: str = ""  # neutral name: the Proxmox bridge (vmbr0...)
+    model: str = ""  # virtio, e1000... ("" when the source cannot say)
     mtu: int | None = None
 
 
@@ -40,18 +41,18 @@ class Nic:
 class VmSettings:
     name: str = ""
     description: str = ""
-    uuid: str = ""               # SMBIOS uuid (XAPI: VM uuid; Proxmox: smbios1 uuid=)
-    memory: int = 0              # bytes
+    uuid: str = ""  # SMBIOS uuid (XAPI: VM uuid; Proxmox: smbios1 uuid=)
+    memory: int = 0  # bytes
     memory_min: int | None = None  # balloon floor (XAPI dynamic_min; Proxmox balloon)
     sockets: int = 1
-    cores: int = 1               # per socket
-    vcpus: int | None = None     # vCPUs online at boot when fewer than sockets x cores
-    firmware: str = "bios"       # bios | uefi
+    cores: int = 1  # per socket
+    vcpus: int | None = None  # vCPUs online at boot when fewer than sockets x cores
+    firmware: str = "bios"  # bios | uefi
     boot: list[str] = field(default_factory=lambda: ["disk", "cdrom", "net"])
-    disks: list[DiskSlot] = field(default_factory=list)    # data disks, slot order
+    disks: list[DiskSlot] = field(default_factory=list)  # data disks, slot order
     cdroms: list[DiskSlot] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
-    ostype: str = "other"        # Proxmox's names: l26, win10, win11, other...
+    ostype: str = "other"  # Proxmox's names: l26, win10, win11, other...
     lost: list[str] = field(default_factory=list)
 
     @property
@@ -61,25 +62,39 @@ class VmSettings:
     def summary(self) -> dict:
         """What round trips must keep (tests and `info` compare this)."""
         present = {"disk": self.disks, "cdrom": self.cdroms, "net": self.nics}
-        return {"name": self.name, "memory": self.memory, "memory_min": self.memory_min,
-                "sockets": self.sockets, "cores": self.cores, "vcpus": self.vcpus,
-                "firmware": self.firmware, "ostype": self.ostype,
-                "boot": [c for c in self.boot if present[c]],
-                "uuid": self.uuid,
-                "disks": [(s.size, s.label) for s in self.disks],
-                "cdroms": len(self.cdroms),
-                "nics": [(n.mac.upper(), n.network) for n in self.nics]}
+        return {
+            "name": self.name,
+            "memory": self.memory,
+            "memory_min": self.memory_min,
+            "sockets": self.sockets,
+            "cores": self.cores,
+            "vcpus": self.vcpus,
+            "firmware": self.firmware,
+            "ostype": self.ostype,
+            "boot": [c for c in self.boot if present[c]],
+            "uuid": self.uuid,
+            "disks": [(s.size, s.label) for s in self.disks],
+            "cdroms": len(self.cdroms),
+            "nics": [(n.mac.upper(), n.network) for n in self.nics],
+        }
 
 
 # -- OS types --------------------------------------------------------------------------
 # Proxmox ostype -> the XAPI template name written as base_template_name (what XenCenter
 # and Xen Orchestra show as the OS; XAPI itself only stores it).
 XAPI_TEMPLATE_FOR = {
-    "win11": "Windows 11", "win10": "Windows 10 (64-bit)", "win8": "Windows 8.1 (64-bit)",
-    "win7": "Windows 7 (64-bit)", "wvista": "Windows Vista (32-bit)",
-    "w2k8": "Windows Server 2008 (64-bit)", "w2k3": "Windows Server 2003 (32-bit)",
-    "w2k": "Windows 2000", "wxp": "Windows XP SP3 (32-bit)",
-    "l26": "Generic Linux", "l24": "Generic Linux", "solaris": "Other install media",
+    "win11": "Windows 11",
+    "win10": "Windows 10 (64-bit)",
+    "win8": "Windows 8.1 (64-bit)",
+    "win7": "Windows 7 (64-bit)",
+    "wvista": "Windows Vista (32-bit)",
+    "w2k8": "Windows Server 2008 (64-bit)",
+    "w2k3": "Windows Server 2003 (32-bit)",
+    "w2k": "Windows 2000",
+    "wxp": "Windows XP SP3 (32-bit)",
+    "l26": "Generic Linux",
+    "l24": "Generic Linux",
+    "solaris": "Other install media",
     "other": "Other install media",
 }
 # Template names -> Proxmox ostype, first match wins (Proxmox: win11 also means Server
@@ -94,8 +109,11 @@ _OSTYPE_PATTERNS = [
     (r"windows xp", "wxp"),
     (r"windows 2000", "w2k"),
     (r"windows", "win10"),
-    (r"linux|debian|ubuntu|centos|red ?hat|rhel|suse|sles|oracle|rocky|alma|fedora|"
-     r"coreos|gentoo|mint|arch|alpine|scientific|neokylin|kylin|nixos", "l26"),
+    (
+        r"linux|debian|ubuntu|centos|red ?hat|rhel|suse|sles|oracle|rocky|alma|fedora|"
+        r"coreos|gentoo|mint|arch|alpine|scientific|neokylin|kylin|nixos",
+        "l26",
+    ),
 ]
 
 

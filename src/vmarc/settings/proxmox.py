@@ -25,8 +25,11 @@ def main_section(conf: str) -> dict[str, str]:
 
 def drives(conf: str) -> dict[str, str]:
     """{"scsi0": "local-lvm:vm-100-disk-0,size=10G", ...} (CD drives excluded)."""
-    return {k: v for k, v in main_section(conf).items()
-            if DRIVE_KEY.fullmatch(k) and "media=cdrom" not in v}
+    return {
+        k: v
+        for k, v in main_section(conf).items()
+        if DRIVE_KEY.fullmatch(k) and "media=cdrom" not in v
+    }
 
 
 def vm_summary(conf: str) -> dict:
@@ -41,9 +44,14 @@ def vm_summary(conf: str) -> dict:
             return default
 
     cores, sockets = num("cores", 1), num("sockets", 1)
-    return {"name": keys.get("name", ""), "memory": num("memory", 512) * (1 << 20),
-            "vcpus": num("vcpus", cores * sockets), "cores": cores, "sockets": sockets,
-            "ostype": keys.get("ostype", "")}
+    return {
+        "name": keys.get("name", ""),
+        "memory": num("memory", 512) * (1 << 20),
+        "vcpus": num("vcpus", cores * sockets),
+        "cores": cores,
+        "sockets": sockets,
+        "ostype": keys.get("ostype", ""),
+    }
 
 
 # -- VM settings, both ways ----------------------------------------------------------------
@@ -52,14 +60,23 @@ BUS_SLOTS = {"ide": 4, "sata": 6, "scsi": 31, "virtio": 16}
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3")
 # keys that say nothing a target can miss (controller model, ids Proxmox regenerates)
 QUIET_KEYS = {"scsihw", "vmgenid", "digest", "meta", "boot", "bootdisk", "smbios1"}
-MAPPED_KEYS = {"name", "memory", "balloon", "cores", "sockets", "vcpus", "bios", "ostype",
-               "description"}
+MAPPED_KEYS = {
+    "name",
+    "memory",
+    "balloon",
+    "cores",
+    "sockets",
+    "vcpus",
+    "bios",
+    "ostype",
+    "description",
+}
 DISK_KEY = re.compile(r"(ide|sata|scsi|virtio)(\d+)")
 NET_KEY = re.compile(r"net(\d+)")
 
 
 def _options(value: str) -> tuple[str, dict[str, str]]:
-    """"local-lvm:vm-1-disk-0,size=10G" -> ("local-lvm:vm-1-disk-0", {"size": "10G"})."""
+    """ "local-lvm:vm-1-disk-0,size=10G" -> ("local-lvm:vm-1-disk-0", {"size": "10G"})."""
     head, *rest = value.split(",")
     opts = {}
     for item in rest:
@@ -87,6 +104,7 @@ def format_size(n: int) -> str:
 def _description(conf: str) -> str:
     """The comment lines before the first key (how Proxmox stores `description`)."""
     from urllib.parse import unquote
+
     lines = []
     for line in conf.splitlines():
         if not line.startswith("#") or line.startswith("#qmdump#"):
@@ -105,19 +123,23 @@ def read_settings(conf: str, disks):
     drive-<key>). A drive in the config but not in the archive, or the other way round,
     is said in `lost`."""
     from .neutral import DiskSlot, Nic, VmSettings, mac_ok
+
     keys = main_section(conf)
     s = VmSettings()
     s.name = keys.get("name", "")
     s.description = keys.get("description", "") or _description(conf)
     summary = vm_summary(conf)
     s.memory = summary.get("memory", 512 << 20)
-    for what, value, low, high in (("memory", s.memory >> 20, 16, 64 << 20),  # MiB: 64 TiB
-                                   ("cores", summary.get("cores", 1), 1, 1024),
-                                   ("sockets", summary.get("sockets", 1), 1, 64),
-                                   ("vcpus", summary.get("vcpus", 1), 1, 65536)):
+    for what, value, low, high in (
+        ("memory", s.memory >> 20, 16, 64 << 20),  # MiB: 64 TiB
+        ("cores", summary.get("cores", 1), 1, 1024),
+        ("sockets", summary.get("sockets", 1), 1, 64),
+        ("vcpus", summary.get("vcpus", 1), 1, 65536),
+    ):
         if not low <= value <= high:  # Proxmox itself refuses these
-            raise FormatError(f"qemu-server.conf: {what} {value} is outside "
-                              f"{low}..{high}: damaged settings")
+            raise FormatError(
+                f"qemu-server.conf: {what} {value} is outside {low}..{high}: damaged settings"
+            )
     if keys.get("balloon", "").isdigit() and 0 < int(keys["balloon"]) * (1 << 20) < s.memory:
         s.memory_min = int(keys["balloon"]) << 20
     s.sockets, s.cores = summary.get("sockets", 1), summary.get("cores", 1)
@@ -155,8 +177,10 @@ def read_settings(conf: str, disks):
         short = d.id[6:] if d.id.startswith("drive-") else d.id
         if short.startswith("efidisk"):
             s.firmware = "uefi"
-            s.lost.append(f"{short}: the UEFI variables store is not carried (the target "
-                          "starts with default UEFI variables)")
+            s.lost.append(
+                f"{short}: the UEFI variables store is not carried (the target "
+                "starts with default UEFI variables)"
+            )
         elif short.startswith("tpmstate"):
             s.lost.append(f"{short}: the TPM state is not carried")
         else:
@@ -174,13 +198,24 @@ def read_settings(conf: str, disks):
             s.lost.append(f"{key}: {', '.join(f'{k}={opts[k]}' for k in extra)} not carried")
     s.boot = []
     for k in boot_keys:
-        cls = ("net" if NET_KEY.fullmatch(k) else
-               "cdrom" if "media=cdrom" in keys.get(k, "") else "disk")
+        cls = (
+            "net"
+            if NET_KEY.fullmatch(k)
+            else "cdrom"
+            if "media=cdrom" in keys.get(k, "")
+            else "disk"
+        )
         if cls not in s.boot:
             s.boot.append(cls)
     for k, v in keys.items():
-        if (k in MAPPED_KEYS or k in QUIET_KEYS or DISK_KEY.fullmatch(k) or NET_KEY.fullmatch(k)
-                or DRIVE_KEY.fullmatch(k) or (k == "numa" and v == "0")):
+        if (
+            k in MAPPED_KEYS
+            or k in QUIET_KEYS
+            or DISK_KEY.fullmatch(k)
+            or NET_KEY.fullmatch(k)
+            or DRIVE_KEY.fullmatch(k)
+            or (k == "numa" and v == "0")
+        ):
             continue
         s.lost.append(f"{k}: {v} (no equivalent carried)")
     if re.search(r"^\[", conf, re.M):
@@ -197,29 +232,50 @@ def _boot_keys(keys: dict[str, str]) -> list[str]:
     out = []
     for ch in letters:
         if ch == "c":
-            out.append(keys.get("bootdisk") or next(
-                (k for k in sorted(keys, key=_slot_key) if DISK_KEY.fullmatch(k)
-                 and "media=cdrom" not in keys[k]), "scsi0"))
+            out.append(
+                keys.get("bootdisk")
+                or next(
+                    (
+                        k
+                        for k in sorted(keys, key=_slot_key)
+                        if DISK_KEY.fullmatch(k) and "media=cdrom" not in keys[k]
+                    ),
+                    "scsi0",
+                )
+            )
         elif ch == "d":
-            out.extend(k for k in sorted(keys, key=_slot_key)
-                       if DISK_KEY.fullmatch(k) and "media=cdrom" in keys[k])
+            out.extend(
+                k
+                for k in sorted(keys, key=_slot_key)
+                if DISK_KEY.fullmatch(k) and "media=cdrom" in keys[k]
+            )
         elif ch == "n":
             out.extend(k for k in sorted(keys) if NET_KEY.fullmatch(k))
     return out
 
 
-def render(s, bus: str, storage: str, vmid: int, bridge: str | None = None,
-           disk_keys: list[str] | None = None) -> tuple[str, list[str]]:
+def render(
+    s,
+    bus: str,
+    storage: str,
+    vmid: int,
+    bridge: str | None = None,
+    disk_keys: list[str] | None = None,
+) -> tuple[str, list[str]]:
     """qemu-server.conf for a VmSettings: the text and the drive key of each data disk
     (the archive's devices are drive-<key>): bus0, bus1... unless disk_keys are given.
     What Proxmox cannot hold is added to s.lost."""
     from .neutral import is_uuid, is_windows
+
     if bus not in BUS_SLOTS:
         raise ValueError(bus)
     if len(s.disks) > BUS_SLOTS[bus]:
         from ..errors import UsageError
-        raise UsageError(f"{len(s.disks)} disks do not fit on {bus} ({BUS_SLOTS[bus]} slots); "
-                         "choose another --bus")
+
+        raise UsageError(
+            f"{len(s.disks)} disks do not fit on {bus} ({BUS_SLOTS[bus]} slots); "
+            "choose another --bus"
+        )
     lines: dict[str, str] = {}
     disk_keys = disk_keys or [f"{bus}{i}" for i in range(len(s.disks))]
     for n, (key, slot) in enumerate(zip(disk_keys, s.disks)):
@@ -234,14 +290,20 @@ def render(s, bus: str, storage: str, vmid: int, bridge: str | None = None,
         lines[key] = "none,media=cdrom"
         cd_keys.append(key)
         if slot.media:
-            s.lost.append(f"CD {slot.media} ({slot.source_slot}) is not in the archive; the "
-                          f"drive {key} is left empty")
+            s.lost.append(
+                f"CD {slot.media} ({slot.source_slot}) is not in the archive; the "
+                f"drive {key} is left empty"
+            )
     for i, nic in enumerate(s.nics):
-        model = nic.model if nic.model in NIC_MODELS else ("e1000" if is_windows(s.ostype)
-                                                           else "virtio")
+        model = (
+            nic.model
+            if nic.model in NIC_MODELS
+            else ("e1000" if is_windows(s.ostype) else "virtio")
+        )
         net = bridge or pve_bridge(nic.network, s.lost, f"net{i}")
         lines[f"net{i}"] = f"{model}={nic.mac.upper()},bridge={net}" + (
-            f",mtu={nic.mtu}" if nic.mtu and nic.mtu != 1500 else "")
+            f",mtu={nic.mtu}" if nic.mtu and nic.mtu != 1500 else ""
+        )
     order = []
     for cls in s.boot:
         if cls == "disk" and disk_keys:
@@ -266,15 +328,20 @@ def render(s, bus: str, storage: str, vmid: int, bridge: str | None = None,
     lines["ostype"] = s.ostype
     if s.firmware == "uefi":
         lines["bios"] = "ovmf"
-        s.lost.append("UEFI: no efidisk0 is created; Proxmox boots with default UEFI "
-                      f"variables until you add one (qm set {vmid} --efidisk0 {storage}:1)")
+        s.lost.append(
+            "UEFI: no efidisk0 is created; Proxmox boots with default UEFI "
+            f"variables until you add one (qm set {vmid} --efidisk0 {storage}:1)"
+        )
     if bus == "scsi":
         lines["scsihw"] = "virtio-scsi-single"
     if is_uuid(s.uuid):
         lines["smbios1"] = f"uuid={s.uuid.lower()}"
     from urllib.parse import quote
-    text = "".join(f"#{quote(line, safe=' !#$&()*+,-./:;<=>?@[]^_{|}~')}\n"
-                   for line in s.description.splitlines())
+
+    text = "".join(
+        f"#{quote(line, safe=' !#$&()*+,-./:;<=>?@[]^_{|}~')}\n"
+        for line in s.description.splitlines()
+    )
     text += "".join(f"{k}: {lines[k]}\n" for k in sorted(lines))
     text += "".join(f"#qmdump#map:{k}:drive-{k}:{storage}:raw:\n" for k in disk_keys)
     return text, disk_keys
@@ -288,8 +355,10 @@ def pve_bridge(network: str, lost: list[str], where: str) -> str:
     m = re.fullmatch(r"xenbr(\d+)", network)
     if m:
         return f"vmbr{m[1]}"
-    lost.append(f"{where}: network {network or '(none)'!r} has no Proxmox bridge of that "
-                "name; attached to vmbr0 (--bridge to choose)")
+    lost.append(
+        f"{where}: network {network or '(none)'!r} has no Proxmox bridge of that "
+        "name; attached to vmbr0 (--bridge to choose)"
+    )
     return "vmbr0"
 
 

@@ -37,8 +37,7 @@ def _value(elem: ET.Element, where: str, depth: int = 0):
         return out
     if tag == "array":
         data = typed.find("data")
-        return [] if data is None else [_value(v, where, depth + 1)
-                                        for v in data.findall("value")]
+        return [] if data is None else [_value(v, where, depth + 1) for v in data.findall("value")]
     if tag == "boolean":
         return (typed.text or "").strip() == "1"
     return typed.text or ""
@@ -51,6 +50,7 @@ def _count_elements(data: bytes, where: str) -> None:
     """Refuse an element bomb before a tree is built for it (a few bytes an element
     compressed, a few hundred in the tree)."""
     from xml.parsers import expat
+
     parser = expat.ParserCreate()
     count = 0
 
@@ -59,6 +59,7 @@ def _count_elements(data: bytes, where: str) -> None:
         count += 1
         if count > MAX_ELEMENTS:
             raise FormatError(f"{where}: ova.xml holds more than {MAX_ELEMENTS:,} elements")
+
     parser.StartElementHandler = start
     try:
         parser.Parse(data, True)
@@ -80,8 +81,12 @@ def parse(data: bytes, where: str) -> dict:
         raise FormatError(f"{where}: ova.xml has no 'objects' array")
     ids = set()
     for obj in top["objects"]:
-        if not (isinstance(obj, dict) and isinstance(obj.get("class"), str)
-                and isinstance(obj.get("id"), str) and isinstance(obj.get("snapshot"), dict)):
+        if not (
+            isinstance(obj, dict)
+            and isinstance(obj.get("class"), str)
+            and isinstance(obj.get("id"), str)
+            and isinstance(obj.get("snapshot"), dict)
+        ):
             raise FormatError(f"{where}: ova.xml object without class, id or snapshot")
         if obj["id"] in ids:  # one of the two would be dropped: which disk is which?
             raise FormatError(f"{where}: ova.xml lists object {obj['id']} twice")
@@ -107,14 +112,20 @@ def render(value) -> str:
     """XML-RPC text for a value the way XAPI exports it: integers as strings, booleans as
     <boolean>, dicts as <struct>, lists as <array>."""
     from xml.sax.saxutils import escape
+
     if isinstance(value, bool):
         return f"<value><boolean>{int(value)}</boolean></value>"
     if isinstance(value, DateTime):
         return f"<value><dateTime.iso8601>{escape(value)}</dateTime.iso8601></value>"
     if isinstance(value, dict):
-        return "<value><struct>" + "".join(
-            f"<member><name>{escape(xml_text(str(k)))}</name>{render(v)}</member>"
-            for k, v in value.items()) + "</struct></value>"
+        return (
+            "<value><struct>"
+            + "".join(
+                f"<member><name>{escape(xml_text(str(k)))}</name>{render(v)}</member>"
+                for k, v in value.items()
+            )
+            + "</struct></value>"
+        )
     if isinstance(value, (list, tuple)):
         return "<value><array><data>" + "".join(map(render, value)) + "</data></array></value>"
     return f"<value>{escape(xml_text(str(value)))}</value>"
@@ -132,6 +143,7 @@ def xml_text(text: str) -> str:
 def read_settings(top: dict, vm_id: str | None, disks, where: str):
     """VmSettings of the VM object vm_id; disks are the archive's data disks in slot order."""
     from .neutral import DiskSlot, Nic, VmSettings, boot_from_letters, mac_ok, ostype_from_template
+
     objs = {o["id"]: o for o in top["objects"]}
     s = VmSettings()
     vm = objs.get(vm_id, {}).get("snapshot", {}) if vm_id else {}
@@ -156,36 +168,62 @@ def read_settings(top: dict, vm_id: str | None, disks, where: str):
     s.firmware = "uefi" if params.get("firmware") == "uefi" else "bios"
     s.boot = boot_from_letters(params.get("order", "")) or ["disk", "cdrom", "net"]
     other = vm.get("other_config") if isinstance(vm.get("other_config"), dict) else {}
-    s.ostype = ostype_from_template(other.get("base_template_name", "")
-                                    or vm.get("reference_label", ""))
-    if vm.get("domain_type") == "pv" or (vm and not vm.get("HVM_boot_policy")
-                                         and vm.get("PV_bootloader")):
-        s.lost.append("PV guest: it booted through the Xen PV bootloader "
-                      f"({vm.get('PV_bootloader') or 'kernel'}); under Proxmox it boots its "
-                      "disk with the firmware, which needs a bootloader inside the disk")
+    s.ostype = ostype_from_template(
+        other.get("base_template_name", "") or vm.get("reference_label", "")
+    )
+    if vm.get("domain_type") == "pv" or (
+        vm and not vm.get("HVM_boot_policy") and vm.get("PV_bootloader")
+    ):
+        s.lost.append(
+            "PV guest: it booted through the Xen PV bootloader "
+            f"({vm.get('PV_bootloader') or 'kernel'}); under Proxmox it boots its "
+            "disk with the firmware, which needs a bootloader inside the disk"
+        )
     if platform.get("secureboot") == "true":
         s.lost.append("Secure Boot: the target starts with it off")
-    for key, what in (("NVRAM", "UEFI variables (NVRAM)"), ("VTPMs", "virtual TPM"),
-                      ("VGPUs", "virtual GPUs"), ("VUSBs", "USB passthrough"),
-                      ("attached_PCIs", "PCI passthrough"), ("tags", "tags")):
+    for key, what in (
+        ("NVRAM", "UEFI variables (NVRAM)"),
+        ("VTPMs", "virtual TPM"),
+        ("VGPUs", "virtual GPUs"),
+        ("VUSBs", "USB passthrough"),
+        ("attached_PCIs", "PCI passthrough"),
+        ("tags", "tags"),
+    ):
         if vm.get(key):
             s.lost.append(f"{what} not carried")
     if vm.get("suspend_VDI") in objs:
-        s.lost.append("suspended state: the suspend image is not carried (the VM starts "
-                      "from a cold boot)")
-    s.disks = [DiskSlot(d, size=d.size, label=d.name, source_slot=d.device or d.id)
-               for d in disks if d.device != "suspend"]
+        s.lost.append(
+            "suspended state: the suspend image is not carried (the VM starts from a cold boot)"
+        )
+    s.disks = [
+        DiskSlot(d, size=d.size, label=d.name, source_slot=d.device or d.id)
+        for d in disks
+        if d.device != "suspend"
+    ]
     vbd_ids = set(vm.get("VBDs") or [])
-    cds = [o["snapshot"] for o in top["objects"] if o["class"] == "VBD"
-           and (o["id"] in vbd_ids or o["snapshot"].get("VM") == vm_id)
-           and str(o["snapshot"].get("type", "")).lower() == "cd"]
+    cds = [
+        o["snapshot"]
+        for o in top["objects"]
+        if o["class"] == "VBD"
+        and (o["id"] in vbd_ids or o["snapshot"].get("VM") == vm_id)
+        and str(o["snapshot"].get("type", "")).lower() == "cd"
+    ]
     for cd in sorted(cds, key=lambda b: _int_or(b.get("userdevice"))):
         vdi = objs.get(cd.get("VDI"), {}).get("snapshot", {})
-        s.cdroms.append(DiskSlot(None, "cdrom", media=vdi.get("name_label", ""),
-                                 source_slot=f"userdevice {cd.get('userdevice')}"))
+        s.cdroms.append(
+            DiskSlot(
+                None,
+                "cdrom",
+                media=vdi.get("name_label", ""),
+                source_slot=f"userdevice {cd.get('userdevice')}",
+            )
+        )
     vif_ids = set(vm.get("VIFs") or [])
-    vifs = [o["snapshot"] for o in top["objects"] if o["class"] == "VIF"
-            and (o["id"] in vif_ids or o["snapshot"].get("VM") == vm_id)]
+    vifs = [
+        o["snapshot"]
+        for o in top["objects"]
+        if o["class"] == "VIF" and (o["id"] in vif_ids or o["snapshot"].get("VM") == vm_id)
+    ]
     for vif in sorted(vifs, key=lambda v: _int_or(v.get("device"))):
         net = objs.get(vif.get("network"), {}).get("snapshot", {})
         mac = str(vif.get("MAC", ""))
@@ -193,8 +231,7 @@ def read_settings(top: dict, vm_id: str | None, disks, where: str):
             s.lost.append(f"VIF {vif.get('device')}: no MAC address; not carried")
             continue
         mtu = _int_or(vif.get("MTU") or net.get("MTU"), None)
-        s.nics.append(Nic(mac.upper(), net.get("bridge") or net.get("name_label", ""),
-                          mtu=mtu))
+        s.nics.append(Nic(mac.upper(), net.get("bridge") or net.get("name_label", ""), mtu=mtu))
     return s
 
 
