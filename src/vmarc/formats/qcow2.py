@@ -30,6 +30,14 @@ MAX_READ = 4 << 20  # largest coalesced read
 KNOWN_INCOMPATIBLE = 0b11111  # dirty, corrupt, external data, compression type, extended L2
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_DATA_FILE = 0x44415441  # "DATA": the external data file's name
+# -- on-disk records, read and written with the same layouts (docs/formats/qcow2.md) ------
+# version 2's header: magic, version, backing_file_offset, backing_file_size, cluster_bits,
+# size, crypt_method, l1_size, l1_table_offset, refcount_table_offset,
+# refcount_table_clusters, nb_snapshots, snapshots_offset
+HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
+# what version 3 adds after it: incompatible, compatible and autoclear features,
+# refcount_order, header_length
+HEADER_V3 = struct.Struct(">QQQII")
 BACKING_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd"}
 
 
@@ -54,7 +62,7 @@ class Qcow2Archive(Archive):
         name = source.name
         self.file_size = fsize = source.file_size
         head = source.pread(min(fsize, 4096), 0, "qcow2 header")
-        if len(head) < 72:
+        if len(head) < HEADER_V2.size:
             raise FormatError(f"{name}: {len(head)} bytes is too small for a qcow2 header")
         (
             magic,
@@ -70,7 +78,7 @@ class Qcow2Archive(Archive):
             self.refcount_table_clusters,
             self.nb_snapshots,
             self.snapshots_offset,
-        ) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
+        ) = HEADER_V2.unpack_from(head)
         self.l1_offset, self.refcount_order = l1_off, 4
         if self.version not in (2, 3):
             raise UnsupportedError(f"{name}: qcow2 version {self.version} (2 and 3 are read)")
@@ -82,12 +90,12 @@ class Qcow2Archive(Archive):
             raise UnsupportedError(f"{name}: encrypted qcow2 (method {crypt}) is not supported")
         cs = self.cluster_size = 1 << self.cluster_bits
         self.cluster_compression = "zlib"
-        hdr_len = 72
+        hdr_len = HEADER_V2.size
         if self.version == 3:
-            if len(head) < 104:
+            if len(head) < HEADER_V2.size + HEADER_V3.size:
                 raise FormatError(f"{name}: qcow2 v3 header cut short")
-            incompat, _compat, _autoclear, self.refcount_order, hdr_len = struct.unpack_from(
-                ">QQQII", head, 72
+            incompat, _compat, _autoclear, self.refcount_order, hdr_len = HEADER_V3.unpack_from(
+                head, HEADER_V2.size
             )
             if self.refcount_order > 6:
                 raise FormatError(f"{name}: qcow2 refcount_order {self.refcount_order} (0..6)")
@@ -568,8 +576,7 @@ class Qcow2Writer:
         self._pwrite(raw_table + bytes(table * CLUSTER - len(raw_table)), table_off)
         if self.l1_size:
             self._pwrite(struct.pack(f">{self.l1_size}Q", *l1), CLUSTER)
-        header = struct.pack(
-            ">4sIQIIQIIQQIIQQQQII",
+        header = HEADER_V2.pack(
             MAGIC,
             3,
             0,
@@ -583,11 +590,6 @@ class Qcow2Writer:
             table,
             0,
             0,
-            0,
-            0,
-            0,
-            4,
-            104,
-        )
+        ) + HEADER_V3.pack(0, 0, 0, 4, HEADER_V2.size + HEADER_V3.size)
         self._pwrite(header + bytes(8), 0)  # then the end-of-extensions marker
         self.out.set_size(total * CLUSTER)

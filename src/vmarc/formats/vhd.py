@@ -64,6 +64,22 @@ MAX_CHAIN = 32
 SIZE_BY_CURRENT = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 
 
+# -- on-disk records, read and written with the same layouts (docs/formats/vhd.md) -------
+# the footer: cookie, features, version, data_offset, timestamp, creator app, creator
+# version, creator OS, original size, current size, cylinders, heads, sectors, type,
+# checksum, uuid, saved state (then reserved bytes to 512)
+FOOTER_FIELDS = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
+FOOTER_CHECKSUM_AT = 64
+# the dynamic header: cookie, data_offset, table_offset, version, max_table_entries,
+# block_size, checksum, parent uuid, parent timestamp, reserved; the parent's name
+# (UTF-16BE, 512 bytes) and eight parent locators follow
+HEADER_FIELDS = struct.Struct(">8sQQIIII16sI4x")
+HEADER_CHECKSUM_AT = 36
+PARENT_NAME = slice(64, 576)
+LOCATOR = struct.Struct(">4sIIIQ")  # code, data space, data length, reserved, data offset
+LOCATORS_AT = 576
+
+
 def checksum(data: bytes, field: int) -> int:
     """One's complement of the byte sum, the checksum field counted as zero."""
     return ~(sum(data) - sum(data[field : field + 4])) & 0xFFFFFFFF
@@ -96,6 +112,7 @@ class Footer:
             raise FormatError(f"{where}: no VHD footer cookie 'conectix'")
         self.raw = raw
         (
+            _cookie,
             self.features,
             self.version,
             self.data_offset,
@@ -110,10 +127,10 @@ class Footer:
             self.sectors,
             self.type,
             self.checksum,
-        ) = struct.unpack_from(">IIQI4sI4sQQHBBII", raw, 8)
-        self.uuid = raw[68:84]
-        self.saved_state = raw[84]
-        self.checksum_ok = checksum(raw, 64) == self.checksum
+            self.uuid,
+            self.saved_state,
+        ) = FOOTER_FIELDS.unpack_from(raw)
+        self.checksum_ok = checksum(raw, FOOTER_CHECKSUM_AT) == self.checksum
 
     @property
     def size(self) -> int:
@@ -130,18 +147,19 @@ class DynamicHeader:
             raise FormatError(f"{where}: no VHD dynamic header cookie 'cxsparse'")
         self.raw = raw
         (
+            _cookie,
             self.data_offset,
             self.table_offset,
             self.version,
             self.max_table_entries,
             self.block_size,
             self.checksum,
-        ) = struct.unpack_from(">QQIIII", raw, 8)
-        self.parent_uuid = raw[40:56]
-        (self.parent_timestamp,) = struct.unpack_from(">I", raw, 56)
-        self.parent_name = raw[64:576].decode("utf-16-be", "replace").split("\0", 1)[0]
-        self.locators = [struct.unpack_from(">4sIIIQ", raw, 576 + 24 * i) for i in range(8)]
-        self.checksum_ok = checksum(raw, 36) == self.checksum
+            self.parent_uuid,
+            self.parent_timestamp,
+        ) = HEADER_FIELDS.unpack_from(raw)
+        self.parent_name = raw[PARENT_NAME].decode("utf-16-be", "replace").split("\0", 1)[0]
+        self.locators = [LOCATOR.unpack_from(raw, LOCATORS_AT + LOCATOR.size * i) for i in range(8)]
+        self.checksum_ok = checksum(raw, HEADER_CHECKSUM_AT) == self.checksum
 
 
 def chs_for(size: int) -> tuple[int, int, int]:
@@ -886,8 +904,7 @@ CREATOR = b"qem2"  # size = current_size for qemu and XenServer alike (see SIZE_
 def make_footer(size: int, disk_type: int, data_offset: int, uid: bytes, ts: int) -> bytes:
     c, h, s = covering_chs(size)
     raw = bytearray(FOOTER)
-    struct.pack_into(
-        ">8sIIQI4sI4sQQHBBII",
+    FOOTER_FIELDS.pack_into(
         raw,
         0,
         COOKIE,
@@ -905,16 +922,16 @@ def make_footer(size: int, disk_type: int, data_offset: int, uid: bytes, ts: int
         s,
         disk_type,
         0,
+        uid,
+        0,
     )
-    raw[68:84] = uid
-    struct.pack_into(">I", raw, 64, checksum(raw, 64))
+    struct.pack_into(">I", raw, FOOTER_CHECKSUM_AT, checksum(raw, FOOTER_CHECKSUM_AT))
     return bytes(raw)
 
 
 def make_header(entries: int, table_offset: int) -> bytes:
     raw = bytearray(HEADER)
-    struct.pack_into(
-        ">8sQQIIII",
+    HEADER_FIELDS.pack_into(
         raw,
         0,
         HEADER_COOKIE,
@@ -924,8 +941,10 @@ def make_header(entries: int, table_offset: int) -> bytes:
         entries,
         BLOCK_SIZE,
         0,
+        bytes(16),
+        0,
     )
-    struct.pack_into(">I", raw, 36, checksum(raw, 36))
+    struct.pack_into(">I", raw, HEADER_CHECKSUM_AT, checksum(raw, HEADER_CHECKSUM_AT))
     return bytes(raw)
 
 

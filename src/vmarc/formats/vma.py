@@ -31,6 +31,23 @@ EXTENT_HEADER = 512
 BLOCKINFOS = 59
 MAX_DEVICE_SIZE = 1 << 50  # 1 PiB: larger is hostile, not a disk
 
+# -- on-disk records, used by the reader here and by vma_writer.py (docs/formats/vma.md) --
+# the header's start: magic, version, uuid, ctime, md5 (of the header with this field
+# zeroed), blob_buffer_offset, blob_buffer_size, header_size
+HEADER_HEAD = struct.Struct(">4sI16sq16sIII")
+HEADER_MD5 = slice(32, 48)
+CONFIG_NAMES = struct.Struct(">256I")  # blob offsets of the config names, at CONFIG_NAMES_AT
+CONFIG_NAMES_AT = 2044
+CONFIG_DATA = CONFIG_NAMES  # blob offsets of their contents, at CONFIG_DATA_AT
+CONFIG_DATA_AT = 3068
+DEV_INFO = struct.Struct(">IIQ")  # device name blob, reserved, size; 32 bytes a slot
+DEV_INFO_AT = 4096  # slot of device id i: DEV_INFO_AT + 32 * i (ids 1..254)
+DEV_INFO_SLOT = 32
+# an extent's header: magic, reserved, block_count, uuid, md5 (zeroed for the sum),
+# 59 blockinfos (mask << 48 | dev_id << 32 | cluster)
+EXTENT_HEAD = struct.Struct(">4sHH16s16s59Q")
+EXTENT_MD5 = slice(24, 40)
+
 
 @functools.lru_cache(maxsize=4096)
 def mask_runs(mask: int) -> tuple[tuple[int, int, int], ...]:
@@ -92,13 +109,11 @@ class VmaArchive(Archive):
         head = source.read_exact(HEADER_FIXED, "VMA header")
         if head[:4] != MAGIC:
             raise FormatError(f"{name}: no VMA magic at offset 0")
-        (version,) = struct.unpack_from(">I", head, 4)
+        _magic, version, self.uuid, self.ctime, stored_md5, blob_off, blob_size, header_size = (
+            HEADER_HEAD.unpack_from(head)
+        )
         if version != 1:
             raise FormatError(f"{name}: VMA version {version} (only version 1 exists)")
-        self.uuid = head[8:24]
-        (self.ctime,) = struct.unpack_from(">q", head, 24)
-        stored_md5 = head[32:48]
-        blob_off, blob_size, header_size = struct.unpack_from(">III", head, 48)
         if header_size % 512 == 0 and header_size > MAX_HEADER:
             raise FormatError(
                 f"{name}: VMA header_size {header_size} at offset 56 is too large "
@@ -117,7 +132,7 @@ class VmaArchive(Archive):
         rest = source.read_exact(header_size - HEADER_FIXED, "VMA header blob buffer")
         header = head + rest
         zeroed = bytearray(header)
-        zeroed[32:48] = bytes(16)
+        zeroed[HEADER_MD5] = bytes(16)
         if md5_digest(zeroed) != stored_md5:
             raise FormatError(f"{name}: VMA header md5 mismatch (header of {header_size} bytes)")
         self.header_size = header_size
@@ -146,8 +161,8 @@ class VmaArchive(Archive):
                 )
             return raw[:-1].decode("utf-8", "replace")
 
-        names = struct.unpack_from(">256I", header, 2044)
-        datas = struct.unpack_from(">256I", header, 3068)
+        names = CONFIG_NAMES.unpack_from(header, CONFIG_NAMES_AT)
+        datas = CONFIG_DATA.unpack_from(header, CONFIG_DATA_AT)
         for i in range(256):
             if names[i]:
                 cname = text(names[i], f"config {i} name")
@@ -164,7 +179,9 @@ class VmaArchive(Archive):
         conf = self.configs.get("qemu-server.conf", b"").decode("utf-8", "replace")
         drives = proxmox.drives(conf)
         for dev_id in range(256):
-            ptr, _reserved, size = struct.unpack_from(">IIQ", header, 4096 + 32 * dev_id)
+            ptr, _reserved, size = DEV_INFO.unpack_from(
+                header, DEV_INFO_AT + DEV_INFO_SLOT * dev_id
+            )
             if not ptr:
                 continue
             if dev_id in (0, 255):
@@ -288,21 +305,19 @@ class VmaArchive(Archive):
                     )
                 if hdr[:4] != EXTENT_MAGIC:
                     raise FormatError(f"{name}: no extent magic at offset {where}")
-                reserved, block_count = struct.unpack_from(">HH", hdr, 4)
+                _magic, reserved, block_count, uuid, stored, *infos = EXTENT_HEAD.unpack_from(hdr)
                 if reserved:
                     raise FormatError(
                         f"{name}: extent at offset {where}: reserved field is {reserved}, must be 0"
                     )
-                if hdr[8:24] != self.uuid:
+                if uuid != self.uuid:
                     raise FormatError(
                         f"{name}: extent at offset {where} carries another archive's uuid"
                     )
-                stored = bytes(hdr[24:40])
-                hdr[24:40] = bytes(16)
+                hdr[EXTENT_MD5] = bytes(16)
                 if md5_digest(hdr) != stored:
                     raise FormatError(f"{name}: extent header md5 mismatch at offset {where}")
                 self._extents += 1
-                infos = struct.unpack_from(">59Q", hdr, 40)
                 total = sum((bi >> 48).bit_count() for bi in infos if (bi >> 32) & 0xFF)
                 if total != block_count:
                     raise FormatError(

@@ -24,9 +24,20 @@ from .vma import (
     BLOCKINFOS,
     BLOCKS_PER_CLUSTER,
     CLUSTER,
+    CONFIG_DATA,
+    CONFIG_DATA_AT,
+    CONFIG_NAMES,
+    CONFIG_NAMES_AT,
+    DEV_INFO,
+    DEV_INFO_AT,
+    DEV_INFO_SLOT,
+    EXTENT_HEAD,
     EXTENT_HEADER,
     EXTENT_MAGIC,
+    EXTENT_MD5,
     HEADER_FIXED,
+    HEADER_HEAD,
+    HEADER_MD5,
     MAGIC,
 )
 
@@ -93,22 +104,38 @@ class VmaWriter:
         head = bytearray(HEADER_FIXED)
         if len(configs) > 256:
             raise UsageError(f"a VMA holds at most 256 configs, not {len(configs)}")
+        names, datas = [0] * 256, [0] * 256
         for i, (name, data) in enumerate(configs.items()):
-            struct.pack_into(">I", head, 2044 + 4 * i, blob(name.encode() + b"\0", name))
-            struct.pack_into(">I", head, 3068 + 4 * i, blob(bytes(data), name))
+            names[i] = blob(name.encode() + b"\0", name)
+            datas[i] = blob(bytes(data), name)
+        CONFIG_NAMES.pack_into(head, CONFIG_NAMES_AT, *names)
+        CONFIG_DATA.pack_into(head, CONFIG_DATA_AT, *datas)
         for dev_id, (name, size) in enumerate(devices, start=1):
             if size <= 0:
                 raise UsageError(f"{name}: a VMA device cannot be empty")
-            struct.pack_into(
-                ">IIQ", head, 4096 + 32 * dev_id, blob(name.encode() + b"\0", name), 0, size
+            DEV_INFO.pack_into(
+                head,
+                DEV_INFO_AT + DEV_INFO_SLOT * dev_id,
+                blob(name.encode() + b"\0", name),
+                0,
+                size,
             )
         used = len(blobs)
         blobs.extend(bytes(-len(blobs) % 512))  # header_size is a multiple of 512
-        head[0:4] = MAGIC
-        struct.pack_into(">I16sq", head, 4, 1, self.uuid, ctime)
-        struct.pack_into(">III", head, 48, HEADER_FIXED, used, HEADER_FIXED + len(blobs))
+        HEADER_HEAD.pack_into(
+            head,
+            0,
+            MAGIC,
+            1,
+            self.uuid,
+            ctime,
+            bytes(16),
+            HEADER_FIXED,
+            used,
+            HEADER_FIXED + len(blobs),
+        )
         header = head + blobs
-        header[32:48] = md5_digest(header)
+        header[HEADER_MD5] = md5_digest(header)
         return bytes(header)
 
     # -- clusters ------------------------------------------------------------------------
@@ -165,11 +192,17 @@ class VmaWriter:
     def _flush_extent(self) -> None:
         ext = self._ext
         infos = self._infos + [0] * (BLOCKINFOS - len(self._infos))
-        ext[0:EXTENT_HEADER] = bytes(EXTENT_HEADER)
-        ext[0:4] = EXTENT_MAGIC
-        struct.pack_into(">HH16s", ext, 4, 0, (self._pos - EXTENT_HEADER) // BLOCK, self.uuid)
-        struct.pack_into(">59Q", ext, 40, *infos)
-        ext[24:40] = md5_digest(self._view[:EXTENT_HEADER])
+        EXTENT_HEAD.pack_into(
+            ext,
+            0,
+            EXTENT_MAGIC,
+            0,
+            (self._pos - EXTENT_HEADER) // BLOCK,
+            self.uuid,
+            bytes(16),
+            *infos,
+        )
+        ext[EXTENT_MD5] = md5_digest(self._view[:EXTENT_HEADER])
         self.out.write(self._view[: self._pos])
         self._pos = EXTENT_HEADER
         self._infos = []
