@@ -8,12 +8,28 @@ both are read. pax 'x' and GNU 'L' long-name records are honoured for the next m
 
 from __future__ import annotations
 
-from ..errors import FormatError, TruncatedError
+from ..errors import FormatError, TruncatedError, UsageError
 from ..io.source import Source
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 MAX_META = 1 << 16  # largest pax / GNU long-name record we accept
+
+# -- the header's fields (POSIX ustar; V7 has the same up to the type flag), read by
+# parse_header and written by make_header (docs/formats/xva.md)
+NAME = slice(0, 100)
+MODE = slice(100, 108)
+UID = slice(108, 116)
+GID = slice(116, 124)
+SIZE = slice(124, 136)
+MTIME = slice(136, 148)
+CHKSUM = slice(148, 156)
+TYPEFLAG = slice(156, 157)
+MAGIC = slice(257, 262)  # "ustar" (then a NUL or a space, and the version)
+MAGIC_VERSION = slice(257, 265)
+UNAME = slice(265, 297)
+GNAME = slice(297, 329)
+PREFIX = slice(345, 500)
 
 
 class Member:
@@ -44,21 +60,44 @@ def _octal(field: bytes, what: str, where: str) -> int:
 def parse_header(block: bytes, where: str) -> tuple[str, int, bytes]:
     """Validate one 512-byte header; returns (name, size, typeflag). `where` names the
     header in messages ("backup.xva: tar header at offset 1536")."""
-    stored = _octal(block[148:156], "checksum", where)
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    stored = _octal(block[CHKSUM], "checksum", where)
+    before, after = block[: CHKSUM.start], block[CHKSUM.stop :]
+    unsigned = sum(before) + 8 * 32 + sum(after)  # the checksum field counts as spaces
     if stored != unsigned:
-        signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
+        signed = sum(b - 256 if b > 127 else b for b in before + after) + 256
         if stored != signed:
             raise FormatError(
                 f"{where}: header checksum mismatch (stored {stored}, computed {unsigned})"
             )
-    name = block[0:100].split(b"\0", 1)[0]
-    if block[257:262] == b"ustar":
-        prefix = block[345:500].split(b"\0", 1)[0]
+    name = block[NAME].split(b"\0", 1)[0]
+    if block[MAGIC] == b"ustar":
+        prefix = block[PREFIX].split(b"\0", 1)[0]
         if prefix:
             name = prefix + b"/" + name
-    size = _octal(block[124:136], "size", where)
-    return _decode_name(name, where), size, block[156:157]
+    size = _octal(block[SIZE], "size", where)
+    return _decode_name(name, where), size, block[TYPEFLAG]
+
+
+def make_header(name: str, size: int, style: str = "v7", mtime: int = 0) -> bytes:
+    """One 512-byte header: XAPI's V7 form (no magic, type flag NUL, mode 0400) or ustar."""
+    raw = name.encode()
+    if len(raw) > NAME.stop:
+        raise UsageError(f"tar member name {name!r} is longer than {NAME.stop} bytes")
+    h = bytearray(BLOCK)
+    h[NAME.start : len(raw)] = raw
+    h[MODE] = b"0000400\0"
+    h[UID] = b"0000000\0"
+    h[GID] = b"0000000\0"
+    h[SIZE] = b"%011o\0" % size
+    h[MTIME] = b"%011o\0" % mtime
+    if style == "ustar":
+        h[TYPEFLAG] = b"0"
+        h[MAGIC_VERSION] = b"ustar\x0000"
+        h[UNAME.start : UNAME.start + 4] = b"root"
+        h[GNAME.start : GNAME.start + 4] = b"root"
+    h[CHKSUM] = b"        "
+    h[CHKSUM] = b"%06o\0 " % sum(h)
+    return bytes(h)
 
 
 def _decode_name(raw: bytes, where: str) -> str:

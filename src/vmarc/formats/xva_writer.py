@@ -20,6 +20,7 @@ from ..io.hashing import sha1_text, xxh64_text
 from ..model import ZERO_CHUNK, is_zero
 from ..settings import xapi
 from ..settings.neutral import XAPI_BOOT_LETTER, XAPI_TEMPLATE_FOR, VmSettings, is_uuid, is_windows
+from .tar import make_header
 
 CHUNK = 1 << 20
 BLOCK = 512
@@ -27,28 +28,6 @@ NULL = "OpaqueRef:NULL"
 EPOCH = xapi.DateTime("19700101T00:00:00Z")
 CHECKSUMS = {"xxhash": (".xxhash", xxh64_text), "sha1": (".checksum", sha1_text)}
 HEADERS = ("v7", "ustar")
-
-
-def tar_header(name: str, size: int, style: str = "v7", mtime: int = 0) -> bytes:
-    """One 512-byte header: XAPI's V7 form (no magic, type flag NUL, mode 0400) or ustar."""
-    raw = name.encode()
-    if len(raw) > 100:
-        raise UsageError(f"tar member name {name!r} is longer than 100 bytes")
-    h = bytearray(BLOCK)
-    h[0 : len(raw)] = raw
-    h[100:108] = b"0000400\0"
-    h[108:116] = b"0000000\0"
-    h[116:124] = b"0000000\0"
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"%011o\0" % mtime
-    if style == "ustar":
-        h[156:157] = b"0"
-        h[257:265] = b"ustar\x0000"
-        h[265:269] = b"root"
-        h[297:301] = b"root"
-    h[148:156] = b"        "
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
 
 
 class XvaWriter:
@@ -84,7 +63,7 @@ class XvaWriter:
         self._member("ova.xml", ova_xml)
 
     def _member(self, name: str, data) -> None:
-        self.out.write(tar_header(name, len(data), self.style))
+        self.out.write(make_header(name, len(data), self.style))
         if len(data):
             self.out.write(data)
         pad = -len(data) % BLOCK
