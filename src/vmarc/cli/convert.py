@@ -7,8 +7,9 @@ import time
 
 from .. import open as open_archive
 from ..errors import UsageError
-from ..ops.convert import ARCHIVE_FORMATS, OUTPUT_FORMATS, convert, parse_options
+from ..ops.convert import OUTPUT_FORMATS, convert, parse_options
 from ..ops.damage import elsewhere
+from ..ops.pack import ARCHIVE_FORMATS
 from ..settings.proxmox import BUS_SLOTS
 from .common import (
     add_json_summary_arg,

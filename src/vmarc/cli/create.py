@@ -7,7 +7,8 @@ import time
 
 from ..errors import UsageError
 from ..ops.convert import parse_options
-from ..ops.create import CREATE_FORMATS, create
+from ..ops.create import create
+from ..ops.pack import ARCHIVE_FORMATS as CREATE_FORMATS
 from .common import (
     add_json_summary_arg,
     add_progress_arg,

@@ -17,7 +17,7 @@ import uuid as uuidlib
 
 from ..errors import UsageError
 from ..io.hashing import md5_digest
-from ..model import ZERO_CHUNK, is_zero
+from ..model import ZERO_CHUNK, Disk, is_zero
 from .clusters import ClusterAssembler
 from .vma import (
     BLOCK,
@@ -54,16 +54,16 @@ def device_name(name: str) -> str:
 class VmaWriter:
     """Writes a VMA to out (anything with write(bytes-like)).
 
-    add(dev_id, offset, data) takes a device's bytes in any order, as long as the pieces
-    of one 64 KiB cluster come one after another (see clusters.py); finish_device(dev_id)
-    lists the clusters never given as zero clusters; close()
-    writes the last extent.
+    Devices are given as (name, Disk). add(disk, offset, data) takes a device's bytes in
+    any order, as long as the pieces of one 64 KiB cluster come one after another (see
+    clusters.py); finish_disk(disk) lists the clusters never given as zero clusters;
+    close() writes the last extent.
     """
 
     def __init__(
         self,
         out,
-        devices: list[tuple[str, int]],
+        devices: list[tuple[str, Disk]],
         configs: dict[str, bytes],
         uuid: bytes | None = None,
         ctime: int | None = None,
@@ -76,6 +76,8 @@ class VmaWriter:
             raise UsageError(f"a VMA holds at most {MAX_DEVICES} devices, not {len(devices)}")
         self.out = out
         self.uuid = uuid or uuidlib.uuid4().bytes
+        self._dev_id = {id(d): i for i, (_, d) in enumerate(devices, start=1)}  # by identity
+        devices = [(name, d.size) for name, d in devices]
         self._assemblers = [None] + [
             ClusterAssembler(CLUSTER, size, functools.partial(self.put_cluster, dev_id))
             for dev_id, (_, size) in enumerate(devices, start=1)
@@ -139,8 +141,8 @@ class VmaWriter:
         return bytes(header)
 
     # -- clusters ------------------------------------------------------------------------
-    def add(self, dev_id: int, offset: int, data: memoryview) -> None:
-        self._assemblers[dev_id].add(offset, data)
+    def add(self, disk: Disk, offset: int, data: memoryview) -> None:
+        self._assemblers[self._dev_id[id(disk)]].add(offset, data)
 
     def put_cluster(self, dev_id: int, cluster: int, data: memoryview) -> None:
         """One whole cluster (shorter only at the device's end); zero blocks left out."""
@@ -181,8 +183,9 @@ class VmaWriter:
             self._pos = pos
         self._infos.append((mask << 48) | (dev_id << 32) | cluster)
 
-    def finish_device(self, dev_id: int) -> None:
+    def finish_disk(self, disk: Disk) -> None:
         """The device's data is all given: list every cluster not seen as a zero cluster."""
+        dev_id = self._dev_id[id(disk)]
         asm = self._assemblers[dev_id]
         asm.flush()
         for cluster in asm.missing():  # lazily: a huge sparse disk has many

@@ -16,7 +16,7 @@ from .damage import checks_for, report_path, summary, warn_elsewhere, write_repo
 from .progress import Progress
 
 OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
-ARCHIVE_FORMATS = ("vma", "xva")  # whole-VM outputs: ops/vmconvert.py
+
 SUBFORMATS = ("dynamic", "fixed")
 
 

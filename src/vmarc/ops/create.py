@@ -7,18 +7,14 @@ import os
 
 from .. import open as open_archive
 from ..errors import SourceError, UsageError
-from ..formats.vma_writer import VmaWriter, device_name
-from ..formats.xva_writer import XvaWriter, disk_refs, ova_xml
-from ..io.codecs import compression_for
-from ..io.output import StreamOutput, writing
+from ..formats.disk_order import ORDERED
+from ..formats.vma_writer import device_name
 from ..model import Checks
 from ..settings import proxmox
 from ..settings.neutral import DiskSlot, VmSettings
+from ..settings.xapi import disk_refs, ova_xml
+from .pack import plan, write_archive
 from .progress import Progress
-from .sequencer import DiskSequencer
-from .vmconvert import vma_name_rules
-
-CREATE_FORMATS = ("vma", "xva")
 
 
 def read_configs(configs: list[tuple[str, str]]) -> dict[str, bytes]:
@@ -61,24 +57,9 @@ def create(
     Compression "auto" follows the output name. name, memory_mib and cpus describe the VM
     (XVA's ova.xml; VMA's qemu-server.conf when none is given).
     """
-    if out_format not in CREATE_FORMATS:
-        raise UsageError(
-            f"unknown archive format {out_format!r} (known: {', '.join(CREATE_FORMATS)})"
-        )
+    target = plan(output, out_format, options, compression=compression)
     if not disks:
         raise UsageError("no disks given (--disk NAME=PATH)")
-    opts = dict(options or {})
-    allowed = {"xva": {"checksum", "header", "compress"}, "vma": {"compress"}}[out_format]
-    for key in opts:
-        if key not in allowed:
-            raise UsageError(f"-o {key}: not an option of {out_format} output")
-    if "compress" in opts:
-        compression = None if opts["compress"] in ("none", "") else opts["compress"]
-    if compression == "auto":
-        compression = compression_for(output) if output != "-" else None
-    vmid = vma_name_rules(output, compression, None) if out_format == "vma" else 100
-    if out_format == "xva" and compression == "lzop":
-        raise UsageError("XVA compression is gzip or zstd (XAPI reads no other)")
     if out_format == "xva" and configs:
         raise UsageError(
             "--config belongs to VMA; an XVA's settings come from --name, --memory and --cpus"
@@ -109,75 +90,48 @@ def create(
             cores=cpus or 1,
             disks=[DiskSlot(d, size=d.size, label=n) for n, (_, d) in zip(names, inputs)],
         )
-        out = StreamOutput(output, compression)
-        with writing(out):
-            if out_format == "xva":
-                refs = disk_refs(len(inputs))
-                writer = XvaWriter(
+        if out_format == "xva":
+            refs = disk_refs(len(inputs))
+            archive_of = {id(d): a for a, d in inputs}
+
+            def covered(disk):  # each input says how far it has given its disk
+                a = archive_of[id(disk)]
+                return ORDERED if a.ordered else a.covered(disk)
+
+            def make_writer(out):
+                return target.writer(
                     out,
-                    ova_xml(settings, refs),
-                    [(r, d.size) for r, (_, d) in zip(refs, inputs)],
-                    checksum=opts.get("checksum", "xxhash"),
-                    header=opts.get("header", "v7"),
+                    [(r, d) for r, (_, d) in zip(refs, inputs)],
+                    ova_xml=ova_xml(settings, refs),
+                    covered=covered,
                 )
-            else:
-                conf = (
-                    None
-                    if "qemu-server.conf" in blobs
-                    else _generated_conf(settings, names, warnings, vmid)
-                )
+        else:
+            if "qemu-server.conf" not in blobs:
+                conf = _generated_conf(settings, names, warnings, target.vmid)
                 if conf:
                     blobs["qemu-server.conf"] = conf
-                writer = VmaWriter(
+
+            def make_writer(out):
+                return target.writer(
                     out,
-                    [(n, d.size) for n, (_, d) in zip(names, inputs)],
-                    blobs,
+                    [(n, d) for n, (_, d) in zip(names, inputs)],
+                    configs=blobs,
                     ordered=all(a.ordered for a, _ in inputs),
                 )
-            copied = 0
-            for k, (archive, disk) in enumerate(inputs):
-                copied += _copy_disk(
-                    writer,
-                    k,
-                    archive,
-                    disk,
-                    out_format,
-                    verify,
-                    Progress(archive.source, progress, label=names[k]),
-                )
-            if stats is not None:
-                stats.update(archives=[a for a, _ in inputs], data_bytes=copied)
-            writer.close()
-            out.commit(sync=sync)
-    return names, warnings
 
-
-def _copy_disk(writer, k: int, archive, disk, out_format: str, verify: bool, bar) -> int:
-    """One input disk into the archive as its k-th disk; returns the data bytes copied."""
-    if out_format == "xva":
-        feed = DiskSequencer(
-            [disk],
-            lambda _i, n, data: writer.chunk(k, n, data),
-            lambda _i: writer.finish_disk(k),
-            None if archive.ordered else archive.covered,
+        # one disk after the other, each finished as its source ends
+        feeds = (  # made one at a time: each bar shows as its disk starts
+            (
+                archive.stream([disk], Checks(), verify=verify),
+                [disk],
+                Progress(archive.source, progress, label=names[k]),
+            )
+            for k, (archive, disk) in enumerate(inputs)
         )
-        add = feed.add
-    else:
-
-        def add(_disk, offset, data):
-            writer.add(k + 1, offset, data)
-
-    copied = 0
-    with bar:
-        for d, offset, data in archive.stream([disk], Checks(), verify=verify):
-            add(d, offset, data)
-            copied += len(data)
-            bar.update()
-    if out_format == "xva":
-        feed.close()
-    else:
-        writer.finish_device(k + 1)
-    return copied
+        copied = write_archive(target, make_writer, feeds, sync=sync)
+        if stats is not None:
+            stats.update(archives=[a for a, _ in inputs], data_bytes=copied)
+    return names, warnings
 
 
 def _generated_conf(

@@ -11,7 +11,7 @@ class Progress:
     def __init__(self, source, enabled: bool, label: str = ""):
         self.source = source
         self.enabled = enabled and sys.stderr.isatty()
-        self._raw = getattr(source, "_raw_file", None)
+        self._raw = source._raw_file
         self._total = source.file_size if source.path else None
         if self._total is None and source.path:
             try:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..model import Disk
+if TYPE_CHECKING:  # the model imports this module, not the other way
+    from ..model import Disk
 
 MiB = 1 << 20
 BOOT_CLASSES = ("disk", "cdrom", "net")
@@ -82,68 +84,11 @@ class VmSettings:
 # -- OS types --------------------------------------------------------------------------
 # Proxmox ostype -> the XAPI template name written as base_template_name (what XenCenter
 # and Xen Orchestra show as the OS; XAPI itself only stores it).
-XAPI_TEMPLATE_FOR = {
-    "win11": "Windows 11",
-    "win10": "Windows 10 (64-bit)",
-    "win8": "Windows 8.1 (64-bit)",
-    "win7": "Windows 7 (64-bit)",
-    "wvista": "Windows Vista (32-bit)",
-    "w2k8": "Windows Server 2008 (64-bit)",
-    "w2k3": "Windows Server 2003 (32-bit)",
-    "w2k": "Windows 2000",
-    "wxp": "Windows XP SP3 (32-bit)",
-    "l26": "Generic Linux",
-    "l24": "Generic Linux",
-    "solaris": "Other install media",
-    "other": "Other install media",
-}
-# Template names -> Proxmox ostype, first match wins (Proxmox: win11 also means Server
-# 2022/2025, win10 Server 2016/2019, win8 Server 2012, win7 Server 2008 R2).
-_OSTYPE_PATTERNS = [
-    (r"windows 11|server 202[2-9]", "win11"),
-    (r"windows 10|server 201[69]", "win10"),
-    (r"windows 8|server 2012", "win8"),
-    (r"windows 7|server 2008 r2", "win7"),
-    (r"vista|server 2008", "w2k8"),
-    (r"server 2003", "w2k3"),
-    (r"windows xp", "wxp"),
-    (r"windows 2000", "w2k"),
-    (r"windows", "win10"),
-    (
-        r"linux|debian|ubuntu|centos|red ?hat|rhel|suse|sles|oracle|rocky|alma|fedora|"
-        r"coreos|gentoo|mint|arch|alpine|scientific|neokylin|kylin|nixos",
-        "l26",
-    ),
-]
-
-
-def ostype_from_template(name: str) -> str:
-    low = name.lower()
-    for pattern, ostype in _OSTYPE_PATTERNS:
-        if re.search(pattern, low):
-            return ostype
-    return "other"
-
-
 def is_windows(ostype: str) -> bool:
     return ostype.startswith("w")
 
 
 # -- boot order --------------------------------------------------------------------------
-XAPI_BOOT_LETTER = {"disk": "c", "cdrom": "d", "net": "n"}
-
-
-def boot_from_letters(order: str) -> list[str]:
-    """XAPI's HVM_boot_params order ("cdn") as neutral classes."""
-    by_letter = {v: k for k, v in XAPI_BOOT_LETTER.items()}
-    out = []
-    for ch in order.lower():
-        cls = by_letter.get(ch)
-        if cls and cls not in out:
-            out.append(cls)
-    return out
-
-
 def mac_ok(mac: str) -> bool:
     return re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac) is not None
 

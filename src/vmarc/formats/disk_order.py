@@ -7,8 +7,10 @@ gives them in order. Anything the writer cannot take yet (a later disk's data, a
 the source gave ahead of its turn, as a live backup's copy-before-write does) is held: in
 memory up to HOLD_MEMORY (a live backup pulls a few clusters forward at a time), beyond
 that in a sparse temporary file, and merged in when its chunk's turn comes. The source says how far it has
-given a disk: ordered readers by their order, VMA by Archive.covered(); a chunk is written
-only once the source can no longer add to it, so nothing is ever written twice or wrong.
+given a disk: ordered readers by their order, VMA by Archive.covered(), and every reader
+when it ends a disk (finish_disk); a chunk is written only once the source can no longer
+add to it, so nothing is ever written twice or wrong. The XVA writer orders its disks
+through one of these.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..model import ZERO_CHUNK
 # VMARC_HOLD_MEMORY (bytes) moves the bound; 0 sends everything held to the file
 HOLD_MEMORY = int(os.environ.get("VMARC_HOLD_MEMORY", 32 << 20))
 IN_MEMORY, IN_FILE = 1, 2  # values of _Track.held per chunk
+ORDERED = -1  # what a covered() callback says of a disk whose pieces come in order
 
 
 class _Track:
@@ -37,6 +40,7 @@ class _Track:
         "held",
         "memory",
         "covered",
+        "complete",
     )
 
     def __init__(self, disk, chunk: int):
@@ -50,26 +54,28 @@ class _Track:
         self.held = bytearray(self.chunks)  # 0, IN_MEMORY or IN_FILE per chunk
         self.memory: dict[int, list] = {}  # chunk -> [(offset in chunk, bytes)]
         self.covered = 0  # ordered sources: the end of the last piece
+        self.complete = False  # finish_disk: the source gave all of it
 
 
 class DiskSequencer:
     def __init__(self, disks, emit, finish, covered=None, chunk: int = 1 << 20):
         """disks in output order; emit(index, chunk number, view) for each chunk that may
         hold data (skipped chunks are zero), finish(index) when a disk is complete.
-        covered(disk) says how far the source has given a disk (Archive.covered); None
-        when each disk's pieces come in ascending order."""
+        covered(disk) says how far the source has given a disk (Archive.covered), or
+        ORDERED for a disk whose pieces come in ascending order; None when every disk's
+        do. Disks are matched by identity: the objects the reader yields."""
         self.covered = covered
         self.chunk = chunk
         self.emit = emit
         self.finish = finish
         self.tracks = [_Track(d, chunk) for d in disks]
-        self.index = {d.id: i for i, d in enumerate(disks)}
+        self.index = {id(d): i for i, d in enumerate(disks)}
         self.current = 0
         self.memory_bytes = 0
         self.spooled_bytes = 0
 
     def add(self, disk, offset: int, data) -> None:
-        i = self.index[disk.id]
+        i = self.index[id(disk)]
         t = self.tracks[i]
         view = memoryview(data)
         end = offset + len(view)
@@ -109,6 +115,13 @@ class DiskSequencer:
             self._advance(i, self._covered(t))
             self._next_disks()
 
+    def finish_disk(self, disk) -> None:
+        """The source has given all of this disk."""
+        t = self.tracks[self.index[id(disk)]]
+        t.complete = True
+        t.covered = t.size
+        self._next_disks()
+
     def close(self) -> None:
         """The source has ended: every disk is complete."""
         for t in self.tracks:
@@ -120,10 +133,10 @@ class DiskSequencer:
 
     # -- internals ---------------------------------------------------------------------
     def _covered(self, t) -> int:
-        if self.covered is None:
+        if self.covered is None or t.complete:
             return t.covered
         said = self.covered(t.disk)
-        return 0 if said is None else said
+        return t.covered if said == ORDERED else 0 if said is None else said
 
     def _next_disks(self, end: bool = False) -> None:
         while self.current < len(self.tracks):
