@@ -21,7 +21,8 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from .errors import CorruptError, UnsupportedError, UsageError
+from .errors import CorruptError, FormatError, UnsupportedError, UsageError
+from .settings.neutral import DiskSlot, VmSettings
 
 ZERO_CHUNK = bytes(1 << 20)
 
@@ -307,6 +308,19 @@ class Archive:
 
     format: str = "?"
     access: str = STREAM  # what it offers besides stream(): SCAN, RANDOM (see the top)
+    layered: bool = False  # reads through other files (--parent, --no-backing apply)
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        """Whether an input starting with head (up to 4 KiB) is this format."""
+        return False
+
+    @classmethod
+    def probe_tail(cls, tail: bytes) -> bool:
+        """Whether a seekable input ending with tail (512 bytes) is this format (a fixed
+        VHD: raw data and a footer)."""
+        return False
+
     # True when each disk's pieces come in ascending offset order (writers that need
     # that, such as VHD, spool the others to a temporary file first).
     ordered: bool = True
@@ -363,8 +377,6 @@ class Archive:
 
     def settings(self):
         """The VM's settings (settings.neutral.VmSettings); a bare image gives its disks only."""
-        from .settings.neutral import DiskSlot, VmSettings
-
         return VmSettings(
             name=self.vm.get("name", ""),
             memory=self.vm.get("memory", 0),
@@ -465,8 +477,6 @@ class Archive:
 
     def _settings_summary(self) -> dict | None:
         """The neutral settings (what convert -O vma|xva carries), None if unreadable."""
-        from .errors import FormatError
-
         try:
             s = self.settings()
         except FormatError:

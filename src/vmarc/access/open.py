@@ -19,9 +19,8 @@ import os
 import stat
 import sys
 
-from .. import open as open_archive
 from ..errors import SourceError, UsageError
-from ..formats import reader_for
+from ..formats import open_archive, reader_for
 from ..formats.raw import RawWriter
 from ..io.hashing import xxh64_text
 from ..io.output import OutputFile, writing

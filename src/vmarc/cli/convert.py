@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .. import open as open_archive
 from ..errors import UsageError
+from ..formats import open_archive
 from ..ops.convert import OUTPUT_FORMATS, convert, parse_options
 from ..ops.damage import elsewhere
 from ..ops.pack import ARCHIVE_FORMATS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import open as open_archive
+from ..formats import open_archive
 from ..ops.damage import elsewhere
 from ..ops.extract import extract
 from .common import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import open as open_archive
+from ..formats import open_archive
 from .common import add_source_args, human_size, layers, print_json
 
 

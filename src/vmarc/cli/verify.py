@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from .. import open as open_archive
 from ..errors import CorruptError, FormatError, IntegrityError, TruncatedError
+from ..formats import open_archive
 from ..ops.verify import verify
 from .common import add_progress_arg, add_source_args, layers, print_json
 

@@ -16,38 +16,38 @@ from collections import OrderedDict
 
 from ..errors import FormatError, SourceError, UnknownFormatError, UnsupportedError, UsageError
 from ..io.output import pwrite_all
+from ..io.source import open_source
 from ..model import DATA, RANDOM, ZERO, Archive, Checks, Disk, Extent, is_zero
+from . import detect, open_archive
 from .clusters import ClusterAssembler
+from .qcow2_layout import (
+    COMPRESSED,
+    COPIED,
+    EXT_BACKING_FORMAT,
+    EXT_DATA_FILE,
+    HEADER_V2,
+    HEADER_V3,
+    KNOWN_INCOMPATIBLE,
+    MAGIC,
+    OFFSET_MASK,
+    ZERO_FLAG,
+)
+from .qcow2check import check_refcounts
 
-MAGIC = b"QFI\xfb"
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-COMPRESSED = 1 << 62
-COPIED = 1 << 63
-ZERO_FLAG = 1
 MAX_SIZE = 1 << 56
 MAX_CHAIN = 32
 MAX_READ = 4 << 20  # largest coalesced read
-KNOWN_INCOMPATIBLE = 0b11111  # dirty, corrupt, external data, compression type, extended L2
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_DATA_FILE = 0x44415441  # "DATA": the external data file's name
-# -- on-disk records, read and written with the same layouts (docs/formats/qcow2.md) ------
-# version 2's header: magic, version, backing_file_offset, backing_file_size, cluster_bits,
-# size, crypt_method, l1_size, l1_table_offset, refcount_table_offset,
-# refcount_table_clusters, nb_snapshots, snapshots_offset
-HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
-# what version 3 adds after it: incompatible, compatible and autoclear features,
-# refcount_order, header_length
-HEADER_V3 = struct.Struct(">QQQII")
 BACKING_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd"}
-
-
-def probe(head: bytes) -> bool:
-    return head.startswith(MAGIC)
 
 
 class Qcow2Archive(Archive):
     format = "qcow2"
     access = RANDOM
+    layered = True
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return head.startswith(MAGIC)
 
     @classmethod
     def needs_file(
@@ -190,8 +190,6 @@ class Qcow2Archive(Archive):
         return path
 
     def _open_data_file(self, fname: str, chain: tuple):
-        from ..io.source import open_source
-
         source = open_source(self._beside(fname, "data file", chain))
         if not source.seekable:
             source.close()
@@ -202,10 +200,6 @@ class Qcow2Archive(Archive):
         """The backing file: in the format the header names (backing_fmt), else found by
         content, never raw by guess: a raw backing file needs backing_fmt=raw or the
         user's --parent (given), or any file the name points at would be read."""
-        from .. import open as open_archive
-        from ..io.source import open_source
-        from . import detect
-
         name = self.source.name
         me = os.path.realpath(self.source.path or "-")
         path = self._beside(bname, "backing file", chain)
@@ -270,8 +264,6 @@ class Qcow2Archive(Archive):
 
     def check_more(self, checks: Checks) -> None:
         """What `qemu-img check` checks: refcounts against references (qcow2check.py)."""
-        from .qcow2check import check_refcounts
-
         check_refcounts(self, checks)
 
     # -- mapping -------------------------------------------------------------------------
@@ -593,3 +585,6 @@ class Qcow2Writer:
         ) + HEADER_V3.pack(0, 0, 0, 4, HEADER_V2.size + HEADER_V3.size)
         self._pwrite(header + bytes(8), 0)  # then the end-of-extensions marker
         self.out.set_size(total * CLUSTER)
+
+
+READERS = {"qcow2": Qcow2Archive}

@@ -17,7 +17,7 @@ import struct
 
 from ..errors import FormatError
 from ..model import Checks, Damage
-from .qcow2 import COMPRESSED, COPIED, OFFSET_MASK
+from .qcow2_layout import COMPRESSED, COPIED, OFFSET_MASK
 
 SNAPSHOT_FIXED = 40  # bytes of a snapshot table entry before its extra data and names
 

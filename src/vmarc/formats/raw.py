@@ -131,3 +131,6 @@ class RawArchive(Archive):
         n = max(0, min(n, self.disks[0].size - offset))
         data = os.pread(self.source._raw_file.fileno(), n, offset)
         return data + bytes(n - len(data))
+
+
+READERS = {"raw": RawArchive}

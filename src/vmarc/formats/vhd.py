@@ -32,6 +32,7 @@ from ..model import (
     DATA,
     HOLE,
     RANDOM,
+    STREAM,
     ZERO_CHUNK,
     Archive,
     Checks,
@@ -85,23 +86,14 @@ def checksum(data: bytes, field: int) -> int:
     return ~(sum(data) - sum(data[field : field + 4])) & 0xFFFFFFFF
 
 
-def probe(head: bytes) -> bool:
-    return head.startswith(COOKIE)  # dynamic and differencing start with a footer copy
-
-
 def _looks_like_vhd(path: str) -> bool:
     """A VHD footer at the start or the end of the file (a parent found by a locator)."""
     with open(path, "rb") as f:
-        if probe(f.read(FOOTER)):
+        if VhdArchive.probe(f.read(FOOTER)):
             return True
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - FOOTER))
-        return probe_tail(f.read(FOOTER))
-
-
-def probe_tail(tail: bytes) -> bool:
-    """A fixed VHD is raw data with a footer at the end (512 bytes, or 511 from old tools)."""
-    return tail[-FOOTER:].startswith(COOKIE) or tail[-FOOTER + 1 :].startswith(COOKIE)
+        return VhdArchive.probe_tail(f.read(FOOTER))
 
 
 class Footer:
@@ -205,6 +197,17 @@ def bitmap_runs(bitmap: bytes, sectors: int):
 class VhdArchive(Archive):
     format = "vhd"
     access = RANDOM
+    layered = True
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return head.startswith(COOKIE)  # dynamic and differencing start with a footer copy
+
+    @classmethod
+    def probe_tail(cls, tail: bytes) -> bool:
+        """A fixed VHD is raw data with a footer at the end (512 bytes, or 511 from old
+        tools)."""
+        return tail[-FOOTER:].startswith(COOKIE) or tail[-FOOTER + 1 :].startswith(COOKIE)
 
     def __init__(
         self, source, parent: str | None = None, no_backing: bool = False, _children: tuple = ()
@@ -1105,7 +1108,7 @@ def allocated_blocks(stream) -> set[int]:
 
 
 # -- a VHD inside a tar (how XenServer tooling streams VHDs: os-xenapi, FORMATS.md) ------
-def probe_tar(head: bytes) -> bool:
+def _tar_of_vhd(head: bytes) -> bool:
     """A tar archive whose first member is a .vhd file."""
     pos = 0
     while pos + 512 <= len(head) and head[pos : pos + 512] != bytes(512):
@@ -1135,6 +1138,17 @@ class _MemberStream:
 class VhdTarArchive(VhdArchive):
     """The one VHD a .tar / .tgz holds, read front to back like a VHD from a pipe."""
 
+    access = STREAM  # the tar's member is read as a stream; random access spools it
+    layered = False
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return _tar_of_vhd(head)
+
+    @classmethod
+    def probe_tail(cls, tail: bytes) -> bool:
+        return False
+
     def __init__(self, source):
         reader = TarReader(source)
         member = reader.next()
@@ -1151,3 +1165,6 @@ class VhdTarArchive(VhdArchive):
     def close(self):
         super().close()
         self.outer.close()
+
+
+READERS = {"vhd": VhdArchive, "vhd-tar": VhdTarArchive}

@@ -68,10 +68,6 @@ def mask_runs(mask: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(runs)
 
 
-def probe(head: bytes) -> bool:
-    return head.startswith(MAGIC)
-
-
 class _ExtentData:
     """One extent's data, consumed in order a run at a time: each run is a view of the
     read-ahead buffer it lies in (no copy), or read into the extent buffer when it
@@ -101,6 +97,11 @@ class _ExtentData:
 class VmaArchive(Archive):
     format = "vma"
     access = SCAN
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return head.startswith(MAGIC)
+
     ordered = False  # clusters come as the backup job wrote them
 
     def __init__(self, source):
@@ -503,3 +504,6 @@ class VmaArchive(Archive):
                         damage,
                     )
                 )
+
+
+READERS = {"vma": VmaArchive}

@@ -31,10 +31,6 @@ CHECKSUMS = {
 }
 
 
-def probe(head: bytes) -> bool:
-    return head.startswith(MAGIC)
-
-
 class _DiskState:
     __slots__ = ("pos", "last_suffix", "chunks")
 
@@ -47,6 +43,10 @@ class _DiskState:
 class XvaArchive(Archive):
     format = "xva"
     access = SCAN
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return head.startswith(MAGIC)
 
     def __init__(self, source):
         super().__init__(source)
@@ -401,3 +401,6 @@ def _slot_key(userdevice):
         return int(userdevice)
     except (TypeError, ValueError):
         return 1 << 30
+
+
+READERS = {"xva": XvaArchive}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .. import open as open_archive
 from ..errors import SourceError, UsageError
+from ..formats import open_archive
 from ..formats.disk_order import ORDERED
 from ..formats.vma_writer import device_name
 from ..model import Checks
