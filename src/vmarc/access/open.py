@@ -20,7 +20,7 @@ import stat
 import sys
 
 from ..errors import SourceError, UsageError
-from ..formats import open_archive, reader_for
+from ..formats import name_of, open_archive, reader_for
 from ..formats.raw import RawWriter
 from ..io.hashing import xxh64_text
 from ..io.output import OutputFile, writing
@@ -264,7 +264,7 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
     note = _warn_damage(checks, quiet)
     _try_save(idx, ident, archive.format, "spool", maps, quiet, note=note)
     # the archive was streamed: open it again for its metadata
-    fresh = open_archive(path, archive.format)
+    fresh = open_archive(path, name_of(archive))  # a VHD in a tar is not a plain VHD
     archive.close()
     return Opened(fresh, _mapped(fresh, store, maps, verify), [store], "spool")
 

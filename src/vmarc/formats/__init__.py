@@ -40,6 +40,11 @@ def reader_for(fmt: str) -> type[Archive]:
     return found[fmt]
 
 
+def name_of(archive: Archive) -> str:
+    """The registry name an opened archive was read with (-f NAME opens it again)."""
+    return next(k for k, cls in readers().items() if type(archive) is cls)
+
+
 def detect(source, path_hint=None) -> str:
     """The format of a source from its first bytes (never guesses raw from content)."""
     head = source.peek(4096)
