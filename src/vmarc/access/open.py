@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 
 from ..errors import SourceError, UsageError
 from ..formats import name_of, open_archive, reader_for
@@ -26,6 +25,7 @@ from ..io.hashing import xxh64_text
 from ..io.output import OutputFile, writing
 from ..io.source import BLOCK, next_data
 from ..model import DATA, RANDOM, SCAN, Checks, Disk, DiskView
+from ..notices import notice, warn
 from .chunks import ChunkChecks
 from .index import identity, index_path, load_index, save_index
 from .maps import BAD, DiskMap, merged_ranges, overlaps
@@ -107,7 +107,7 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool, verify: bool
         stores = _reuse_stores(path, idx, how)
         if stores is not None:
             if note and not quiet:
-                print(f"vmarc: warning: {note}", file=sys.stderr)
+                warn(note)
             return Opened(
                 archive, _mapped(archive, stores[0], maps, verify), stores, how + " (reused)"
             )
@@ -178,7 +178,7 @@ def _warn_damage(checks: Checks, quiet: bool) -> str | None:
     n = sum(1 for d in checks.damage if d.length)
     note = f"{checks.seen[0]}" + (f"; {n} damaged stretch(es) read as I/O errors" if n else "")
     if not quiet:
-        print(f"vmarc: warning: {note}", file=sys.stderr)
+        warn(note)
     return note
 
 
@@ -223,10 +223,8 @@ def _try_save(idx, ident, fmt, how, maps, quiet, gzip_store=None, note=None) -> 
             gzip_store.export_checkpoints(idx + ".gzidx")
     except OSError as e:
         if not quiet:
-            print(
-                f"vmarc: cannot save the index to {idx}: {e.strerror}; it will be built "
-                "again next time",
-                file=sys.stderr,
+            notice(
+                f"cannot save the index to {idx}: {e.strerror}; it will be built again next time"
             )
 
 
@@ -235,10 +233,9 @@ def _spool(archive, path, idx, ident, quiet, verify) -> Opened:
     spool = idx + ".spool"
     what = archive.compression or f"{archive.format} in this form"
     if not quiet:
-        print(
-            f"vmarc: {archive.source.name}: {what} input cannot be read at random; "
-            f"spooling its disks once to {spool} (sparse; reused next time)",
-            file=sys.stderr,
+        notice(
+            f"{archive.source.name}: {what} input cannot be read at random; "
+            f"spooling its disks once to {spool} (sparse; reused next time)"
         )
     os.makedirs(os.path.dirname(os.path.abspath(spool)), exist_ok=True)
     bases, total = {}, 0

@@ -16,11 +16,11 @@ through one of these.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 from ..io.output import pwrite_all, temp_writes
 from ..model import ZERO_CHUNK
+from ..notices import notice
 
 # VMARC_HOLD_MEMORY (bytes) moves the bound; 0 sends everything held to the file
 HOLD_MEMORY = int(os.environ.get("VMARC_HOLD_MEMORY", 32 << 20))
@@ -195,11 +195,10 @@ class DiskSequencer:
             with temp_writes():
                 t.spool = tempfile.TemporaryFile(prefix="vmarc-hold-")
                 os.ftruncate(t.spool.fileno(), t.size)
-            print(
-                f"vmarc: {t.disk.describe()}: the source gives data of this disk before "
+            notice(
+                f"{t.disk.describe()}: the source gives data of this disk before "
                 f"the output can take it; holding that data in a temporary file in "
-                f"{tempfile.gettempdir()} until its turn",
-                file=sys.stderr,
+                f"{tempfile.gettempdir()} until its turn"
             )
         fd = t.spool.fileno()
         with temp_writes():

@@ -18,6 +18,7 @@ from ..errors import FormatError, SourceError, UnknownFormatError, UnsupportedEr
 from ..io.output import pwrite_all
 from ..io.source import open_source
 from ..model import DATA, RANDOM, ZERO, Archive, Checks, Disk, Extent, is_zero
+from ..notices import notice
 from . import detect, open_archive
 from .clusters import ClusterAssembler
 from .qcow2_layout import (
@@ -456,10 +457,9 @@ class Qcow2Archive(Archive):
         if disks is not None and disk not in disks:
             return
         if self.backing is not None:  # say which other files this reads
-            print(
-                f"vmarc: {self.source.name}: reading through its backing chain: "
-                + " -> ".join(self.chain()),
-                file=sys.stderr,
+            notice(
+                f"{self.source.name}: reading through its backing chain: "
+                + " -> ".join(self.chain())
             )
         for guest, _length, data in self._pieces():
             yield disk, guest, memoryview(data)

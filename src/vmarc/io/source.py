@@ -18,6 +18,7 @@ import tempfile
 import threading
 
 from ..errors import CorruptError, SourceError, TruncatedError, UnsupportedError
+from ..notices import notice
 from .codecs import DECOMPRESSORS, MAGIC_LZOP, sniff_compression
 
 BLOCK = 1 << 20  # read size for decompressors and read-ahead
@@ -474,11 +475,7 @@ def as_file(source: Source, why: str) -> Source:
     from ..model import data_runs
     from .output import pwrite_all, temp_writes
 
-    print(
-        f"vmarc: {source.name}: {why}; copying it to a temporary file in "
-        f"{tempfile.gettempdir()} first",
-        file=sys.stderr,
-    )
+    notice(f"{source.name}: {why}; copying it to a temporary file in {tempfile.gettempdir()} first")
     with temp_writes():
         fd, path = tempfile.mkstemp(prefix="vmarc-input-")
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 from ..errors import UsageError
@@ -12,6 +11,7 @@ from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..io.output import OutputFile, pwrite_all, temp_writes, writing
 from ..model import Archive, Checks, Disk
+from ..notices import notice
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 from .progress import Progress
 
@@ -52,10 +52,9 @@ def needs_order(out_format: str, opts: dict, to_stdout: bool) -> bool:
 def spooled(pieces, disk: Disk):
     """Pieces that came out of order, written to a sparse temporary file and read back in
     order (said on stderr: it costs disk space up to the data's size)."""
-    print(
-        f"vmarc: {disk.describe()}: the source is not in disk order; spooling it to a "
-        f"temporary file in {tempfile.gettempdir()}",
-        file=sys.stderr,
+    notice(
+        f"{disk.describe()}: the source is not in disk order; spooling it to a "
+        f"temporary file in {tempfile.gettempdir()}"
     )
     with temp_writes():
         tmp = tempfile.TemporaryFile(prefix="vmarc-spool-")

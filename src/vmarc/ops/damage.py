@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from ..errors import SalvagedError
 from ..io.output import OutputFile, write_all, writing
 from ..model import Checks, Disk
+from ..notices import notice, warn
 
 
 def checks_for(disks: list[Disk], salvage: bool) -> Checks:
@@ -63,7 +63,7 @@ def elsewhere(checks: Checks, disks: list[Disk]) -> str | None:
 def warn_elsewhere(checks: Checks, disks: list[Disk]) -> None:
     text = elsewhere(checks, disks)
     if text:
-        print(f"vmarc: warning: {text}", file=sys.stderr)
+        warn(text)
 
 
 CAUSES = {
@@ -87,7 +87,7 @@ def summary(checks: Checks, report: str) -> SalvagedError:
                 f"{causes['metadata']} metadata problem(s) (the data is read as the "
                 "metadata places it)"
             )
-        print(f"vmarc: {disk}: {'; '.join(parts)}", file=sys.stderr)
+        notice(f"{disk}: {'; '.join(parts)}")
     stretches = [d for d in checks.damage if d.cause != "metadata"]
     meta = len(checks.damage) - len(stretches)
     return SalvagedError(

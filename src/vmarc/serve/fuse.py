@@ -10,10 +10,10 @@ import ctypes
 import errno
 import os
 import stat
-import sys
 
 from ..errors import SourceError, UnsupportedError
 from ..model import ZERO
+from ..notices import error
 
 BLKSIZE = 1 << 20  # st_blksize: cat and cp then read a MiB at a time (one FUSE request)
 
@@ -60,7 +60,7 @@ def _operations(mfusepy, files: dict, st):
         try:
             return call(offset, n)
         except Exception as e:
-            print(f"vmarc mount: {path[1:]}: read at {offset}: {e}", file=sys.stderr)
+            error(f"{path[1:]}: read at {offset}: {e}", "vmarc.mount")
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     class Ops(mfusepy.Operations):

@@ -9,10 +9,10 @@ import os
 import socket
 import socketserver
 import struct
-import sys
 import threading
 
 from ..model import ZERO
+from ..notices import error
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054
@@ -83,7 +83,7 @@ class _Client(socketserver.BaseRequestHandler):
         except (_Disconnect, ConnectionError, OSError):
             pass  # the client went away (or fell silent): the server carries on
         except Exception as e:  # a bug or a damaged archive: one line, keep serving others
-            print(f"vmarc serve: client {self.client_address or 'unix'}: {e}", file=sys.stderr)
+            error(f"client {self.client_address or 'unix'}: {e}", "vmarc.serve")
         finally:
             with self.server.clients_lock:
                 self.server.clients -= 1
@@ -238,7 +238,7 @@ class _Client(socketserver.BaseRequestHandler):
 
     def _read_failed(self, disk, handle: int, offset: int, err: Exception):
         """The client gets EIO; the server says why and goes on serving."""
-        print(f"vmarc serve: {disk.disk.describe()}: read at {offset}: {err}", file=sys.stderr)
+        error(f"{disk.disk.describe()}: read at {offset}: {err}", "vmarc.serve")
         self._error(handle, EIO, "read error")
 
     def _read_in_place(self, disk, handle: int, offset: int, length: int):
@@ -269,10 +269,10 @@ class _Client(socketserver.BaseRequestHandler):
                     got = os.sendfile(out, disk.store_fd, at + sent, n - sent)
                 except OSError as e:  # the archive's read failing mid-reply is worth a line
                     if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                        print(
-                            f"vmarc serve: {disk.disk.describe()}: read at {start}: "
+                        error(
+                            f"{disk.disk.describe()}: read at {start}: "
                             f"{e.strerror}; the reply is cut, the client disconnected",
-                            file=sys.stderr,
+                            "vmarc.serve",
                         )
                     raise ConnectionError(e.strerror) from None
                 if got == 0:  # the archive file shrank under us: the reply cannot finish
