@@ -2,7 +2,7 @@
 """Random access in place: index time, NBD and FUSE sequential reads against reading the
 converted raw file, 4 KiB random reads per second, first read from a .xva.gz.
 
-Uses the XVA of bench_xva.py (built if missing). Usage: bench/bench_access.py [--runs 3]
+Uses the XVA of bench_xva.py (built if missing). Usage: python -m bench.bench_access [--runs 3]
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
-sys.path.insert(0, HERE)
-from bench_xva import VMARC, MiB, bench_args, build, warm_memory  # noqa: E402
+from bench.bench_xva import VMARC, MiB, bench_args, build, warm_memory
+from vmarc.access.open import open_disks
 
-from vmarc.access.open import open_disks  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def seconds(cmd, shell=False) -> float:

@@ -3,7 +3,7 @@
 in the same run (median of interleaved runs, ratios, peak RSS).
 
 The disk is bench_vma's model of a real one (a mix of entropies, a third of it zero,
-some partly used clusters), 1 GiB by default. Usage: bench/bench_images.py [--runs 5]
+some partly used clusters), 1 GiB by default. Usage: python -m bench.bench_images [--runs 5]
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import os
 import subprocess
 import sys
 
+from bench.bench_xva import VMARC, allocation, bench_args, interleaved, report  # the same harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-sys.path.insert(0, HERE)
-from bench_xva import VMARC, allocation, bench_args, interleaved, report  # noqa: E402  (same harness)
 
 
 def main() -> int:
@@ -27,7 +26,8 @@ def main() -> int:
         subprocess.run(
             [
                 sys.executable,
-                os.path.join(HERE, "bench_vma.py"),
+                "-m",
+                "bench.bench_vma",
                 "--build-only",
                 "--size-mib",
                 str(args.size_mib),
@@ -35,6 +35,7 @@ def main() -> int:
                 args.work,
             ],
             check=True,
+            cwd=os.path.dirname(HERE),
         )
     vhd = os.path.join(args.work, "disk.vhd")
     if not os.path.exists(vhd):

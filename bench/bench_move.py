@@ -8,7 +8,7 @@ disk in a live backup's order), building them first if missing. Runs the command
 interleaved rounds and prints medians, ratios and vmarc's peak RSS (memory must not grow
 with the disk: the sequencer holds one 1 MiB chunk, plus a temporary file for what a
 source gives out of turn).
-Usage: bench/bench_move.py [--runs 5]
+Usage: python -m bench.bench_move [--runs 5]
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import os
 import subprocess
 import sys
 
+from bench import bench_vma, bench_xva
+from bench.bench_xva import VMARC, bench_args, interleaved, report
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-sys.path.insert(0, HERE)
-import bench_vma  # noqa: E402
-import bench_xva  # noqa: E402
-from bench_xva import VMARC, bench_args, interleaved, report  # noqa: E402
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ The machines behind the benches change from day to day, so a ratio against `cat`
 another session says little; this times `vmarc convert` of the benches' archives with the
 working tree and with REV (checked out in a temporary git worktree), interleaved, and
 prints new / old. Build the data first with bench_xva.py, bench_vma.py and bench_images.py.
-Usage: bench/bench_versions.py --rev f0d103a [--runs 5]
+Usage: python -m bench.bench_versions --rev f0d103a [--runs 5]
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import subprocess
 import sys
 import tempfile
 
+from bench.bench_xva import bench_args, interleaved, report  # the same harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from bench_xva import bench_args, interleaved, report  # noqa: E402  (same harness)
 
 INPUTS = ["vm.xva", "vm.xva.gz", "vm.xva.zst", "vm.vma", "vm.vma.zst", "disk.vhd"]
 

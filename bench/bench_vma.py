@@ -9,7 +9,7 @@ cluster in twenty pulled forward by copy-before-write). `--worst` also times the
 pathological archive: every cluster shuffled and one 4 KiB block in five zero, which
 costs one small write per stretch. Runs the commands in interleaved rounds and prints
 medians, ratios and vmarc's peak RSS.
-Usage: bench/bench_vma.py [--size-mib 1024] [--runs 5]
+Usage: python -m bench.bench_vma [--size-mib 1024] [--runs 5]
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import os
 import subprocess
 import sys
 
+from bench.bench_xva import VMARC, allocation, bench_args, interleaved, report  # the same harness
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-sys.path.insert(0, HERE)
-from bench_xva import VMARC, allocation, bench_args, interleaved, report  # noqa: E402  (same harness)
 
 
 def build(work: str, size_mib: int) -> tuple[str, str, str]:
@@ -31,8 +30,18 @@ def build(work: str, size_mib: int) -> tuple[str, str, str]:
     if not all(os.path.exists(p) for p in (plain, zst, disk, os.path.join(work, "worst.vma"))):
         # a child process: the generator holds the disk in memory (see bench_xva)
         subprocess.run(
-            [sys.executable, __file__, "--build-only", "--size-mib", str(size_mib), "--work", work],
+            [
+                sys.executable,
+                "-m",
+                "bench.bench_vma",
+                "--build-only",
+                "--size-mib",
+                str(size_mib),
+                "--work",
+                work,
+            ],
             check=True,
+            cwd=os.path.dirname(HERE),
         )
     return plain, zst, disk
 
@@ -43,7 +52,7 @@ CONF = os.path.join(HERE, "qemu-server.conf")
 def realistic_disk(size_mib: int) -> bytearray:
     import random
 
-    from bench_xva import make_disk
+    from bench.bench_xva import make_disk
 
     xdisk = make_disk(size_mib)
     data = bytearray(size_mib << 20)
@@ -58,7 +67,7 @@ def realistic_disk(size_mib: int) -> bytearray:
 
 
 def build_files(work: str, size_mib: int) -> None:
-    import vmagen
+    from tests.support import vmagen
 
     data = realistic_disk(size_mib)
     with open(os.path.join(work, "vm.vma"), "wb") as f:

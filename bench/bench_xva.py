@@ -3,7 +3,7 @@
 
 Builds a ~1 GiB single-disk XVA (a third of the chunks zero, the rest half-compressible),
 its gzip and zstd variants, then times each command several times and prints medians,
-ratios and vmarc's peak RSS. Usage: bench/bench_xva.py [--size-mib 1024] [--runs 5]
+ratios and vmarc's peak RSS. Usage: python -m bench.bench_xva [--size-mib 1024] [--runs 5]
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 
+from tests.support import xvagen  # the tests' independent generator
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-import xvagen  # noqa: E402  (the tests' independent generator)
 
 MiB = 1 << 20
 VMARC = [sys.executable, "-m", "vmarc"]
@@ -64,8 +64,18 @@ def build(work: str, size_mib: int) -> dict[str, str]:
     # Built in a child process: the generator holds the disk in memory, and a forked
     # child's peak RSS would otherwise include it.
     subprocess.run(
-        [sys.executable, __file__, "--build-only", "--size-mib", str(size_mib), "--work", work],
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_xva",
+            "--build-only",
+            "--size-mib",
+            str(size_mib),
+            "--work",
+            work,
+        ],
         check=True,
+        cwd=os.path.dirname(HERE),
     )
     return paths
 

@@ -3,14 +3,12 @@
 failure, an XVA output either refused or exact, and peak memory under 256 MiB."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import need
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.support.helpers import ROOT, need
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -19,7 +17,8 @@ def test_mutated_inputs(seed, tmp_path):
     res = subprocess.run(
         [
             sys.executable,
-            os.path.join(HERE, "fuzz.py"),
+            "-m",
+            "tests.support.fuzz",
             "--cases",
             "200",
             "--seed",
@@ -31,6 +30,7 @@ def test_mutated_inputs(seed, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=ROOT,
     )
     assert res.stdout, res.stderr
     found = json.loads(res.stdout.splitlines()[-1])

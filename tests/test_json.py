@@ -5,12 +5,13 @@ import json
 import os
 
 import pytest
-import vmagen
-import xvagen as g
-from conftest import ROOT
-from conftest import vmarc as run
 from jsonschema import Draft202012Validator
-from test_access import CASES
+
+from tests.support import vmagen
+from tests.support import xvagen as g
+from tests.support.helpers import ROOT
+from tests.support.helpers import vmarc as run
+from tests.test_access import CASES
 
 with open(os.path.join(ROOT, "docs", "json-schema.json")) as f:
     SCHEMA = json.load(f)

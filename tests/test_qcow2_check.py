@@ -6,8 +6,9 @@ import struct
 import subprocess
 
 import pytest
-from conftest import need, vmarc_peak
-from conftest import vmarc as run
+
+from tests.support.helpers import need, vmarc_peak
+from tests.support.helpers import vmarc as run
 
 CS = 65536
 OFFSET_MASK = 0x00FFFFFFFFFFFE00

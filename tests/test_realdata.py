@@ -9,8 +9,9 @@ import os
 import subprocess
 
 import pytest
-from conftest import SHARED_REALDATA, assert_clean_failure, need
-from conftest import vmarc as run
+
+from tests.support.helpers import SHARED_REALDATA, assert_clean_failure, need
+from tests.support.helpers import vmarc as run
 
 CLUSTER = 65536
 

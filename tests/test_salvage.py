@@ -8,11 +8,12 @@ import os
 import subprocess
 
 import pytest
-import vmagen
-import xvagen as g
-from conftest import SHARED_FIXTURES, SHARED_REALDATA, assert_clean_failure
-from conftest import vmarc as run
-from test_access import mounted, own_cache, serve  # noqa: F401 (fixtures)
+
+from tests.support import vmagen
+from tests.support import xvagen as g
+from tests.support.helpers import SHARED_FIXTURES, SHARED_REALDATA, assert_clean_failure
+from tests.support.helpers import vmarc as run
+from tests.test_access import mounted, own_cache, serve  # noqa: F401 (fixtures)
 
 MiB = g.MiB
 

@@ -7,10 +7,11 @@ import stat
 import subprocess
 
 import pytest
-import xvagen as g
-from conftest import assert_clean_failure, need, vmarc_peak
-from conftest import vmarc as run
-from test_access import CASES, mounted, own_cache  # noqa: F401 (fixtures)
+
+from tests.support import xvagen as g
+from tests.support.helpers import assert_clean_failure, need, vmarc_peak
+from tests.support.helpers import vmarc as run
+from tests.test_access import CASES, mounted, own_cache  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
 FILL = b"\xaa"
@@ -275,7 +276,7 @@ def sparse_sources(tmp_path):
     """One disk with zero clusters and zero 4 KiB blocks inside data clusters, as XVA,
     VMA, a dynamic VHD and qcow2 (the last two written by qemu-img)."""
     need("qemu-img")
-    import vmagen
+    from tests.support import vmagen
 
     data = vmagen.disk_bytes(16 * MiB + 4096, seed=5)
     raw = tmp_path / "disk.img"
@@ -415,7 +416,7 @@ def test_a_read_error_under_gzip_is_exit_1_not_damage(tmp_path, own_cache, mount
     the cut): a read error with exit 1, whatever the decompressor makes of it."""
     import gzip
 
-    import xvagen as gen
+    from tests.support import xvagen as gen
 
     inner = gzip.compress(os.urandom(3 << 20), compresslevel=1)  # a .gz, 3 MiB inside
     disk = inner + bytes(-len(inner) % (1 << 20))

@@ -2,9 +2,9 @@
 
 import json
 
-import vmagen
-import xvagen as g
-from conftest import vmarc as run
+from tests.support import vmagen
+from tests.support import xvagen as g
+from tests.support.helpers import vmarc as run
 
 MiB = g.MiB
 

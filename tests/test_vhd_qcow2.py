@@ -7,9 +7,10 @@ import struct
 import subprocess
 
 import pytest
-import vhdgen
-from conftest import assert_clean_failure, need, vmarc_peak
-from conftest import vmarc as run
+
+from tests.support import vhdgen
+from tests.support.helpers import assert_clean_failure, need, vmarc_peak
+from tests.support.helpers import vmarc as run
 
 MiB = 1 << 20
 
@@ -348,7 +349,7 @@ def test_corrupt_qcow2_structures(tmp_path):
 
 
 def test_vma_to_vhd_spools_out_of_order_clusters(tmp_path):
-    import vmagen
+    from tests.support import vmagen
 
     data = vmagen.disk_bytes(5 * MiB, seed=2)
     (tmp_path / "a.vma").write_bytes(vmagen.build([("drive-scsi0", data)], order="shuffle"))

@@ -10,12 +10,11 @@ import re
 import subprocess
 
 import pytest
-import vmagen
-import xapimodel
-import xvagen
-from conftest import SHARED_FIXTURES, assert_clean_failure, need
-from conftest import vmarc as run
 from test_vma_create import make_raw
+
+from tests.support import vmagen, xapimodel, xvagen
+from tests.support.helpers import SHARED_FIXTURES, assert_clean_failure, need
+from tests.support.helpers import vmarc as run
 
 MiB = 1 << 20
 MAP_LINE = re.compile(r"^#qmdump#map:(\S+):(\S+):(\S*):(\S*):$")  # qmrestore's pattern

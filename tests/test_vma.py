@@ -6,10 +6,11 @@ import struct
 import subprocess
 
 import pytest
-import vmagen as v
-import xvagen
-from conftest import SHARED_FIXTURES, assert_clean_failure
-from conftest import vmarc as run
+
+from tests.support import vmagen as v
+from tests.support import xvagen
+from tests.support.helpers import SHARED_FIXTURES, assert_clean_failure
+from tests.support.helpers import vmarc as run
 
 SAMPLE = os.path.join(SHARED_FIXTURES, "proxmox-test.vma.gz")
 MiB = 1 << 20

@@ -7,11 +7,11 @@ import struct
 import subprocess
 
 import pytest
-import vmagen
-import xvagen
-from conftest import assert_clean_failure
-from conftest import vmarc as run
 from dissect.archive.vma import VMA
+
+from tests.support import vmagen, xvagen
+from tests.support.helpers import assert_clean_failure
+from tests.support.helpers import vmarc as run
 
 MiB = 1 << 20
 CONF = b"name: moved\nmemory: 1024\ncores: 2\nscsi0: local-lvm:vm-120-disk-0,size=4M\n"

@@ -7,8 +7,9 @@ import random
 import subprocess
 
 import pytest
-from conftest import ROOT, need
-from conftest import vmarc as run
+
+from tests.support.helpers import ROOT, need
+from tests.support.helpers import vmarc as run
 
 ORACLES = os.path.join(ROOT, "tests", "oracles")
 MiB = 1 << 20

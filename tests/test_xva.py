@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
-import xvagen as g
-from conftest import assert_clean_failure
-from conftest import vmarc as run
 
 import vmarc
+from tests.support import xvagen as g
+from tests.support.helpers import assert_clean_failure
+from tests.support.helpers import vmarc as run
 
 MiB = g.MiB
 

@@ -5,9 +5,10 @@ import os
 import time
 
 import pytest
-import xvagen as g
-from conftest import assert_clean_failure, vmarc_peak
-from conftest import vmarc as run
+
+from tests.support import xvagen as g
+from tests.support.helpers import assert_clean_failure, vmarc_peak
+from tests.support.helpers import vmarc as run
 
 MiB = g.MiB
 

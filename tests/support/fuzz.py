@@ -20,16 +20,13 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
 MiB = 1 << 20
 
 
 def samples(work: str) -> dict[str, tuple[bytes, bytes | None]]:
     """name -> (file bytes, the disk when the format checksums it, else None)."""
-    import vmagen
-    import xvagen as g
+    from tests.support import vmagen
+    from tests.support import xvagen as g
 
     rnd = random.Random(1)
     disk = bytearray(rnd.randbytes(2 * MiB))
