@@ -13,12 +13,12 @@ import sys
 import time
 
 import pytest
-from test_vhd_qcow2 import make_chain
 
 from tests.support import vmagen
 from tests.support import xvagen as g
 from tests.support.helpers import assert_clean_failure, need
 from tests.support.helpers import vmarc as run
+from tests.test_vhd_qcow2 import make_chain
 
 MiB = g.MiB
 

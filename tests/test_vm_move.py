@@ -10,11 +10,11 @@ import re
 import subprocess
 
 import pytest
-from test_vma_create import make_raw
 
 from tests.support import vmagen, xapimodel, xvagen
 from tests.support.helpers import SHARED_FIXTURES, assert_clean_failure, need
 from tests.support.helpers import vmarc as run
+from tests.test_vma_create import make_raw
 
 MiB = 1 << 20
 MAP_LINE = re.compile(r"^#qmdump#map:(\S+):(\S+):(\S*):(\S*):$")  # qmrestore's pattern

@@ -59,11 +59,7 @@ class GzipStore:
         (17 MiB against 40 MiB for a 4 GiB disk), so a mount of a large .gz stays small."""
         import rapidgzip
 
-        fmt = getattr(getattr(rapidgzip, "IndexFormat", None), "GZTOOL", None)
-        if fmt is None:  # an older rapidgzip: its own format
-            self.file.export_index(path)
-        else:
-            self.file.export_index(path, fmt)
+        self.file.export_index(path, rapidgzip.IndexFormat.GZTOOL)  # rapidgzip >= 0.16
 
     def pread(self, n: int, offset: int) -> bytes:
         with self._lock:
@@ -90,12 +86,28 @@ class GzipStore:
 
 
 class _Unclosed:
-    """Lends a file to a Source without letting it close it."""
+    """Lends a file to a Source (what a header scan calls) without letting it close it."""
 
     def __init__(self, f):
         self._f = f
 
-    def __getattr__(self, name):
-        if name == "close":
-            return lambda: None
-        return getattr(self._f, name)
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, view) -> int:
+        return self._f.readinto(view)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass  # the store closes it

@@ -259,10 +259,9 @@ class Source:
 
     def close(self) -> None:
         for obj in (self._stream, self._raw_file):
-            close = getattr(obj, "close", None)
-            if close:
+            if obj is not None:
                 try:
-                    close()
+                    obj.close()
                 except Exception:
                     pass
 
@@ -442,8 +441,11 @@ def open_source(src, *, name: str | None = None) -> Source:
             os.lseek(raw.fileno(), 0, os.SEEK_SET)
     else:
         raw = src
-        name = name or getattr(src, "name", None) or "stream"
-        name = str(name)
+        if not name:
+            try:  # a file object's name, when it has one
+                name = str(src.name)
+            except AttributeError:
+                name = "stream"
 
     # Sniff the first bytes; a pipe cannot be rewound, so replay them.
     head = bytearray()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+from ..access.views import ImageView
 from ..errors import UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..io.output import OutputFile, pwrite_all, temp_writes, writing
-from ..model import Archive, Checks, Disk
+from ..model import RANDOM, ZERO, Archive, Checks, Disk
 from ..notices import notice
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 from .progress import Progress
@@ -79,6 +80,21 @@ def spooled(pieces, disk: Disk):
                 pos += n
 
 
+def _first_pass(archive: Archive, disk: Disk, verify: bool):
+    """The disk's pieces for a writer's first pass: through the image's own tables when
+    the format has them, reading only what they call data; else a streaming pass."""
+    if archive.access != RANDOM or not archive.source.seekable or archive.compression:
+        yield from archive.stream([disk], Checks(), verify=verify)
+        return
+    view = ImageView(disk, archive)
+    for e in view.extents():
+        if e.kind == ZERO:
+            continue
+        for pos in range(e.start, e.start + e.length, READ_SIZE):
+            n = min(READ_SIZE, e.start + e.length - pos)
+            yield disk, pos, memoryview(view.read_at(pos, n))
+
+
 def convert(
     archive: Archive,
     output: str,
@@ -124,9 +140,7 @@ def convert(
                     "give the input as a file (it is read twice), or write a file"
                 )
             with reopen() as first:
-                allocated = allocated_blocks(
-                    first.stream([first.select(disk)], Checks(), verify=verify)
-                )
+                allocated = allocated_blocks(_first_pass(first, first.select(disk), verify))
         writer = _writer(out_format, out, chosen.size, opts, allocated)
         checks = checks_for([chosen], salvage)
         pieces = archive.stream([chosen], checks, verify=verify)

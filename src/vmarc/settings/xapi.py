@@ -423,8 +423,7 @@ def _vm_snapshot(s: VmSettings, vm_uuid: str) -> dict:
 
 def ova_xml(s: VmSettings, refs: list[str], network_names=None) -> bytes:
     """ova.xml for VmSettings whose data disks get the VDI refs given (in s.disks order)."""
-    for field in ("name", "description"):
-        text = getattr(s, field)
+    for field, text in (("name", s.name), ("description", s.description)):
         if xml_text(text) != text:  # dropped by render(); said here
             s.lost.append(f"control characters in the VM {field} (XML cannot hold them)")
     vm_ref, sr_ref = "Ref:0001", "Ref:0002"
