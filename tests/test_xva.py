@@ -1,4 +1,4 @@
-"""XVA reading: every quirk of FORMATS.md converts to the exact bytes of the disk."""
+"""XVA reading: every quirk of docs/formats/xva.md converts to the exact bytes of the disk."""
 
 import json
 import os

@@ -24,7 +24,7 @@ import xxhash
 MiB = 1 << 20
 NULL = "OpaqueRef:NULL"
 
-# Fields the importer reads from each record (FORMATS.md; the VM's set is Xen Orchestra's
+# Fields the importer reads from each record (docs/formats/xva.md; the VM's set is Xen Orchestra's
 # working template, @xen-orchestra/xva/templates/vm.mjs, plus uuid).
 REQUIRED = {
     "VDI": {

@@ -1,5 +1,5 @@
 """VHD (Microsoft Virtual Hard Disk v1): fixed, dynamic and differencing; XenServer's
-native disk format. Layout and rules: FORMATS.md, the VHD spec, qemu block/vpc.c and
+native disk format. Layout and rules: docs/formats/vhd.md, the VHD spec, qemu block/vpc.c and
 blktap's vhd-util check.
 
 A dynamic or differencing VHD is read from a file by block index (pread), merging each
@@ -515,7 +515,7 @@ class VhdArchive(Archive):
         return self.every_disk(items, ["the disk's data: VHD keeps no checksum of it"])
 
     def check_structure(self, checks: Checks) -> None:
-        """vhd-util check's rules (FORMATS.md); each problem to checks. Problems of the
+        """vhd-util check's rules (docs/formats/vhd.md); each problem to checks. Problems of the
         footer or header spoil no stretch in particular ("metadata", length 0); a bad
         BAT entry spoils its block."""
         name = self.source.name
@@ -1107,7 +1107,7 @@ def allocated_blocks(stream) -> set[int]:
     return found
 
 
-# -- a VHD inside a tar (how XenServer tooling streams VHDs: os-xenapi, FORMATS.md) ------
+# -- a VHD inside a tar (how XenServer tooling streams VHDs: os-xenapi, docs/formats/vhd.md)
 def _tar_of_vhd(head: bytes) -> bool:
     """A tar archive whose first member is a .vhd file."""
     pos = 0

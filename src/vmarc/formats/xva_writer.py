@@ -7,8 +7,8 @@ refs. All-zero chunks are left out (a gap in the numbering) except the first and
 which XAPI's importer needs to see; the last chunk is exactly `size mod 1 MiB` long. No
 keepalive members are written, so chunk N always sits at N MiB.
 
-The ova.xml objects carry every field XAPI's importer requires (FORMATS.md); the VM's
-field set follows Xen Orchestra's template (@xen-orchestra/xva/templates/vm.mjs).
+ova.xml comes from settings/xapi.py (every field XAPI's importer requires:
+docs/formats/xva.md). The writer orders the disks it is given itself (disk_order.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""qemu-server.conf: Proxmox VE's VM configuration ("key: value" lines)."""
+"""Proxmox's side of a VM's settings, both ways: qemu-server.conf ("key: value" lines)
+read into VmSettings (read_settings) and written from them (render), with Proxmox's
+tables (buses and their slots, NIC models)."""
 
 from __future__ import annotations
 

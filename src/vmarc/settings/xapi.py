@@ -1,8 +1,11 @@
-"""ova.xml: XAPI's XML-RPC `<value><struct>` description of an exported VM.
+"""XAPI's side of a VM's settings, both ways: ova.xml read into VmSettings
+(read_settings) and written from them (ova_xml), with XAPI's lookup tables (templates by
+OS, boot letters).
 
-`version` says who exported it; `objects` is a list of {class, id, snapshot} records for
-VM, VBD, VIF, VDI, SR, network... Integers are written as strings; values with no type
-element are strings too (Xen Orchestra writes those).
+ova.xml is XAPI's XML-RPC `<value><struct>` description of an exported VM: `version` says
+who exported it; `objects` is a list of {class, id, snapshot} records for VM, VBD, VIF,
+VDI, SR, network... Integers are written as strings; values with no type element are
+strings too (Xen Orchestra writes those). docs/formats/xva.md.
 """
 
 from __future__ import annotations
