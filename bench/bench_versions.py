@@ -4,7 +4,8 @@
 The machines behind the benches change from day to day, so a ratio against `cat` from
 another session says little; this times `vmarc convert` of the benches' archives with the
 working tree and with REV (checked out in a temporary git worktree), interleaved, and
-prints new / old. Build the data first with bench_xva.py, bench_vma.py and bench_images.py.
+prints new / old; also raw -> qcow2, raw -> VHD and `create -O vma` from the benches' raw
+disk. Build the data first with bench_xva, bench_vma and bench_images.
 Usage: python -m bench.bench_versions --rev f0d103a [--runs 5]
 """
 
@@ -20,20 +21,33 @@ from bench.bench_xva import bench_args, interleaved, report  # the same harness
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-INPUTS = ["vm.xva", "vm.xva.gz", "vm.xva.zst", "vm.vma", "vm.vma.zst", "disk.vhd"]
+# (label, input, the command with {src} and {out}, output name)
+JOBS = [
+    *(
+        (name, name, "convert --no-sync {src} {out}", "versions.raw")
+        for name in ("vm.xva", "vm.xva.gz", "vm.xva.zst", "vm.vma", "vm.vma.zst", "disk.vhd")
+    ),
+    ("raw -> qcow2", "disk.raw", "convert --no-sync -f raw -O qcow2 {src} {out}", "versions.qcow2"),
+    ("raw -> vhd", "disk.raw", "convert --no-sync -f raw -O vhd {src} {out}", "versions.vhd"),
+    (
+        "create -O vma",
+        "disk.raw",
+        "create --no-sync -O vma --disk scsi0={src} {out}",
+        "versions.vma",
+    ),
+]
 
 
 def main() -> int:
     ap = bench_args(1024)
     ap.add_argument("--rev", required=True, help="the earlier version (a git revision)")
     args = ap.parse_args()
-    have = [i for i in INPUTS if os.path.exists(os.path.join(args.work, i))]
+    have = [j for j in JOBS if os.path.exists(os.path.join(args.work, j[1]))]
     if not have:
         raise SystemExit(
-            f"bench: no archives in {args.work}; run bench_xva.py, bench_vma.py "
-            "and bench_images.py first"
+            f"bench: no archives in {args.work}; run bench_xva, bench_vma and bench_images first"
         )
-    out = os.path.join(args.out_dir or args.work, "versions.raw")
+    outs = [os.path.join(args.out_dir or args.work, j[3]) for j in have]
     old = tempfile.mkdtemp(prefix="vmarc-old-")
     subprocess.run(
         ["git", "-C", ROOT, "worktree", "add", "-q", "--detach", old, args.rev], check=True
@@ -41,17 +55,16 @@ def main() -> int:
     try:
         py = sys.executable
         jobs, pairs = {}, []
-        for name in have:
-            src = os.path.join(args.work, name)
-            jobs[f"{name}: new vmarc"] = f"{py} -m vmarc convert --no-sync {src} {out}"
-            jobs[f"{name}: old vmarc"] = (
-                f"PYTHONPATH={old}/src {py} -m vmarc convert --no-sync {src} {out}"
-            )
-            pairs.append((f"{name}: new vmarc", f"{name}: old vmarc", None))
+        for (label, name, command, _), out in zip(have, outs):
+            cmd = command.format(src=os.path.join(args.work, name), out=out)
+            jobs[f"{label}: new vmarc"] = f"{py} -m vmarc {cmd}"
+            jobs[f"{label}: old vmarc"] = f"PYTHONPATH={old}/src {py} -m vmarc {cmd}"
+            pairs.append((f"{label}: new vmarc", f"{label}: old vmarc", None))
 
         def rm():
-            if os.path.exists(out):
-                os.unlink(out)
+            for out in outs:
+                if os.path.exists(out):
+                    os.unlink(out)
 
         print(f"this checkout against {args.rev}; median of {args.runs} interleaved runs")
         res = interleaved(jobs, args.runs, rm)
