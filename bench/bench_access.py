@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from bench.bench_xva import VMARC, MiB, bench_args, build, warm_memory
-from vmarc.access.open import open_disks
+from vmarc.access import open_disks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,14 +80,14 @@ def main() -> int:
     shutil.rmtree(cache, ignore_errors=True)
     t = time.perf_counter()
     o, _ = timed_open(gz)
-    o.disks[0].read(size // 2, 4096)
+    o.disks[0].read_at(size // 2, 4096)
     first_gz = time.perf_counter() - t
     o.close()
     t = time.perf_counter()
     o, _ = timed_open(gz)
-    o.disks[0].read(size // 3, 4096)
+    o.disks[0].read_at(size // 3, 4096)
     again_gz = time.perf_counter() - t
-    rps_gz = random_reads(lambda off: o.disks[0].read(off, 4096), size)
+    rps_gz = random_reads(lambda off: o.disks[0].read_at(off, 4096), size)
     o.close()
     print(
         f"first random read from .xva.gz:     {first_gz:6.3f} s (builds the index and "
@@ -95,7 +95,7 @@ def main() -> int:
     )
 
     o, _ = timed_open(plain)
-    rps_plain = random_reads(lambda off: o.disks[0].read(off, 4096), size)
+    rps_plain = random_reads(lambda off: o.disks[0].read_at(off, 4096), size)
     o.close()
     with open(raw, "rb") as f:
         rps_raw = random_reads(lambda off: os.pread(f.fileno(), 4096, off), size)
