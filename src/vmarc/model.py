@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from .errors import CorruptError, FormatError, UnsupportedError, UsageError
-from .settings.neutral import DiskSlot, VmSettings
 
 ZERO_CHUNK = bytes(1 << 20)
 
@@ -377,6 +376,8 @@ class Archive:
 
     def settings(self):
         """The VM's settings (settings.neutral.VmSettings); a bare image gives its disks only."""
+        from .settings.neutral import DiskSlot, VmSettings  # dataclasses: only when asked
+
         return VmSettings(
             name=self.vm.get("name", ""),
             memory=self.vm.get("memory", 0),

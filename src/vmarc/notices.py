@@ -1,51 +1,51 @@
 """The one channel for what library code tells the user besides its result: warnings
-(damage that spares the disk asked for, an index that could not be saved) and notices
-(a spool it has to make, the files a chain reads through, a server's failed read).
+(damage that spares the disk asked for), notices (a spool it has to make, the files a
+chain reads through, an index it could not save) and errors it carries on after (a
+server's failed read for one client).
 
-It is the `vmarc` logger (`vmarc.serve`, `vmarc.mount` for the servers). The command
-line prints each record as one line on stderr: "vmarc: ...", "vmarc serve: ...", with
-"warning: " before warnings. A program using the API configures logging as it likes;
-left alone, Python prints the warnings and errors and drops the notices.
+Each goes to one handler, handler(who, kind, text). The default writes one line on
+stderr: "vmarc: ...", "vmarc serve: ...", with "warning: " before warnings, which is
+what the command line shows. A program using the API may set its own (set_handler), to
+collect, log or silence them. (Not the logging module: importing it costs every command
+more start-up time than most of vmarc's own modules.)
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
-log = logging.getLogger("vmarc")
+WARNING, NOTICE, ERROR = "warning", "notice", "error"
+
+
+def stderr_lines(who: str, kind: str, text: str) -> None:
+    """The default handler: one line on the stderr of the moment (tests and the mount's
+    log file replace sys.stderr)."""
+    try:
+        sys.stderr.write(f"{who}: {'warning: ' if kind == WARNING else ''}{text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr gone: nothing to tell it to
+
+
+_handler = stderr_lines
+
+
+def set_handler(handler) -> object:
+    """Route every notice to handler(who, kind, text) (None: back to stderr lines);
+    returns the previous handler."""
+    global _handler
+    previous, _handler = _handler, handler or stderr_lines
+    return previous
 
 
 def warn(text: str, who: str = "vmarc") -> None:
-    logging.getLogger(who).warning(text)
+    _handler(who, WARNING, text)
 
 
 def notice(text: str, who: str = "vmarc") -> None:
-    logging.getLogger(who).info(text)
+    _handler(who, NOTICE, text)
 
 
 def error(text: str, who: str = "vmarc") -> None:
-    """Something failed and the program goes on (a server's read for one client)."""
-    logging.getLogger(who).error(text)
-
-
-class StderrLines(logging.Handler):
-    """How the command line shows records: one line each on the stderr of the moment
-    (tests and the mount's log file replace it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        who = record.name.replace(".", " ")
-        kind = "warning: " if record.levelno == logging.WARNING else ""
-        try:
-            sys.stderr.write(f"{who}: {kind}{record.getMessage()}\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass  # stderr gone: nothing to tell it to
-
-
-def to_stderr() -> None:
-    """Show every notice on stderr (the command line)."""
-    if not any(isinstance(h, StderrLines) for h in log.handlers):
-        log.addHandler(StderrLines())
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    """Something failed and the program goes on."""
+    _handler(who, ERROR, text)

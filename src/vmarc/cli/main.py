@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 
-from .. import notices
 from ..errors import VmarcError
 
 # Subcommand modules, imported on demand: each pulls in its readers and writers, and a
@@ -54,7 +53,6 @@ def _terminate(signum, _frame):
 
 
 def main(argv=None) -> int:
-    notices.to_stderr()
     # Decompression and SHA-1 run on threads that hand the GIL back and forth with the
     # main thread's write calls; at the default 5 ms switch interval each handoff can
     # stall a syscall's return (bench/: gzip XVA -> raw 2.4 s at 5 ms, 1.7 s at 0.5 ms).

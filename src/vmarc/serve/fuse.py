@@ -60,7 +60,7 @@ def _operations(mfusepy, files: dict, st):
         try:
             return call(offset, n)
         except Exception as e:
-            error(f"{path[1:]}: read at {offset}: {e}", "vmarc.mount")
+            error(f"{path[1:]}: read at {offset}: {e}", "vmarc mount")
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     class Ops(mfusepy.Operations):

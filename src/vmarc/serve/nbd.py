@@ -83,7 +83,7 @@ class _Client(socketserver.BaseRequestHandler):
         except (_Disconnect, ConnectionError, OSError):
             pass  # the client went away (or fell silent): the server carries on
         except Exception as e:  # a bug or a damaged archive: one line, keep serving others
-            error(f"client {self.client_address or 'unix'}: {e}", "vmarc.serve")
+            error(f"client {self.client_address or 'unix'}: {e}", "vmarc serve")
         finally:
             with self.server.clients_lock:
                 self.server.clients -= 1
@@ -238,7 +238,7 @@ class _Client(socketserver.BaseRequestHandler):
 
     def _read_failed(self, disk, handle: int, offset: int, err: Exception):
         """The client gets EIO; the server says why and goes on serving."""
-        error(f"{disk.disk.describe()}: read at {offset}: {err}", "vmarc.serve")
+        error(f"{disk.disk.describe()}: read at {offset}: {err}", "vmarc serve")
         self._error(handle, EIO, "read error")
 
     def _read_in_place(self, disk, handle: int, offset: int, length: int):
@@ -272,7 +272,7 @@ class _Client(socketserver.BaseRequestHandler):
                         error(
                             f"{disk.disk.describe()}: read at {start}: "
                             f"{e.strerror}; the reply is cut, the client disconnected",
-                            "vmarc.serve",
+                            "vmarc serve",
                         )
                     raise ConnectionError(e.strerror) from None
                 if got == 0:  # the archive file shrank under us: the reply cannot finish

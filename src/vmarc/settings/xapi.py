@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
-from .neutral import DiskSlot, Nic, VmSettings, is_uuid, is_windows, mac_ok
+
+if TYPE_CHECKING:
+    from .neutral import VmSettings
 
 MAX_OVA_XML = 64 << 20  # XAPI's ova.xml is a few hundred KiB at most
 
@@ -147,6 +150,7 @@ def xml_text(text: str) -> str:
 
 def read_settings(top: dict, vm_id: str | None, disks, where: str):
     """VmSettings of the VM object vm_id; disks are the archive's data disks in slot order."""
+    from .neutral import DiskSlot, Nic, VmSettings, mac_ok  # only when settings are asked for
 
     objs = {o["id"]: o for o in top["objects"]}
     s = VmSettings()
@@ -315,6 +319,8 @@ def disk_refs(count: int) -> list[str]:
 
 
 def _vm_snapshot(s: VmSettings, vm_uuid: str) -> dict:
+    from .neutral import is_windows
+
     """Every field of a VM record the importer reads (Xen Orchestra's template's set)."""
     vcpus = s.max_vcpus
     template = XAPI_TEMPLATE_FOR.get(s.ostype, "Other install media")
@@ -426,6 +432,8 @@ def _vm_snapshot(s: VmSettings, vm_uuid: str) -> dict:
 
 def ova_xml(s: VmSettings, refs: list[str], network_names=None) -> bytes:
     """ova.xml for VmSettings whose data disks get the VDI refs given (in s.disks order)."""
+    from .neutral import is_uuid, is_windows
+
     for field, text in (("name", s.name), ("description", s.description)):
         if xml_text(text) != text:  # dropped by render(); said here
             s.lost.append(f"control characters in the VM {field} (XML cannot hold them)")
