@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..access.views import ImageView
 from ..errors import UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
@@ -86,6 +85,8 @@ def _first_pass(archive: Archive, disk: Disk, verify: bool):
     if archive.access != RANDOM or not archive.source.seekable or archive.compression:
         yield from archive.stream([disk], Checks(), verify=verify)
         return
+    from ..access.views import ImageView  # only for this first pass
+
     view = ImageView(disk, archive)
     for e in view.extents():
         if e.kind == ZERO:

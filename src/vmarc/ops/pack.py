@@ -12,11 +12,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..formats.vma_writer import VmaWriter
-from ..formats.xva_writer import XvaWriter
 from ..io.codecs import compression_for
 from ..io.output import StreamOutput, writing
 
@@ -26,15 +23,18 @@ COMPRESSIONS = {"xva": ("gzip", "zstd"), "vma": ("gzip", "zstd", "lzop")}
 VZDUMP_NAME = re.compile(r"vzdump-qemu-(\d+)-")
 
 
-@dataclass
 class Target:
-    """What was decided about an archive output."""
+    """What was decided about an archive output. (A plain class: this module is imported
+    by every `convert`, and dataclasses cost more start-up than a whole small job.)"""
 
-    path: str  # the file to write ("-": stdout)
-    out_format: str  # vma or xva
-    compression: str | None
-    vmid: int  # VMA: the VM id its config names (the name's, when it has one)
-    options: dict
+    def __init__(
+        self, path: str, out_format: str, compression: str | None, vmid: int, options: dict
+    ):
+        self.path = path  # the file to write ("-": stdout)
+        self.out_format = out_format  # vma or xva
+        self.compression = compression
+        self.vmid = vmid  # VMA: the VM id its config names (the name's, when it has one)
+        self.options = options
 
     def writer(
         self, out, disks, *, ova_xml: bytes = b"", configs=None, covered=None, ordered: bool = False
@@ -42,6 +42,9 @@ class Target:
         """The format's writer into out. disks: (ref or device name, Disk) in the order
         the archive stores them; XVA: ova_xml and covered (XvaWriter); VMA: configs and
         ordered (VmaWriter)."""
+        from ..formats.vma_writer import VmaWriter  # only when writing an archive
+        from ..formats.xva_writer import XvaWriter
+
         if self.out_format == "xva":
             return XvaWriter(
                 out,
