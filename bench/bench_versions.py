@@ -35,14 +35,25 @@ JOBS = [
         "create --no-sync -O vma --disk scsi0={src} {out}",
         "versions.vma",
     ),
+    (
+        "create -O vma, zstd",
+        "disk.raw",
+        "create --no-sync -O vma --disk scsi0={src} {out}",
+        "versions.vma.zst",
+    ),
 ]
 
 
 def main() -> int:
     ap = bench_args(1024)
     ap.add_argument("--rev", required=True, help="the earlier version (a git revision)")
+    ap.add_argument("--only", help="time only the jobs whose label contains this")
     args = ap.parse_args()
-    have = [j for j in JOBS if os.path.exists(os.path.join(args.work, j[1]))]
+    have = [
+        j
+        for j in JOBS
+        if os.path.exists(os.path.join(args.work, j[1])) and (args.only or "") in j[0]
+    ]
     if not have:
         raise SystemExit(
             f"bench: no archives in {args.work}; run bench_xva, bench_vma and bench_images first"
