@@ -56,32 +56,38 @@ class DiskMap:
 
     def extents(self, offset: int, length: int, file: str | None = None):
         """Extents covering the range: DATA at their store offset, ZERO, LOST (BAD)."""
-        for start, n, at in self._runs(offset, length):
+        new = tuple.__new__  # Extents made in C: this runs for every block status
+        for start, n, at in self.runs(offset, length):
             if at is None:
-                yield Extent(start, n, ZERO, None, file)
+                yield new(Extent, (start, n, ZERO, None, file, 0))
             elif at >= BAD:
-                yield Extent(start, n, LOST, None, file)
+                yield new(Extent, (start, n, LOST, None, file, 0))
             else:
-                yield Extent(start, n, DATA, at, file)
+                yield new(Extent, (start, n, DATA, at, file, 0))
 
-    def _runs(self, offset: int, length: int):
-        """(disk offset, length, store offset or None for zeros) covering the range."""
+    def runs(self, offset: int, length: int):
+        """The map's own form of extents(): (disk offset, length, store offset, None for
+        zeros, >= BAD for lost) covering the range. Only the view reading through this
+        map uses it (MappedDisk.read_at, the hot path of random reads); everything else
+        asks extents()."""
+        starts, lengths, offsets = self.starts, self.lengths, self.offsets
+        count = len(starts)
         end = offset + length
-        i = max(bisect.bisect_right(self.starts, offset) - 1, 0)
+        i = max(bisect.bisect_right(starts, offset) - 1, 0)
         pos = offset
         while pos < end:
-            if i < len(self.starts) and self.starts[i] + self.lengths[i] <= pos:
+            if i < count and starts[i] + lengths[i] <= pos:
                 i += 1
                 continue
-            if i >= len(self.starts) or self.starts[i] >= end:
+            if i >= count or starts[i] >= end:
                 yield pos, end - pos, None
                 return
-            s = self.starts[i]
+            s = starts[i]
             if s > pos:
                 yield pos, s - pos, None
                 pos = s
-            stop = min(s + self.lengths[i], end)
-            yield pos, stop - pos, self.offsets[i] + (pos - s)
+            stop = min(s + lengths[i], end)
+            yield pos, stop - pos, offsets[i] + (pos - s)
             pos = stop
             i += 1
 

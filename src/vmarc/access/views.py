@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 
 from ..errors import CorruptError
-from ..model import DATA, LOST, Disk, DiskView
+from ..model import LOST, Disk, DiskView
 from .chunks import ChunkChecks
-from .maps import DiskMap
+from .maps import BAD, DiskMap
 from .stores import FileStore
 
 
@@ -67,11 +67,14 @@ class MappedDisk(DiskView):
         n = max(0, min(n, self.size - offset))
         self.check_chunks(offset, n)
         parts = []
-        for e in self.map.extents(offset, n):  # one walk: lost stretches too
-            if e.kind == LOST:
-                raise self._lost(e.start, e.length)
-            parts.append(self.store.pread(e.length, e.at) if e.kind == DATA else bytes(e.length))
-        return b"".join(parts)
+        for start, length, at in self.map.runs(offset, n):  # one walk: lost stretches too
+            if at is None:
+                parts.append(bytes(length))
+            elif at >= BAD:
+                raise self._lost(start, length)
+            else:
+                parts.append(self.store.pread(length, at))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ImageView(DiskView):
