@@ -12,7 +12,14 @@ import os
 import subprocess
 import sys
 
-from bench.bench_xva import VMARC, allocation, bench_args, interleaved, report  # the same harness
+from bench.bench_xva import (  # the same harness
+    VMARC,
+    allocation,
+    bench_args,
+    build_in_child,
+    interleaved,
+    report,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,20 +30,7 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     disk = os.path.join(args.work, "disk.raw")
     if not os.path.exists(disk):  # shared with bench_vma
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.bench_vma",
-                "--build-only",
-                "--size-mib",
-                str(args.size_mib),
-                "--work",
-                args.work,
-            ],
-            check=True,
-            cwd=os.path.dirname(HERE),
-        )
+        build_in_child("bench.bench_vma", args.size_mib, args.work)
     vhd = os.path.join(args.work, "disk.vhd")
     if not os.path.exists(vhd):
         subprocess.run(

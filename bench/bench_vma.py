@@ -19,7 +19,14 @@ import os
 import subprocess
 import sys
 
-from bench.bench_xva import VMARC, allocation, bench_args, interleaved, report  # the same harness
+from bench.bench_xva import (  # the same harness
+    VMARC,
+    allocation,
+    bench_args,
+    build_in_child,
+    interleaved,
+    report,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,21 +35,7 @@ def build(work: str, size_mib: int) -> tuple[str, str, str]:
     plain, zst = os.path.join(work, "vm.vma"), os.path.join(work, "vm.vma.zst")
     disk = os.path.join(work, "disk.raw")
     if not all(os.path.exists(p) for p in (plain, zst, disk, os.path.join(work, "worst.vma"))):
-        # a child process: the generator holds the disk in memory (see bench_xva)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.bench_vma",
-                "--build-only",
-                "--size-mib",
-                str(size_mib),
-                "--work",
-                work,
-            ],
-            check=True,
-            cwd=os.path.dirname(HERE),
-        )
+        build_in_child("bench.bench_vma", size_mib, work)
     return plain, zst, disk
 
 

@@ -61,23 +61,18 @@ def build(work: str, size_mib: int) -> dict[str, str]:
     paths = archive_paths(work)
     if all(os.path.exists(p) for p in paths.values()):
         return paths
-    # Built in a child process: the generator holds the disk in memory, and a forked
-    # child's peak RSS would otherwise include it.
+    build_in_child("bench.bench_xva", size_mib, work)
+    return paths
+
+
+def build_in_child(module: str, size_mib: int, work: str) -> None:
+    """Run module's --build-only in a child process: the generators hold the disk in
+    memory, and a forked child's peak RSS would otherwise include it."""
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_xva",
-            "--build-only",
-            "--size-mib",
-            str(size_mib),
-            "--work",
-            work,
-        ],
+        [sys.executable, "-m", module, "--build-only", "--size-mib", str(size_mib), "--work", work],
         check=True,
         cwd=os.path.dirname(HERE),
     )
-    return paths
 
 
 def build_files(paths, size_mib: int) -> None:
