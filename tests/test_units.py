@@ -88,7 +88,7 @@ def test_extent_list_merges_neighbours_and_clips():
         Extent(240, 10, DATA, None, "a", 1),  # compressed, one layer down
     ]
     lst = _ExtentList(parts)
-    assert [(e.start, e.length, e.file) for e in lst.items] == [
+    assert [(e.start, e.length, e.file) for e in lst.cover(0, 250)] == [
         (0, 150, "a"),
         (150, 50, "b"),
         (200, 40, "a"),
