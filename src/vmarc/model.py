@@ -146,6 +146,17 @@ class DiskView:
         or a bad checksum."""
         raise NotImplementedError
 
+    def stream(self, step: int = 4 << 20) -> Iterator[tuple[Disk, int, memoryview]]:
+        """What Archive.stream gives for this disk, read through extents and read_at:
+        (disk, offset, data) of every stretch not ZERO, in disk order, step bytes at most
+        (a writer's first pass over an image; an interleaved archive read disk by disk)."""
+        for e in self.extents():
+            if e.kind == ZERO:
+                continue
+            end = e.start + e.length
+            for pos in range(e.start, end, step):
+                yield self.disk, pos, memoryview(self.read_at(pos, min(step, end - pos)))
+
     def verify(self, offset: int, n: int) -> None:
         """Check [offset, offset + n) before its bytes are handed out another way than
         read_at (by store_fd): refuse lost stretches, check stored checksums."""

@@ -800,16 +800,16 @@ class VhdArchive(Archive):
         (a block's sector bitmap is not consulted, as qemu-img map does not), and ZERO
         where none does."""
         end = self.size if length is None else min(offset + length, self.size)
-        below = len(self._layers()) - 1 if self.footer.type != FIXED else 0
+        layers = [] if self.footer.type == FIXED else self._layers()
         return filled(
-            self._stored(offset, end, depth),
+            self._stored(offset, end, depth, layers),
             offset,
             end,
             self.source.path or self.source.name,
-            depth + below,
+            depth + max(0, len(layers) - 1),
         )
 
-    def _stored(self, start: int, end: int, depth: int):
+    def _stored(self, start: int, end: int, depth: int, layers: list):
         if self.footer.type == FIXED:
             if start < end:
                 yield Extent(
@@ -817,7 +817,6 @@ class VhdArchive(Archive):
                 )
             return
         bs = self.header.block_size
-        layers = self._layers()
         for index in range(start // bs, -(-end // bs)):
             a, b = max(start, index * bs), min(end, (index + 1) * bs)
             for k, p in enumerate(layers):

@@ -10,7 +10,7 @@ from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
 from ..io.output import OutputFile, pwrite_all, temp_writes, writing
-from ..model import RANDOM, ZERO, Archive, Checks, Disk
+from ..model import RANDOM, Archive, Checks, Disk
 from ..notices import notice
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 from .progress import Progress
@@ -87,13 +87,7 @@ def _first_pass(archive: Archive, disk: Disk, verify: bool):
         return
     from ..access.views import ImageView  # only for this first pass
 
-    view = ImageView(disk, archive)
-    for e in view.extents():
-        if e.kind == ZERO:
-            continue
-        for pos in range(e.start, e.start + e.length, READ_SIZE):
-            n = min(READ_SIZE, e.start + e.length - pos)
-            yield disk, pos, memoryview(view.read_at(pos, n))
+    yield from ImageView(disk, archive).stream(READ_SIZE)
 
 
 def convert(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UsageError
-from ..model import DATA, SCAN, Archive, Checks
+from ..model import SCAN, Archive, Checks
 from ..settings import proxmox
 from ..settings.xapi import disk_refs, ova_xml
 from .pack import Target, plan, write_archive
@@ -140,14 +140,8 @@ def _indexed_pieces(archive: Archive, order):
     store = FileStore(archive.source.path)
     try:
         for disk in order:
-            view = MappedDisk(
-                disk, store, maps[disk.id].finish(), archive.source.name, verify=False
-            )  # scan checked the structure; XVA never comes here
-            for e in view.extents():
-                if e.kind != DATA:
-                    continue
-                for step in range(0, e.length, READ_STEP):
-                    n = min(READ_STEP, e.length - step)
-                    yield disk, e.start + step, memoryview(store.pread(n, e.at + step))
+            # scan checked the structure (and raised on damage); VMA has no chunk sums
+            view = MappedDisk(disk, store, maps[disk.id].finish(), archive.source.name)
+            yield from view.stream(READ_STEP)
     finally:
         store.close()
