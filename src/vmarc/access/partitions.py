@@ -1,4 +1,6 @@
-"""Partitions of a disk from its MBR (primary and logical) or GPT, for `mount`.
+"""Partitions of a disk from its MBR (primary and logical) or GPT, for `mount` and the
+guest file commands, numbered as Linux numbers them (MBR: slots 1-4, logical from 5;
+GPT: the entry's index + 1), so that xvda5 here is xvda5 in the guest.
 
 Only the tables are read (through DiskView.read_at); anything odd (an entry past the
 disk's end, a loop in the logical chain) ends the list instead of failing the mount.
@@ -7,6 +9,7 @@ disk's end, a loop in the logical chain) ends the list instead of failing the mo
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 SECTOR = 512
 EXTENDED = {0x05, 0x0F, 0x85}
@@ -14,8 +17,14 @@ GPT_PROTECTIVE = 0xEE
 MAX_PARTITIONS = 128
 
 
-def partitions(disk) -> list[tuple[int, int]]:
-    """(offset, length) in bytes of each partition, in table order."""
+class Partition(NamedTuple):
+    number: int
+    offset: int  # bytes
+    size: int
+
+
+def partitions(disk) -> list[Partition]:
+    """Each partition, in table order."""
     mbr = disk.read_at(0, SECTOR)
     if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
         return []
@@ -23,17 +32,17 @@ def partitions(disk) -> list[tuple[int, int]]:
     if any(kind == GPT_PROTECTIVE for kind, _, _ in entries):
         return _gpt(disk)
     found = []
-    for kind, start, count in entries:
+    for slot, (kind, start, count) in enumerate(entries, 1):
         if not kind or not count:
             continue
         if kind in EXTENDED:
             found += _logical(disk, start)
         else:
-            found.append((start * SECTOR, count * SECTOR))
-    return [p for p in found if p[0] + p[1] <= disk.size][:MAX_PARTITIONS]
+            found.append(Partition(slot, start * SECTOR, count * SECTOR))
+    return [p for p in found if p.offset + p.size <= disk.size][:MAX_PARTITIONS]
 
 
-def _logical(disk, ext_start: int) -> list[tuple[int, int]]:
+def _logical(disk, ext_start: int) -> list[Partition]:
     """Logical partitions: a chain of EBRs, each pointing at the next (relative to the
     extended partition's start)."""
     found, seen, ebr = [], set(), ext_start
@@ -44,7 +53,7 @@ def _logical(disk, ext_start: int) -> list[tuple[int, int]]:
             break
         kind, start, count = struct.unpack_from("<B3xB3xII", sec, 446)[1:]
         if kind and count:
-            found.append(((ebr + start) * SECTOR, count * SECTOR))
+            found.append(Partition(5 + len(found), (ebr + start) * SECTOR, count * SECTOR))
         nkind, nstart, _ = struct.unpack_from("<B3xB3xII", sec, 462)[1:]
         if not nkind or not nstart:
             break
@@ -52,7 +61,7 @@ def _logical(disk, ext_start: int) -> list[tuple[int, int]]:
     return found
 
 
-def _gpt(disk) -> list[tuple[int, int]]:
+def _gpt(disk) -> list[Partition]:
     head = disk.read_at(SECTOR, 92)
     if head[:8] != b"EFI PART":
         return []
@@ -67,5 +76,5 @@ def _gpt(disk) -> list[tuple[int, int]]:
             continue
         first, last = struct.unpack_from("<QQ", entry, 32)
         if last >= first:
-            found.append((first * SECTOR, (last - first + 1) * SECTOR))
-    return [p for p in found if p[0] + p[1] <= disk.size]
+            found.append(Partition(i + 1, first * SECTOR, (last - first + 1) * SECTOR))
+    return [p for p in found if p.offset + p.size <= disk.size]

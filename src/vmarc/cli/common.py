@@ -182,3 +182,33 @@ def summary(
         else None,
         "warnings": warnings,
     }
+
+
+def add_guest_args(p, path_help: str | None = None) -> None:
+    """Options of the commands that read files inside the guest (ls, cat, copy-out)."""
+    add_random_access_args(p)
+    p.add_argument(
+        "--fs",
+        metavar="VOL",
+        help="the volume to read (xvda1, scsi0-part2, vg0/root; see `vmarc filesystems`); "
+        "default: the only file system, else the guest's tree from its /etc/fstab",
+    )
+    add_verify_arg(p, "each XVA chunk's checksum the first time a read touches it")
+
+
+def open_guest(args):
+    """The Guest (files/guest.py) of args.source, inside the Opened that holds its disks:
+    use as `with open_guest(args) as guest:`."""
+    from contextlib import contextmanager
+
+    from ..access import open_disks
+    from ..files.guest import Guest
+
+    @contextmanager
+    def opened_guest():
+        with open_disks(
+            args.source, args.fmt, index=args.index, **layers(args), verify=args.verify
+        ) as opened:
+            yield Guest(opened)
+
+    return opened_guest()

@@ -11,7 +11,20 @@ from ..errors import VmarcError
 
 # Subcommand modules, imported on demand: each pulls in its readers and writers, and a
 # command's start-up time counts in every benchmark ratio.
-COMMANDS = ["info", "verify", "convert", "extract", "create", "map", "serve", "mount"]
+COMMANDS = [
+    "info",
+    "verify",
+    "convert",
+    "extract",
+    "create",
+    "map",
+    "serve",
+    "mount",
+    "filesystems",
+    "ls",
+    "cat",
+    "copy-out",
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +49,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     args = sys.argv[1:] if argv is None else list(argv)
     chosen = [args[0]] if args and args[0] in COMMANDS else COMMANDS
     for name in chosen:
-        importlib.import_module(f"{__package__}.{name}").add_parser(sub)
+        importlib.import_module(f"{__package__}.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

@@ -78,8 +78,8 @@ class Exports:
             while stem in files:
                 stem = f"{stem}-{d.disk.index}"
             files[stem] = d
-            for i, (off, size) in enumerate(partitions(d), 1):
-                name = f"{stem}-part{i}"
+            for number, off, size in partitions(d):
+                name = f"{stem}-part{number}"
                 files[name] = PartitionView(d, off, size, name)
         for name, blob in self.opened.archive.configs.items():
             files.setdefault(os.path.basename(name), BlobView(blob))

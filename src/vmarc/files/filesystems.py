@@ -1,0 +1,352 @@
+"""One adapter per file-system parser of the dissect family, each giving the same Entry:
+name, type, size, mode, owner, mtime, symlink target, children, contents and where the
+contents are sparse. The parsers are imported only when a volume of their type is opened.
+
+What a parser raises on a broken structure becomes FileSystemError (exit 2, naming the
+volume and the path); a damaged or lost chunk of the source under a file stays the
+source's CorruptError, with the volume and path added by the caller.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+from collections.abc import Iterator
+
+from ..errors import CorruptError, UnsupportedError, VmarcError
+from .volumes import Volume
+
+FILE, DIR, LINK, OTHER = "file", "directory", "symlink", "other"
+KINDS = {stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: LINK}
+
+
+class FileSystemError(CorruptError):
+    """A file system's own structure is broken where a path needs it."""
+
+
+class Entry:
+    """A file, directory or symlink of a guest file system (lstat-like: not followed)."""
+
+    name: str
+    mode: int  # st_mode: type and permissions
+    size: int
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+
+    @property
+    def kind(self) -> str:
+        return KINDS.get(stat.S_IFMT(self.mode), OTHER)
+
+    @property
+    def target(self) -> str | None:
+        """A symlink's target, as stored."""
+        return None
+
+    def children(self) -> Iterator[Entry]:
+        """The directory's entries, without . and .."""
+        raise NotImplementedError
+
+    def open(self):
+        """The file's bytes as a file object."""
+        raise NotImplementedError
+
+    def holes(self) -> list[tuple[int, int]]:
+        """(offset, length) of the stretches the file system stores nothing for."""
+        return []
+
+
+class FileSystem:
+    """An opened file system on a volume."""
+
+    def __init__(self, volume: Volume):
+        self.volume = volume
+        self.dirty: str | None = None  # why recent changes may be missing, when they may
+
+    def root(self) -> Entry:
+        raise NotImplementedError
+
+
+def open_filesystem(volume: Volume) -> FileSystem:
+    """The file system on a volume, through its parser (ImportError names the extra)."""
+    opener = OPENERS.get(volume.fstype)
+    if opener is None:
+        why = volume.note or f"{volume.fstype or 'unknown'} volumes cannot be read"
+        raise UnsupportedError(f"{volume.name}: {why}")
+    try:
+        return opener(volume)
+    except ImportError:
+        raise UnsupportedError(
+            "reading guest file systems needs the files extra: pip install 'vmarc[files]'"
+        ) from None
+    except VmarcError:
+        raise
+    except Exception as e:
+        raise FileSystemError(f"{volume.name}: {volume.fstype} does not open: {e}") from None
+
+
+def _runs_to_holes(runs, block: int, size: int) -> list[tuple[int, int]]:
+    """(block or None, count) runs, as the ext and XFS parsers give them -> holes."""
+    holes, pos = [], 0
+    for start, count in runs:
+        length = count * block
+        if start is None and pos < size:
+            holes.append((pos, min(length, size - pos)))
+        pos += length
+    return holes
+
+
+# ext2/3/4 -------------------------------------------------------------------------------
+
+
+class _ExtEntry(Entry):
+    def __init__(self, fs, inode, name: str):
+        self.fs, self.inode, self.name = fs, inode, name
+        raw = inode.inode
+        self.mode, self.size = raw.i_mode, inode.size
+        self.uid = raw.i_uid | raw.i_uid_high << 16
+        self.gid = raw.i_gid | raw.i_gid_high << 16
+        self.mtime_ns = inode.mtime_ns
+
+    @property
+    def target(self):
+        return self.inode.link if self.kind == LINK else None
+
+    def children(self):
+        for node in self.inode.iterdir():
+            if node.filename not in (".", ".."):
+                yield _ExtEntry(self.fs, node, node.filename)
+
+    def open(self):
+        return self.inode.open()
+
+    def holes(self):
+        if self.inode.inode.i_flags & 0x10000000:  # inline data
+            return []
+        return _runs_to_holes(self.inode.dataruns(), self.fs.block_size, self.size)
+
+
+class ExtFileSystem(FileSystem):
+    def __init__(self, volume: Volume):
+        super().__init__(volume)
+        from dissect.extfs import ExtFS
+
+        self.fs = ExtFS(volume.stream)
+        if self.fs.sb.s_feature_incompat & 0x4:  # needs_recovery: the journal holds changes
+            self.dirty = (
+                "its journal was not replayed (a live backup): recent changes may be missing"
+            )
+
+    def root(self):
+        return _ExtEntry(self.fs, self.fs.root, "/")
+
+
+# XFS ------------------------------------------------------------------------------------
+
+
+class _XfsEntry(Entry):
+    def __init__(self, fs, inode, name: str):
+        self.fs, self.inode, self.name = fs, inode, name
+        raw = inode.inode
+        self.mode, self.size = raw.di_mode, inode.size
+        self.uid, self.gid = raw.di_uid, raw.di_gid
+        self.mtime_ns = inode.mtime_ns
+
+    @property
+    def target(self):
+        return self.inode.link if self.kind == LINK else None
+
+    def children(self):
+        for node in self.inode.iterdir():
+            if node.filename not in (".", ".."):
+                yield _XfsEntry(self.fs, node, node.filename)
+
+    def open(self):
+        return self.inode.open()
+
+    def holes(self):
+        if self.inode.inode.di_format == 1:  # local: in the inode
+            return []
+        return _runs_to_holes(self.inode.dataruns, self.fs.block_size, self.size)
+
+
+class XfsFileSystem(FileSystem):
+    def __init__(self, volume: Volume):
+        super().__init__(volume)
+        from dissect.xfs import XFS
+
+        self.fs = XFS(volume.stream)
+
+    def root(self):
+        return _XfsEntry(self.fs, self.fs.root, "/")
+
+
+# btrfs ----------------------------------------------------------------------------------
+
+
+class _BtrfsEntry(Entry):
+    def __init__(self, inode, name: str):
+        self.inode, self.name = inode, name
+        self.mode, self.size = inode.mode, inode.size
+        self.uid, self.gid, self.mtime_ns = inode.uid, inode.gid, inode.mtime_ns
+
+    @property
+    def target(self):
+        return self.inode.link if self.kind == LINK else None
+
+    def children(self):
+        for name, node in self.inode.iterdir():
+            if name not in (".", ".."):
+                yield _BtrfsEntry(node, name)
+
+    def open(self):
+        return self.inode.open()
+
+    def holes(self):
+        extents = self.inode.extents()
+        if not extents:
+            return []
+        holes, pos = [], 0
+        for e in extents:  # in file order; a hole is an extent with no place on disk
+            if e.disk_offset == 0 and pos < self.size:
+                holes.append((pos, min(e.length, self.size - pos)))
+            pos += e.length
+        return holes
+
+
+class BtrfsFileSystem(FileSystem):
+    """The default subvolume; another by name with --fs VOL:SUBVOL... (subvolume())."""
+
+    def __init__(self, volume: Volume, subvolume: str | None = None):
+        super().__init__(volume)
+        from dissect.btrfs import Btrfs
+
+        self.fs = Btrfs(volume.stream)
+        self.tree = self.fs.default_subvolume
+        if self.fs.sb.log_root:
+            self.dirty = "its log tree was not replayed: recent fsyncs may be missing"
+
+    def subvolumes(self) -> list[str]:
+        return [s.path for s in self.fs.subvolumes() if s.path]
+
+    def use_subvolume(self, path: str) -> None:
+        found = self.fs.find_subvolume(path.strip("/"))
+        if found is None:
+            raise UnsupportedError(f"{self.volume.name}: no btrfs subvolume {path}")
+        self.tree = found
+
+    def root(self):
+        return _BtrfsEntry(self.tree.root, "/")
+
+
+# NTFS -----------------------------------------------------------------------------------
+
+
+class _NtfsEntry(Entry):
+    def __init__(self, record, name: str):
+        self.record, self.name = record, name
+        link = record.is_symlink()
+        self.mode = (
+            stat.S_IFLNK | 0o777
+            if link
+            else stat.S_IFDIR | 0o755
+            if record.is_dir()
+            else stat.S_IFREG | 0o644
+        )
+        self.size = 0 if link or record.is_dir() else record.size()
+        try:
+            info = record.attributes[0x10][0]  # $STANDARD_INFORMATION
+            self.mtime_ns = info.last_modification_time_ns
+        except (KeyError, IndexError):
+            pass
+
+    @property
+    def target(self):
+        if self.kind != LINK:
+            return None
+        name = self.record.reparse_point_substitute_name
+        if name.startswith("\\??\\"):  # an absolute target: drop the NT prefix and drive
+            name = name[4:].split(":", 1)[-1]
+        return name.replace("\\", "/")
+
+    def children(self):
+        for entry in self.record.iterdir(ignore_dos=True):
+            name = entry.attribute.file_name
+            if name == "." or (name.startswith("$") and self.record.segment == 5):
+                continue  # the root's metadata files ($MFT...) are not the guest's files
+            yield _NtfsEntry(entry.dereference(), name)
+
+    def open(self):
+        return self.record.open()
+
+
+class NtfsFileSystem(FileSystem):
+    def __init__(self, volume: Volume):
+        super().__init__(volume)
+        from dissect.ntfs import NTFS
+
+        self.fs = NTFS(volume.stream)
+        volume.label = volume.label or self.fs.volume_name or None
+        flags = _ntfs_volume_flags(self.fs)
+        if flags & 0x1:
+            self.dirty = "it is marked dirty (not cleanly unmounted): recent changes may be missing"
+
+    def root(self):
+        return _NtfsEntry(self.fs.mft.get(5), "/")
+
+
+def _ntfs_volume_flags(fs) -> int:
+    """$Volume's VOLUME_INFORMATION flags (bit 0: dirty)."""
+    try:
+        data = fs.mft.get(3).attributes[0x70][0].data  # $VOLUME_INFORMATION
+        return struct.unpack_from("<H", data, 10)[0]
+    except Exception:
+        return 0
+
+
+# FAT ------------------------------------------------------------------------------------
+
+
+class _FatEntry(Entry):
+    def __init__(self, dirent, name: str):
+        self.dirent, self.name = dirent, name
+        directory = dirent.is_directory()
+        perm = 0o555 if dirent.is_readonly() else 0o755
+        self.mode = stat.S_IFDIR | perm if directory else stat.S_IFREG | (perm & 0o666)
+        self.size = 0 if directory else dirent.size
+        try:
+            self.mtime_ns = int(dirent.mtime.timestamp() * 1e9) if dirent.mtime else 0
+        except (ValueError, OverflowError, OSError):
+            self.mtime_ns = 0
+
+    def children(self):
+        for d in self.dirent.iterdir():
+            if d.is_volume_id() or d.name in (".", ".."):
+                continue
+            yield _FatEntry(d, d.name)
+
+    def open(self):
+        return self.dirent.open() if self.size else io.BytesIO(b"")
+
+
+class FatFileSystem(FileSystem):
+    def __init__(self, volume: Volume):
+        super().__init__(volume)
+        from dissect.fat import FATFS
+
+        self.fs = FATFS(volume.stream)
+
+    def root(self):
+        return _FatEntry(self.fs.root, "/")
+
+
+OPENERS = {
+    "ext2": ExtFileSystem,
+    "ext3": ExtFileSystem,
+    "ext4": ExtFileSystem,
+    "xfs": XfsFileSystem,
+    "btrfs": BtrfsFileSystem,
+    "ntfs": NtfsFileSystem,
+    "vfat": FatFileSystem,
+}
