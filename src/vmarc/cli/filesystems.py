@@ -19,6 +19,9 @@ def add_parser(sub):
 
 def run(args) -> int:
     with open_guest(args) as guest:
+        for v in guest.readable():
+            if v.fstype == "ntfs":  # its label is in the MFT, not the boot sector
+                guest.filesystem(v)
         volumes = [v.as_dict() for v in guest.volumes]
     if args.output == "json":
         print_json("filesystems", {"volumes": volumes})

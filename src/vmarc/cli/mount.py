@@ -43,6 +43,12 @@ def add_parser(sub):
     p.add_argument(
         "-o", dest="options", default="", help="extra FUSE mount options, e.g. allow_other"
     )
+    p.add_argument(
+        "--files",
+        action="store_true",
+        help="show the guest's file systems as directory trees (one per volume, and "
+        "root/, the guest's own tree) instead of the disks as files",
+    )
     add_verify_arg(p, "each XVA chunk's checksum the first time a read touches it")
     p.set_defaults(run=run)
 
@@ -78,7 +84,13 @@ def run(args) -> int:
     with open_disks(
         args.source, args.fmt, index=args.index, **layers(args), verify=args.verify
     ) as opened:
-        fuse.mount(lib, Exports(opened), args.mountpoint, os.stat(args.source), opts)
+        if args.files:
+            from ..files.guest import Guest
+            from ..serve.guestfs import mount_files
+
+            mount_files(lib, Guest(opened), args.mountpoint, os.stat(args.source), opts)
+        else:
+            fuse.mount(lib, Exports(opened), args.mountpoint, os.stat(args.source), opts)
     return 0
 
 
@@ -90,6 +102,8 @@ def _background(args) -> int:
     argv = [sys.executable, "-m", "vmarc", "mount", "-F", args.source, args.mountpoint]
     if args.kernel_cache:
         argv.append("--kernel-cache")
+    if args.files:
+        argv.append("--files")
     if not args.verify:
         argv.append("--no-verify")
     if args.no_backing:

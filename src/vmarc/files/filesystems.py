@@ -243,10 +243,14 @@ class BtrfsFileSystem(FileSystem):
 # NTFS -----------------------------------------------------------------------------------
 
 
+INTERIX_LINK = b"IntxLNK\x01"  # ntfs-3g's own symlinks: a system file holding the target
+
+
 class _NtfsEntry(Entry):
     def __init__(self, record, name: str):
         self.record, self.name = record, name
-        link = record.is_symlink()
+        self._interix = None
+        link = record.is_symlink() or self._interix_link()
         self.mode = (
             stat.S_IFLNK | 0o777
             if link
@@ -256,15 +260,31 @@ class _NtfsEntry(Entry):
         )
         self.size = 0 if link or record.is_dir() else record.size()
         try:
-            info = record.attributes[0x10][0]  # $STANDARD_INFORMATION
-            self.mtime_ns = info.last_modification_time_ns
-        except (KeyError, IndexError):
+            self.mtime_ns = record.attributes[0x10].last_modification_time_ns
+        except KeyError:  # no $STANDARD_INFORMATION
             pass
+
+    def _interix_link(self) -> bool:
+        record = self.record
+        if record.is_dir() or not 8 < record.size() <= 8 + 2 * 4096:
+            return False
+        try:
+            if not record.attributes[0x10].file_attributes & 0x4:  # FILE_ATTRIBUTE_SYSTEM
+                return False
+        except KeyError:
+            return False
+        head = record.open().read(8 + 2 * 4096)
+        if not head.startswith(INTERIX_LINK):
+            return False
+        self._interix = head[8:].decode("utf-16-le", "replace")
+        return True
 
     @property
     def target(self):
         if self.kind != LINK:
             return None
+        if self._interix is not None:
+            return self._interix
         name = self.record.reparse_point_substitute_name
         if name.startswith("\\??\\"):  # an absolute target: drop the NT prefix and drive
             name = name[4:].split(":", 1)[-1]
@@ -299,7 +319,7 @@ class NtfsFileSystem(FileSystem):
 def _ntfs_volume_flags(fs) -> int:
     """$Volume's VOLUME_INFORMATION flags (bit 0: dirty)."""
     try:
-        data = fs.mft.get(3).attributes[0x70][0].data  # $VOLUME_INFORMATION
+        data = fs.mft.get(3).attributes[0x70].data()  # $VOLUME_INFORMATION
         return struct.unpack_from("<H", data, 10)[0]
     except Exception:
         return 0
@@ -324,10 +344,22 @@ class _FatEntry(Entry):
         for d in self.dirent.iterdir():
             if d.is_volume_id() or d.name in (".", ".."):
                 continue
-            yield _FatEntry(d, d.name)
+            yield _FatEntry(d, _fat_name(d))
 
     def open(self):
         return self.dirent.open() if self.size else io.BytesIO(b"")
+
+
+def _fat_name(d) -> str:
+    """The long name, else the 8.3 name in the case Windows and Linux show: NTRes bits 3
+    and 4 say the base and the extension were lower case (mtools and Windows set them)."""
+    if d.ldirents:
+        return d.name
+    flags = d.dirent.DIR_NTRes
+    base, dot, ext = d.short_name.partition(".")
+    base = base.lower() if flags & 0x08 else base
+    ext = ext.lower() if flags & 0x10 else ext
+    return base + dot + ext
 
 
 class FatFileSystem(FileSystem):

@@ -67,9 +67,14 @@ class Guest:
             return Tree({"/": self.filesystem(readable[0])})
         if not readable:
             raise UsageError("no file system vmarc can read on this VM's disks" + self._others())
-        if self._inspected is None:
-            self._inspected = self._inspect(readable)
-        return self._inspected
+        return self._inspect(readable)
+
+    def inspect(self) -> Tree | None:
+        """The guest's own tree when inspection finds its root, else None (quietly)."""
+        try:
+            return self._inspect(self.readable())
+        except VmarcError:
+            return None
 
     def split(self, spec: str, fs: str | None = None) -> tuple[Tree, str]:
         """`xvda1:/etc/fstab` -> that volume's tree and /etc/fstab; else (tree(fs), spec)."""
@@ -83,6 +88,8 @@ class Guest:
         return f"; volumes: {', '.join(named)}" if named else ""
 
     def _inspect(self, readable: list[Volume]) -> Tree:
+        if self._inspected is not None:
+            return self._inspected
         roots = []
         for v in readable:
             fs = self.filesystem(v)
@@ -112,7 +119,8 @@ class Guest:
                     mounts[posixpath.normpath(mountpoint)] = self.filesystem(found, subvol)
                 except VmarcError as e:
                     warn(f"/etc/fstab: {mountpoint} not placed: {e}")
-        return Tree(mounts)
+        self._inspected = Tree(mounts)
+        return self._inspected
 
     def _device(self, spec: str) -> Volume | None:
         """The volume an /etc/fstab device names."""
