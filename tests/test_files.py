@@ -35,7 +35,17 @@ def need(*tools):
 def ls_json(*args) -> dict:
     r = vmarc("ls", "-R", "--output", "json", *args)
     assert r.code == 0, r
-    return {e["path"]: e for e in json.loads(r.out)["entries"]}
+    return {e["path"]: e for e in valid(r, "ls")["entries"]}
+
+
+def valid(r, command) -> dict:
+    """The document, checked against docs/json-schema.json."""
+    from tests.test_json import VALIDATOR
+
+    doc = json.loads(r.out)
+    errors = [e.message for e in VALIDATOR.iter_errors(doc)]
+    assert not errors and doc["command"] == command, errors[:5]
+    return doc
 
 
 def as_listing(entries: dict, modes: bool) -> dict:
@@ -157,7 +167,7 @@ def test_every_source_gives_the_same_files(tmp_path, how):
     disk, tree = _disk_with(tmp_path, table="gpt" if how == "vhd" else "dos")
     src = _packed(tmp_path, disk, how)
     r = vmarc("filesystems", "--output", "json", src)
-    vols = {v["name"]: v for v in json.loads(r.out)["volumes"]}
+    vols = {v["name"]: v for v in valid(r, "filesystems")["volumes"]}
     part = "scsi0-part2" if how.startswith("vma") else next(n for n in vols if n.endswith("2"))
     assert vols[part]["type"] == "ext4" and vols[part]["label"] == "guestroot"
     assert as_listing(ls_json(src), True) == expected(tree, True)
