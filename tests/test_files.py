@@ -203,12 +203,22 @@ def test_two_disk_guest_with_root_on_lvm(tmp_path):
     big = gg.make_fs("ext4", str(tmp_path / "big.img"), 28 * MiB, str(big_tree), "bigdata")
 
     xvda, xvdb = str(tmp_path / "xvda.raw"), str(tmp_path / "xvdb.raw")
-    gg.partition(xvda, 64 * MiB, "dos", [(1, 8, "L"), (10, 40, "V")])
-    gg.partition(xvdb, 64 * MiB, "gpt", [(1, 20, "L"), (22, 20, "V")])
+    gg.partition(xvda, 80 * MiB, "dos", [(1, 8, "L"), (10, 60, "V")])
+    gg.partition(xvdb, 64 * MiB, "gpt", [(1, 20, "L"), (22, 30, "V")])
     gg.place(xvdb, home, 1 * MiB)
-    pvs = [(xvda, 10 * MiB, 40 * MiB), (xvdb, 22 * MiB, 20 * MiB)]
+    pvs = [(xvda, 10 * MiB, 60 * MiB), (xvdb, 22 * MiB, 30 * MiB)]
     # root: 6 extents on pv0; bigdata: 3 extents on pv0 then 4 on pv1 (spans the disks)
-    _, pe_start, extent = gg.lvm(pvs, [("root", [(0, 0, 6)]), ("data", [(0, 6, 3), (1, 0, 4)])])
+    striped = [("striped", [(0, 9), (1, 4)], 2)]  # one extent on each disk, 64 KiB stripes
+    _, pe_start, extent = gg.lvm(
+        pvs, [("root", [(0, 0, 6)]), ("data", [(0, 6, 3), (1, 0, 4)]), ("fast", striped)]
+    )
+    fast_tree = tmp_path / "fast"
+    fast_tree.mkdir()
+    (fast_tree / "striped.bin").write_bytes(os.urandom(5 * MiB))
+    fast = gg.make_fs("ext4", str(tmp_path / "fast.img"), 8 * MiB, str(fast_tree), "fast")
+    gg.write_striped(
+        fast, [(xvda, 10 * MiB + pe_start + 9 * extent), (xvdb, 22 * MiB + pe_start + 4 * extent)]
+    )
     gg.place(xvda, root, 10 * MiB + pe_start)
     with open(big, "rb") as f:
         first, second = f.read(3 * extent), f.read()
@@ -236,6 +246,8 @@ def test_two_disk_guest_with_root_on_lvm(tmp_path):
     r = vmarc("ls", vm, "/")
     assert {"home", "srv", "etc", "data"} <= set(r.text.split())
     assert vmarc("cat", vm, "vg0/root:/etc/hostname").out == b"guest\n"
+    r = vmarc("cat", vm, "vg0/fast:/striped.bin")
+    assert r.code == 0 and r.out == (fast_tree / "striped.bin").read_bytes(), r
 
 
 def test_copy_out_keeps_modes_times_links_and_holes(tmp_path):
@@ -354,3 +366,42 @@ def test_mount_files_of_a_gzip_xva(tmp_path):
         assert stat.S_IMODE(os.lstat(out / "home/u/notes.txt").st_mode) == 0o400
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def test_copy_out_refuses_names_that_leave_dest(tmp_path):
+    """A hostile file system's names (a slash, ..) never land outside DEST."""
+    from vmarc.files.copy import CopyOut
+    from vmarc.files.filesystems import OPENERS, Entry
+    from vmarc.files.volumes import READABLE
+
+    assert set(OPENERS) == READABLE
+
+    class Fake(Entry):
+        def __init__(self, name, mode, kids=()):
+            self.name, self.mode, self.size, self.kids = name, mode, 0, kids
+
+        def children(self):
+            return iter(self.kids)
+
+    class Tree:
+        def children(self, fs, entry, where):
+            return entry.children()
+
+        def at(self, path):
+            return None
+
+    evil = [
+        Fake("..", stat.S_IFDIR | 0o755),
+        Fake("../../x", stat.S_IFREG | 0o644),
+        Fake("a/b", stat.S_IFREG | 0o644),
+    ]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        job = CopyOut(Tree(), fd)
+        job.copy(None, Fake("top", stat.S_IFDIR | 0o755, evil), "/top")
+    finally:
+        os.close(fd)
+    assert len(job.failed) == 3 and all("unsafe name" in why for _, why, _ in job.failed)
+    assert os.listdir(tmp_path) == ["dest"] and os.listdir(dest / "top") == []

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 
 MiB = 1 << 20
+STRIPE = 64 << 10  # the stripe size of striped logical volumes made here
 LVM_CONFIG = (
     'devices { obtain_device_list_from_udev=0 filter=["a|^/dev/loop|","r|.*|"] } '
     "activation { udev_sync=0 udev_rules=0 }"
@@ -24,7 +25,10 @@ LVM_CONFIG = (
 
 
 def run(*argv, **kw):
-    return subprocess.run(list(map(str, argv)), check=True, capture_output=True, **kw)
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, **kw)
+    if proc.returncode:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.decode()[-800:]}")
+    return proc
 
 
 def have(*tools) -> bool:
@@ -167,8 +171,8 @@ def place(disk: str, image: str, offset: int) -> None:
 
 def lvm(pvs: list[tuple[str, int, int]], lvs: list[tuple[str, list[tuple[int, int, int]]]]):
     """LVM2 metadata on partitions of disk files: pvs (disk, offset, size in bytes);
-    lvs (name, segments (pv index, first extent, extent count)), stripes when a segment
-    list gives more than one pv for the same logical extents is not needed here.
+    lvs (name, segments): a linear segment is (pv index, first extent, extent count), a
+    striped one ("striped", [(pv index, first extent), ...], extent count) with STRIPE.
     Returns (vg name, pe_start bytes, extent bytes)."""
     extent = 4 * MiB
     pe_start = MiB
@@ -221,7 +225,23 @@ def _vg_conf(devs, sizes, lvs, extent, pe_start) -> str:
     out = []
     for n, (name, segments) in enumerate(lvs):
         segs, at = [], 0
-        for s, (pv, first, count) in enumerate(segments, 1):
+        for s, seg in enumerate(segments, 1):
+            if seg[0] == "striped":  # ("striped", [(pv, first extent), ...], extents)
+                _, stripes, count = seg
+                listed = ", ".join(f'"pv{pv}", {first}' for pv, first in stripes)
+                segs.append(
+                    f"""      segment{s} {{
+        start_extent = {at}
+        extent_count = {count}
+        type = "striped"
+        stripe_count = {len(stripes)}
+        stripe_size = {STRIPE // 512}
+        stripes = [{listed}]
+      }}"""
+                )
+                at += count
+                continue
+            pv, first, count = seg
             segs.append(
                 f"""      segment{s} {{
         start_extent = {at}
@@ -263,3 +283,23 @@ vg0 {{
   }}
 }}
 """
+
+
+def write_striped(image: str, targets: list[tuple[str, int]]) -> None:
+    """An image laid over a striped segment: STRIPE-sized pieces in turn on each
+    (disk, offset) target, as LVM's striped mapping places them."""
+    with open(image, "rb") as src:
+        handles = [open(disk, "r+b") for disk, _ in targets]
+        try:
+            i = 0
+            while True:
+                piece = src.read(STRIPE)
+                if not piece:
+                    break
+                which = i % len(targets)
+                handles[which].seek(targets[which][1] + (i // len(targets)) * STRIPE)
+                handles[which].write(piece)
+                i += 1
+        finally:
+            for h in handles:
+                h.close()

@@ -20,7 +20,7 @@ from ..model import Archive, DiskView
 from .stream import ViewStream
 
 HEAD = 0x10000 + 0x1000  # btrfs keeps its superblock at 64 KiB
-READABLE = {"ext2", "ext3", "ext4", "xfs", "btrfs", "ntfs", "vfat", "exfat"}
+READABLE = {"ext2", "ext3", "ext4", "xfs", "btrfs", "ntfs", "vfat"}  # filesystems.OPENERS
 ENCRYPTED = {"luks1", "luks2", "bitlocker"}
 
 
@@ -99,8 +99,13 @@ def _logical_volumes(pvs: list[Volume]) -> list[Volume]:
     missing a physical volume is named, its volumes are not read."""
     if not pvs:
         return []
-    from dissect.volume.lvm import LVM2
-    from dissect.volume.lvm.physical import LVM2Device
+    try:
+        from dissect.volume.lvm import LVM2
+        from dissect.volume.lvm.physical import LVM2Device
+    except ImportError:
+        for pv in pvs:
+            pv.note = "LVM2 needs the files extra: pip install 'vmarc[files]'"
+        return []
 
     groups: dict[str, list[tuple[Volume, object]]] = {}
     for pv in pvs:
@@ -136,7 +141,8 @@ def _logical_volumes(pvs: list[Volume]) -> list[Volume]:
                 vol.note = f"{lv.type} logical volumes are not supported"
             else:
                 try:
-                    vol.stream = _Window(lv.open(), size)
+                    extent = lvm.vg.extent_size * 512
+                    vol.stream = _LogicalVolumeStream(lv, extent, size)
                     identify(vol)
                 except VmarcError:
                     raise
@@ -146,24 +152,59 @@ def _logical_volumes(pvs: list[Volume]) -> list[Volume]:
     return found
 
 
-class _Window:
-    """An LV's stream (dissect's own, stitched from the PVs' ViewStreams) with a size."""
+class _LogicalVolumeStream:
+    """A logical volume's bytes from its linear and striped segments. dissect.volume
+    parses the metadata; the mapping is done here because its striped segments lay the
+    stripes end to end instead of in turn (dissect.volume 3.18)."""
 
-    def __init__(self, fh, size: int):
-        self.fh, self.size = fh, size
+    def __init__(self, lv, extent: int, size: int):
+        self.size, self.pos = size, 0
+        self.segments = []  # (start, length, [(pv file, byte offset)], stripe bytes)
+        for seg in lv.segments:
+            stripes = [
+                (lv.vg.physical_volumes[name].dev.open(), first * extent)
+                for name, first in seg.stripes
+            ]
+            stripe = (seg.stripe_size or 0) * 512 if len(stripes) > 1 else 0
+            self.segments.append(
+                (seg.start_extent * extent, seg.extent_count * extent, stripes, stripe)
+            )
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        return self.fh.seek(pos, whence)
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else self.size + pos
+        return self.pos
 
     def tell(self) -> int:
-        return self.fh.tell()
+        return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        return self.fh.read(n)
+        data = self.pread(self.pos, self.size - self.pos if n is None or n < 0 else n)
+        self.pos += len(data)
+        return data
 
     def pread(self, pos: int, n: int) -> bytes:
-        self.fh.seek(pos)
-        return self.fh.read(max(0, min(n, self.size - pos)))
+        n = max(0, min(n, self.size - pos))
+        parts = []
+        while n > 0:
+            start, length, stripes, stripe = next(
+                s for s in self.segments if s[0] <= pos < s[0] + s[1]
+            )
+            at = pos - start
+            if stripe:  # piece k of the segment lies on stripe k % count, row k // count
+                piece, within = divmod(at, stripe)
+                fh, base = stripes[piece % len(stripes)]
+                where = base + (piece // len(stripes)) * stripe + within
+                take = min(n, stripe - within)
+            else:
+                fh, base = stripes[0]
+                where, take = base + at, min(n, length - at)
+            fh.seek(where)
+            data = fh.read(take)
+            if len(data) < take:
+                raise EOFError(f"physical volume ends at {where + len(data)}")
+            parts.append(data)
+            pos, n = pos + take, n - take
+        return b"".join(parts)
 
 
 def _reason(e: Exception) -> str:
@@ -189,7 +230,7 @@ def identify(vol: Volume) -> None:
         vol.fstype = "ntfs"
         vol.uuid = "%016X" % struct.unpack_from("<Q", head, 0x48)[0]
     elif head[3:11] == b"EXFAT   ":
-        vol.fstype = "exfat"
+        vol.fstype, vol.note = "exfat", "no reader for exFAT here"
         serial = struct.unpack_from("<I", head, 0x64)[0]
         vol.uuid = f"{serial >> 16:04X}-{serial & 0xFFFF:04X}"
     elif head[3:11] == b"-FVE-FS-":
