@@ -405,3 +405,26 @@ def test_copy_out_refuses_names_that_leave_dest(tmp_path):
         os.close(fd)
     assert len(job.failed) == 3 and all("unsafe name" in why for _, why, _ in job.failed)
     assert os.listdir(tmp_path) == ["dest"] and os.listdir(dest / "top") == []
+
+
+def test_btrfs_subvolume_by_name(tmp_path):
+    """A subvolume made by the kernel's btrfs (a loop mount, always undone): reached by
+    --subvol, and by its path from the top-level subvolume."""
+    need("mkfs.btrfs", "btrfs", "mount", "umount")
+    img = str(tmp_path / "bt.img")
+    gg.make_fs("btrfs", img, 300 * MiB, gg.make_tree(str(tmp_path / "tree"), many=1))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", img, str(mnt)], check=True)
+    try:
+        subprocess.run(
+            ["btrfs", "subvolume", "create", str(mnt / "@home")], check=True, capture_output=True
+        )
+        (mnt / "@home/notes.txt").write_bytes(b"in a subvolume\n")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    r = vmarc("cat", "-f", "raw", "--fs", "disk", "--subvol", "@home", img, "/notes.txt")
+    assert (r.code, r.out) == (0, b"in a subvolume\n"), r
+    assert vmarc("cat", "-f", "raw", img, "/@home/notes.txt").out == b"in a subvolume\n"
+    r = vmarc("ls", "-f", "raw", "--fs", "disk", "--subvol", "nope", img)
+    assert r.code == 1 and "no btrfs subvolume nope" in r.errtext

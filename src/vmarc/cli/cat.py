@@ -21,7 +21,7 @@ def run(args) -> int:
     from ..files.guest import NotFound
 
     with open_guest(args) as guest:
-        tree, path = guest.split(args.path, args.fs)
+        tree, path = guest.split(args.path, args.fs, args.subvol)
         _, entry, where = tree.lookup(path)
         if entry.kind == DIR:
             raise NotFound(f"{args.path}: is a directory")

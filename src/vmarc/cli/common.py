@@ -193,6 +193,11 @@ def add_guest_args(p, path_help: str | None = None) -> None:
         help="the volume to read (xvda1, scsi0-part2, vg0/root; see `vmarc filesystems`); "
         "default: the only file system, else the guest's tree from its /etc/fstab",
     )
+    p.add_argument(
+        "--subvol",
+        metavar="NAME",
+        help="a btrfs subvolume by its path (@home) instead of the default one; with --fs",
+    )
     add_verify_arg(p, "each XVA chunk's checksum the first time a read touches it")
 
 

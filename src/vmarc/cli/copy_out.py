@@ -35,7 +35,7 @@ def run(args) -> int:
     try:
         with open_guest(args) as guest:
             for spec in paths:
-                tree, path = guest.split(spec, args.fs)
+                tree, path = guest.split(spec, args.fs, args.subvol)
                 try:
                     fs, entry, where = tree.lookup(path, follow=False)
                 except NotFound as e:

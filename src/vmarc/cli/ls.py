@@ -25,7 +25,7 @@ def run(args) -> int:
     from ..files.filesystems import DIR
 
     with open_guest(args) as guest:
-        tree, path = guest.split(args.path, args.fs)
+        tree, path = guest.split(args.path, args.fs, args.subvol)
         fs, entry, where = tree.lookup(path)
         if entry.kind != DIR:
             fs, entry, where = tree.lookup(path, follow=False)

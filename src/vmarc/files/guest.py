@@ -48,6 +48,8 @@ class Guest:
         if fs is None:
             fs = open_filesystem(volume)
             if subvolume:
+                if volume.fstype != "btrfs":
+                    raise UsageError(f"{volume.name}: {volume.fstype} has no subvolumes")
                 fs.use_subvolume(subvolume)
             if fs.dirty and not any(k[0] == volume.name for k in self._filesystems):
                 warn(f"{volume.name}: read as it is on disk; {fs.dirty}")
@@ -57,11 +59,13 @@ class Guest:
     def readable(self) -> list[Volume]:
         return [v for v in self.volumes if v.readable]
 
-    def tree(self, fs: str | None = None) -> Tree:
-        """The tree paths are resolved in: one volume's (--fs), the only file system's,
-        or the inspected guest's."""
+    def tree(self, fs: str | None = None, subvol: str | None = None) -> Tree:
+        """The tree paths are resolved in: one volume's (--fs, a btrfs subvolume of it
+        with subvol), the only file system's, or the inspected guest's."""
+        if subvol and not fs:
+            raise UsageError("--subvol needs --fs: the volume the subvolume is on")
         if fs:
-            return Tree({"/": self.filesystem(self.volume(fs))})
+            return Tree({"/": self.filesystem(self.volume(fs), subvol)})
         readable = self.readable()
         if len(readable) == 1:
             return Tree({"/": self.filesystem(readable[0])})
@@ -76,12 +80,12 @@ class Guest:
         except VmarcError:
             return None
 
-    def split(self, spec: str, fs: str | None = None) -> tuple[Tree, str]:
+    def split(self, spec: str, fs: str | None = None, subvol: str | None = None):
         """`xvda1:/etc/fstab` -> that volume's tree and /etc/fstab; else (tree(fs), spec)."""
         name, sep, path = spec.partition(":")
         if sep and not fs and any(v.name == name for v in self.volumes):
-            return self.tree(name), path or "/"
-        return self.tree(fs), spec
+            return self.tree(name, subvol), path or "/"
+        return self.tree(fs, subvol), spec
 
     def _others(self) -> str:
         named = [f"{v.name} ({v.fstype or v.note})" for v in self.volumes if v.note]
