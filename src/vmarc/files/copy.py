@@ -96,7 +96,7 @@ class CopyOut:
         """The file's bytes; its holes left unwritten, so they stay holes."""
         pos = 0
         with self.tree.opener(entry, where) as f:
-            for start, end in _data_ranges(entry.holes(), entry.size):
+            for start, end in _data_ranges(f.holes(), entry.size):
                 f.seek(start)
                 pos = start
                 while pos < end:

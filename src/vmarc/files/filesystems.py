@@ -65,6 +65,15 @@ class FileSystem:
         self.dirty: str | None = None  # why recent changes may be missing, when they may
 
     def root(self) -> Entry:
+        """The root directory (what a parser raises on the way is FileSystemError)."""
+        try:
+            return self._root()
+        except VmarcError:
+            raise
+        except Exception as e:
+            raise FileSystemError(f"{self.volume.name}: root directory unreadable: {e}") from None
+
+    def _root(self) -> Entry:
         raise NotImplementedError
 
 
@@ -138,7 +147,7 @@ class ExtFileSystem(FileSystem):
                 "its journal was not replayed (a live backup): recent changes may be missing"
             )
 
-    def root(self):
+    def _root(self):
         return _ExtEntry(self.fs, self.fs.root, "/")
 
 
@@ -178,7 +187,7 @@ class XfsFileSystem(FileSystem):
 
         self.fs = XFS(volume.stream)
 
-    def root(self):
+    def _root(self):
         return _XfsEntry(self.fs, self.fs.root, "/")
 
 
@@ -236,7 +245,7 @@ class BtrfsFileSystem(FileSystem):
             raise UnsupportedError(f"{self.volume.name}: no btrfs subvolume {path}")
         self.tree = found
 
-    def root(self):
+    def _root(self):
         return _BtrfsEntry(self.tree.root, "/")
 
 
@@ -312,7 +321,7 @@ class NtfsFileSystem(FileSystem):
         if flags & 0x1:
             self.dirty = "it is marked dirty (not cleanly unmounted): recent changes may be missing"
 
-    def root(self):
+    def _root(self):
         return _NtfsEntry(self.fs.mft.get(5), "/")
 
 
@@ -368,8 +377,19 @@ class FatFileSystem(FileSystem):
         from dissect.fat import FATFS
 
         self.fs = FATFS(volume.stream)
+        # A damaged FAT can chain clusters into a loop, which the parser would follow
+        # for ever: no chain is longer than the volume has clusters.
+        chain, limit = self.fs.fat.chain, volume.size // self.fs.cluster_size + 2
 
-    def root(self):
+        def bounded(cluster):
+            for n, c in enumerate(chain(cluster)):
+                if n > limit:
+                    raise FileSystemError(f"{volume.name}: a FAT cluster chain loops")
+                yield c
+
+        self.fs.fat.chain = bounded
+
+    def _root(self):
         return _FatEntry(self.fs.root, "/")
 
 

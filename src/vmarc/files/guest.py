@@ -286,11 +286,14 @@ class _Reading:
             return fn(*args)
         except VmarcError as e:
             raise _located(e, self.volume, self.where) from None
-        except (OSError, EOFError, ValueError, NotImplementedError, KeyError) as e:
+        except Exception as e:  # whatever a parser raises on a broken structure
             raise FileSystemError(f"{self.volume}:{self.where}: unreadable: {e}") from None
 
     def read(self, n: int = -1) -> bytes:
         return self._call(self.fh.read, n)
+
+    def holes(self) -> list[tuple[int, int]]:
+        return self._call(self.entry.holes)
 
     def seek(self, pos: int) -> None:
         self._call(self.fh.seek, pos)
