@@ -106,17 +106,25 @@ def _runs_to_holes(runs, block: int, size: int) -> list[tuple[int, int]]:
     return holes
 
 
-# ext2/3/4 -------------------------------------------------------------------------------
+# ext2/3/4 and XFS: the two parsers' inodes share one shape -----------------------------
 
 
-class _ExtEntry(Entry):
+class _InodeEntry(Entry):
+    """An inode of dissect.extfs or dissect.xfs (filename, size, mtime_ns, link,
+    iterdir, open, dataruns); the subclasses read the on-disk fields that differ."""
+
     def __init__(self, fs, inode, name: str):
         self.fs, self.inode, self.name = fs, inode, name
-        raw = inode.inode
-        self.mode, self.size = raw.i_mode, inode.size
-        self.uid = raw.i_uid | raw.i_uid_high << 16
-        self.gid = raw.i_gid | raw.i_gid_high << 16
-        self.mtime_ns = inode.mtime_ns
+        self.size, self.mtime_ns = inode.size, inode.mtime_ns
+        self._fields(inode.inode)
+
+    def _fields(self, raw) -> None:
+        """mode, uid and gid from the raw on-disk inode."""
+        raise NotImplementedError
+
+    def _runs(self):
+        """(block or None, count) runs, or None when the data lies in the inode."""
+        raise NotImplementedError
 
     @property
     def target(self):
@@ -125,15 +133,26 @@ class _ExtEntry(Entry):
     def children(self):
         for node in self.inode.iterdir():
             if node.filename not in (".", ".."):
-                yield _ExtEntry(self.fs, node, node.filename)
+                yield type(self)(self.fs, node, node.filename)
 
     def open(self):
         return self.inode.open()
 
     def holes(self):
+        runs = self._runs()
+        return [] if runs is None else _runs_to_holes(runs, self.fs.block_size, self.size)
+
+
+class _ExtEntry(_InodeEntry):
+    def _fields(self, raw) -> None:
+        self.mode = raw.i_mode
+        self.uid = raw.i_uid | raw.i_uid_high << 16
+        self.gid = raw.i_gid | raw.i_gid_high << 16
+
+    def _runs(self):
         if self.inode.inode.i_flags & 0x10000000:  # inline data
-            return []
-        return _runs_to_holes(self.inode.dataruns(), self.fs.block_size, self.size)
+            return None
+        return self.inode.dataruns()
 
 
 class ExtFileSystem(FileSystem):
@@ -154,30 +173,14 @@ class ExtFileSystem(FileSystem):
 # XFS ------------------------------------------------------------------------------------
 
 
-class _XfsEntry(Entry):
-    def __init__(self, fs, inode, name: str):
-        self.fs, self.inode, self.name = fs, inode, name
-        raw = inode.inode
-        self.mode, self.size = raw.di_mode, inode.size
-        self.uid, self.gid = raw.di_uid, raw.di_gid
-        self.mtime_ns = inode.mtime_ns
+class _XfsEntry(_InodeEntry):
+    def _fields(self, raw) -> None:
+        self.mode, self.uid, self.gid = raw.di_mode, raw.di_uid, raw.di_gid
 
-    @property
-    def target(self):
-        return self.inode.link if self.kind == LINK else None
-
-    def children(self):
-        for node in self.inode.iterdir():
-            if node.filename not in (".", ".."):
-                yield _XfsEntry(self.fs, node, node.filename)
-
-    def open(self):
-        return self.inode.open()
-
-    def holes(self):
+    def _runs(self):
         if self.inode.inode.di_format == 1:  # local: in the inode
-            return []
-        return _runs_to_holes(self.inode.dataruns, self.fs.block_size, self.size)
+            return None
+        return self.inode.dataruns
 
 
 class XfsFileSystem(FileSystem):
