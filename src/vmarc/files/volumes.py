@@ -255,7 +255,7 @@ def identify(vol: Volume) -> None:
         vol.uuid = f"{serial >> 16:04X}-{serial & 0xFFFF:04X}"
         label = _text(head[at + 4 : at + 15], "cp437")
         vol.label = None if label == "NO NAME" else label
-    elif head[3:11] == b"ReFS\0\0\0\0" or head[0x438:0x43A] == b"H+":
+    elif head[3:11] == b"ReFS\0\0\0\0" or head[0x400:0x402] in (b"H+", b"HX"):
         vol.fstype = "refs" if head[3:7] == b"ReFS" else "hfsplus"
         vol.note = "no reader for this file system"
     elif any(head[: 1 << 16]):

@@ -125,8 +125,8 @@ def _operations(mfusepy, trees: dict[str, Tree], st):
                         raise mfusepy.FuseOSError(errno.ENOTDIR)
                     names = []
                     for child in tree.children(fs, entry, where):
-                        inner = tree.at(os.path.join(where, child.name)) or fs
                         here = os.path.join(where, child.name)
+                        inner = tree.at(here) or fs
                         remember(os.path.join(path, child.name), (tree, inner, child, here))
                         names.append(child.name)
                     return [".", "..", *names]
