@@ -1,0 +1,151 @@
+"""What VMDK and VHDX share: an image read through its own tables, layered over a parent.
+
+A subclass says what each stretch of its disk holds, in guest order (`runs`):
+
+- DATA at a place in a file (`source`, `at`): read with pread, neighbours merged;
+- CODED: a unit (a compressed grain) decoded by `decode(key)` into the bytes of the
+  disk from `base` on;
+- ZERO: reads as zeros here, whatever the parent holds;
+- PARENT: falls through to the parent (zeros when there is none).
+
+Everything else (extents through the chain, read_at, the streaming pass in guest order)
+is written once here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..model import DATA, RANDOM, ZERO, Archive, Checks, Extent, is_zero
+from ..notices import notice
+
+CODED = "coded"
+PARENT = "parent"
+MAX_READ = 4 << 20  # largest merged read
+
+
+class Run(NamedTuple):
+    start: int  # disk offset
+    length: int
+    kind: str  # DATA, CODED, ZERO or PARENT
+    source: object = None  # DATA: the Source holding the bytes
+    at: int = 0  # DATA: file offset; CODED: the key decode() takes
+    base: int = 0  # CODED: the disk offset the decoded unit starts at
+
+
+class MappedImage(Archive):
+    access = RANDOM
+    layered = True
+    size = 0
+    parent: Archive | None = None
+
+    def runs(self, start: int, end: int):
+        """Runs covering at least [start, end), in disk order (subclasses)."""
+        raise NotImplementedError
+
+    def decode(self, key: int) -> bytes:
+        """The bytes of a CODED unit whose run names no holder of its own."""
+        raise NotImplementedError
+
+    def lower(self):
+        return self.parent
+
+    def chain(self) -> list[str]:
+        """The files read under this one, nearest first."""
+        out, layer = [], self.parent
+        while layer is not None:
+            out.append(layer.source.path or layer.source.name)
+            layer = layer.lower()
+        return out
+
+    def close(self):
+        if self.parent is not None:
+            self.parent.close()
+        super().close()
+
+    def _merged(self, start: int, end: int):
+        """The runs clipped to [start, end), neighbouring DATA runs of one file merged
+        up to MAX_READ, and neighbouring ZERO or PARENT runs merged."""
+        cur = None
+        for r in self.runs(start, end):
+            a, b = max(r.start, start), min(r.start + r.length, end)
+            if a >= b:
+                if r.start >= end:
+                    break
+                continue
+            if a != r.start or b != r.start + r.length:
+                at = r.at + (a - r.start) if r.kind == DATA else r.at
+                r = r._replace(start=a, length=b - a, at=at)
+            if (
+                cur is not None
+                and cur.kind == r.kind
+                and cur.start + cur.length == r.start
+                and (
+                    r.kind in (ZERO, PARENT)
+                    or (
+                        r.kind == DATA
+                        and r.source is cur.source
+                        and cur.at + cur.length == r.at
+                        and cur.length + r.length <= MAX_READ
+                    )
+                )
+            ):
+                cur = cur._replace(length=cur.length + r.length)
+                continue
+            if cur is not None:
+                yield cur
+            cur = r
+        if cur is not None:
+            yield cur
+
+    def extents(self, offset: int = 0, length: int | None = None, depth: int = 0):
+        end = self.size if length is None else min(self.size, offset + length)
+        here = self.source.path or self.source.name
+        for r in self._merged(offset, end):
+            a, b = r.start, r.start + r.length
+            if r.kind == DATA:
+                yield Extent(a, b - a, DATA, r.at, r.source.path or r.source.name, depth)
+            elif r.kind == CODED:
+                yield Extent(a, b - a, DATA, None, here, depth)
+            elif r.kind == PARENT and self.parent is not None:
+                psize = self.parent.disks[0].size
+                if a < psize:
+                    yield from self.parent.extents(a, min(b, psize) - a, depth + 1)
+                if b > psize:
+                    yield Extent(max(a, psize), b - max(a, psize), ZERO, None, here, depth + 1)
+            else:
+                yield Extent(a, b - a, ZERO, None, here, depth)
+
+    def _pieces(self, start: int, end: int):
+        """(disk offset, bytes) of every stretch that may hold data, in disk order."""
+        end = min(end, self.size)
+        for r in self._merged(start, end):
+            a, b = r.start, r.start + r.length
+            if r.kind == DATA:
+                yield a, r.source.pread(b - a, r.at, f"data at disk offset {a}")
+            elif r.kind == CODED:
+                unit = (r.source or self).decode(r.at)  # the run's holder, or the image
+                yield a, memoryview(unit)[a - r.base : b - r.base]
+            elif r.kind == PARENT and self.parent is not None:
+                b = min(b, self.parent.disks[0].size)
+                while a < b:
+                    step = min(MAX_READ, b - a)
+                    yield a, self.parent.read_at(a, step)
+                    a += step
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        out = bytearray(n)
+        for at, data in self._pieces(offset, offset + n):
+            out[at - offset : at - offset + len(data)] = data
+        return bytes(out)
+
+    def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
+        disk = self.disks[0]
+        if disks is not None and disk not in disks:
+            return
+        if self.parent is not None:
+            notice(f"{self.source.name}: reading through its parents: " + " -> ".join(self.chain()))
+        for at, data in self._pieces(0, self.size):
+            view = memoryview(data)
+            if not is_zero(view):
+                yield disk, at, view
