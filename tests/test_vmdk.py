@@ -210,3 +210,20 @@ def test_a_missing_extent_file_is_named(images, tmp_path):
     desc = (images / "twoGbMaxExtentFlat.vmdk").read_bytes()
     (tmp_path / "d.vmdk").write_bytes(desc)  # its extent stays behind
     assert_clean_failure(run("info", tmp_path / "d.vmdk"), 1, "twoGbMaxExtentFlat-f001.vmdk")
+
+
+def test_a_stream_cut_at_a_grain_boundary_is_told_from_a_whole_one(images, tmp_path):
+    """qemu-img may end a streamOptimized file right after its last grain (no end-of-
+    stream marker): the tables before the grains say how far the stream must reach."""
+    raw = (images / "streamOptimized.vmdk").read_bytes()
+    gd = struct.unpack_from("<Q", raw, 56)[0]
+    gt = struct.unpack_from("<I", raw, gd * 512)[0]
+    grains = [g for g in struct.unpack_from("<512I", raw, gt * 512) if g]
+    cut = tmp_path / "cut.vmdk"
+    cut.write_bytes(raw[: grains[-1] * 512])  # the last grain is gone, on a boundary
+    res = run("convert", "-", tmp_path / "o.raw", "-f", "vmdk", input=cut.read_bytes())
+    assert_clean_failure(res, 2, "ends at offset", "before its end-of-stream marker")
+    size = struct.unpack_from("<I", raw, grains[-1] * 512 + 8)[0]
+    end = grains[-1] * 512 + -(-(12 + size) // 512) * 512
+    whole = run("convert", "-", tmp_path / "w.raw", "-f", "vmdk", input=raw[:end])
+    assert whole.code == 0, whole  # cut after the last grain: whole

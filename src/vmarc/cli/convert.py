@@ -1,4 +1,4 @@
-"""vmarc convert: one disk to raw (sparse), qcow2 or VHD, or a whole VM to VMA or XVA."""
+"""vmarc convert: one disk to raw (sparse), qcow2, VHD or VMDK, or a whole VM to VMA, XVA or OVA."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def add_parser(sub):
         default="raw",
         type=lambda f: {"vpc": "vhd"}.get(f, f),
         choices=OUTPUT_FORMATS + ARCHIVE_FORMATS,
-        help="output format (default raw); vma and xva carry the whole VM",
+        help="output format (default raw); vma, xva and ova carry the whole VM",
     )
     p.add_argument(
         "-o",
@@ -61,7 +61,7 @@ def add_parser(sub):
     p.add_argument(
         "--disk",
         help="disk id, name, device or index (needed with several disks; "
-        "not with -O vma|xva, which carry every disk)",
+        "not with -O vma|xva|ova, which carry every disk)",
     )
     vm = p.add_argument_group("VM settings (-O vma)")
     vm.add_argument(
@@ -111,11 +111,12 @@ def run(args) -> int:
             if args.no_create or args.target_is_zero or args.salvage:
                 raise UsageError(
                     "-n, --target-is-zero and --salvage apply to disk images "
-                    "(raw, qcow2, vhd), not to -O vma|xva archives"
+                    "(raw, qcow2, vhd, vmdk), not to -O vma|xva|ova archives"
                 )
             if args.disk:
                 print(
-                    "vmarc: warning: --disk ignored: -O vma|xva carries every disk", file=sys.stderr
+                    "vmarc: warning: --disk ignored: -O vma|xva|ova carries every disk",
+                    file=sys.stderr,
                 )
             path, warnings = convert_vm(
                 archive,

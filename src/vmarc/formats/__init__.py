@@ -17,7 +17,7 @@ from ..io.source import as_file, open_source
 from ..model import Archive
 
 # detection tries the formats in this order; raw is never found by content
-MODULES = ("xva", "vma", "qcow2", "vhd", "vmdk", "vhdx", "raw")
+MODULES = ("xva", "vma", "ova", "qcow2", "vhd", "vmdk", "vhdx", "raw")
 
 RAW_SUFFIXES = (".raw", ".img")
 ALIASES = {"vpc": "vhd"}  # qemu-img's name for VHD

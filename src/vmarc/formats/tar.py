@@ -209,6 +209,10 @@ class TarReader:
             self._pad = -size % BLOCK
             return Member(name, size, where, self.src.offset, typeflag)
 
+    def next_offset(self) -> int:
+        """Where the next member's header starts (past the current member's data)."""
+        return self.src.offset + self._left + self._pad
+
     def readinto(self, view: memoryview, member: Member) -> None:
         """Read exactly len(view) bytes of the current member's data."""
         if len(view) > self._left:

@@ -18,9 +18,17 @@ import zlib
 from array import array
 from collections import OrderedDict
 
-from ..errors import CorruptError, FormatError, IntegrityError, SourceError, UnsupportedError
+from ..errors import (
+    CorruptError,
+    FormatError,
+    IntegrityError,
+    SourceError,
+    TruncatedError,
+    UnsupportedError,
+)
 from ..io.source import open_source
 from ..model import DATA, ZERO, Checks, Damage, Disk, is_zero
+from .clusters import ClusterAssembler
 from .mapped import CODED, PARENT, MappedImage, Run
 
 try:  # ISA-L inflates grains twice as fast as zlib (the `gzip` extra)
@@ -560,14 +568,23 @@ def stream_markers(src, header: SparseHeader, disk: Disk, where: str):
     """A streamOptimized VMDK front to back (a pipe, an OVA member): after the header,
     the descriptor and the overhead, each grain's marker and deflate data in turn;
     metadata markers are passed over, the end-of-stream marker ends it. src reads
-    sequentially (readinto_exact, skip, offset); it stands after the header's first
-    sector, or at 0."""
+    sequentially (readinto_exact, readinto_upto, skip, offset); it stands after the
+    header's first sector, or at 0.
+
+    VMware puts the grain tables at the end and always closes with the end-of-stream
+    marker; qemu-img puts them before the grains and may end the file after the last
+    grain. Then the highest grain the tables point at says where the stream must reach,
+    so a cut stream is still told from a whole one."""
     if src.offset == 0:
         src.skip(SECTOR, "VMDK header")
     first = header.overhead * SECTOR
     if first < src.offset:
         raise FormatError(f"{where}: overhead of {header.overhead} sectors ends inside the header")
-    src.skip(first - src.offset, "VMDK metadata before the grains")
+    must_reach = None
+    if header.gd_offset == GD_AT_END:
+        src.skip(first - src.offset, "VMDK metadata before the grains")
+    else:
+        must_reach = _highest_grain(src, first, header)
     size = header.capacity * SECTOR
     sector = memoryview(bytearray(SECTOR))
     buf = bytearray(header.grain + 4096)
@@ -575,7 +592,14 @@ def stream_markers(src, header: SparseHeader, disk: Disk, where: str):
     last = -1
     while True:
         at = src.offset
-        src.readinto_exact(sector, f"VMDK marker at offset {at}")
+        got = src.readinto_upto(sector)
+        if got == 0 and must_reach is not None and at > must_reach:
+            return  # qemu-img's ending: every grain its tables name has come
+        if got < SECTOR:
+            raise TruncatedError(
+                f"{where}: the stream ends at offset {at + got}, before its end-of-stream "
+                "marker" + ("" if must_reach is None else f" (a grain at {must_reach} is named)")
+            )
         value, length, kind = MARKER.unpack_from(sector)
         if length:  # a grain: its LBA, then `length` bytes of deflate data
             need = -(-(12 + length) // SECTOR) * SECTOR
@@ -608,6 +632,152 @@ def stream_markers(src, header: SparseHeader, disk: Disk, where: str):
         if value > (1 << 24):
             raise FormatError(f"{where}: metadata marker at offset {at} spans {value} sectors")
         src.skip(value * SECTOR, "VMDK metadata")
+
+
+def _highest_grain(src, first: int, header: SparseHeader) -> int:
+    """Skip to the first grain (offset `first`), reading the grain directories and tables
+    that lie before it: the file offset of the highest grain they point at (a directory
+    entry points inside the metadata, below `first`, so any entry at or past it is a
+    grain)."""
+    highest = 0
+    tables = min(o for o in (header.gd_offset, header.rgd_offset) if o) * SECTOR
+    if src.offset < tables < first:  # the descriptor lies before them: not read as numbers
+        src.skip(tables - src.offset, "VMDK descriptor")
+    chunk = memoryview(bytearray(1 << 20))
+    while src.offset < first:
+        n = min(len(chunk), first - src.offset)
+        n -= n % 4
+        if not n:
+            src.skip(first - src.offset, "VMDK metadata")
+            break
+        src.readinto_exact(chunk[:n], "VMDK grain tables")
+        values = array("I")
+        values.frombytes(chunk[:n])  # (array("I", a memoryview) would take its bytes one by one)
+        _little(values)
+        highest = max(highest, max(values))
+    return highest * SECTOR if highest * SECTOR >= first else first - 1
+
+
+# -- writing ------------------------------------------------------------------------------
+GRAIN_SECTORS = 128  # 64 KiB grains, as VMware writes them
+GTES = 512
+try:  # ISA-L deflates grains several times faster than zlib at its fast levels
+    from isal import isal_zlib as _deflate
+
+    DEFLATE_LEVEL = 1
+except ImportError:  # pragma: no cover - without the extra
+    _deflate, DEFLATE_LEVEL = zlib, 1
+
+
+def descriptor(capacity: int, extent_name: str, cid: int, adapter: str = "lsilogic") -> str:
+    """The embedded descriptor of a streamOptimized disk (what VMware's exports carry)."""
+    cyl = min(65535, capacity // (255 * 63))
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        'encoding="UTF-8"\n'
+        f"CID={cid:08x}\n"
+        "parentCID=ffffffff\n"
+        'createType="streamOptimized"\n\n'
+        "# Extent description\n"
+        f'RW {capacity} SPARSE "{extent_name}"\n\n'
+        "# The Disk Data Base\n#DDB\n\n"
+        f'ddb.adapterType = "{adapter}"\n'
+        f'ddb.geometry.cylinders = "{cyl}"\n'
+        'ddb.geometry.heads = "255"\n'
+        'ddb.geometry.sectors = "63"\n'
+        f'ddb.longContentID = "{cid:08x}{os.urandom(12).hex()}"\n'
+        'ddb.virtualHWVersion = "4"\n'
+    )
+
+
+class VmdkWriter:
+    """streamOptimized VMDK written front to back (a pipe, or a member of an OVA): the
+    header (grain directory at the end), the descriptor, then each non-zero grain
+    deflated behind its marker, each grain table behind a GT marker once its grains are
+    out, and at the end the grain directory, a footer (the header with the directory's
+    place) and the end-of-stream marker. Pieces must come in ascending order.
+
+    emit(bytes) takes the output; size is the disk's size in bytes."""
+
+    def __init__(self, emit, size: int, extent_name: str = "disk.vmdk", adapter: str = "lsilogic"):
+        self.emit = emit
+        self.size = size
+        self.capacity = -(-size // SECTOR)
+        text = descriptor(self.capacity, extent_name, int.from_bytes(os.urandom(4), "big"), adapter)
+        desc = text.encode()
+        desc_sectors = -(-len(desc) // SECTOR) + 1
+        self.overhead = 1 + desc_sectors
+        self.gd = [0] * -(-self.capacity // (GRAIN_SECTORS * GTES))
+        self.header = self._header(GD_AT_END, desc_sectors)
+        self.pos = 0  # bytes written
+        self._out(self.header + desc + bytes(desc_sectors * SECTOR - len(desc)))
+        self.gt_index = -1
+        self.gt = array("I", bytes(4 * GTES))
+        grain = GRAIN_SECTORS * SECTOR
+        self.asm = ClusterAssembler(grain, self.capacity * SECTOR, self._grain)
+
+    def _header(self, gd_sector: int, desc_sectors: int) -> bytes:
+        raw = HEADER.pack(
+            MAGIC,
+            3,
+            FLAG_NEWLINE_TEST | FLAG_COMPRESSED | FLAG_MARKERS,
+            self.capacity,
+            GRAIN_SECTORS,
+            1,
+            desc_sectors,
+            GTES,
+            0,
+            gd_sector,
+            self.overhead,
+            0,
+            NEWLINE_CHARS,
+            COMPRESS_DEFLATE,
+        )
+        return raw + bytes(SECTOR - len(raw))
+
+    def _out(self, data) -> None:
+        self.emit(data)
+        self.pos += len(data)
+
+    def _marker(self, value: int, kind: int) -> None:
+        self._out(MARKER.pack(value, 0, kind) + bytes(SECTOR - MARKER.size))
+
+    def write(self, offset: int, data) -> None:
+        self.asm.add(offset, data)
+
+    def _grain(self, index: int, data) -> None:
+        if is_zero(data):
+            return
+        if index // GTES != self.gt_index:
+            self._close_table()
+            self.gt_index = index // GTES
+        packed = _deflate.compress(data, DEFLATE_LEVEL)
+        self.gt[index % GTES] = self.pos // SECTOR
+        head = struct.pack("<QI", index * GRAIN_SECTORS, len(packed))
+        pad = -(len(head) + len(packed)) % SECTOR
+        self._out(head + packed + bytes(pad))
+
+    def _close_table(self) -> None:
+        if self.gt_index < 0:
+            return
+        self._marker(4 * GTES // SECTOR, MARKER_GT)
+        self.gd[self.gt_index] = self.pos // SECTOR
+        self._out(_little(array("I", self.gt)).tobytes())
+        self.gt = array("I", bytes(4 * GTES))
+
+    def finish(self) -> None:
+        self.asm.flush()
+        self._close_table()
+        gd = array("I", self.gd)
+        gd_bytes = _little(gd).tobytes()
+        gd_sectors = -(-len(gd_bytes) // SECTOR)
+        self._marker(gd_sectors, MARKER_GD)
+        gd_at = self.pos // SECTOR
+        self._out(gd_bytes + bytes(gd_sectors * SECTOR - len(gd_bytes)))
+        self._marker(1, MARKER_FOOTER)
+        self._out(self._header(gd_at, self.overhead - 1))
+        self._out(bytes(SECTOR))  # end of stream
 
 
 READERS = {"vmdk": VmdkArchive}

@@ -9,13 +9,13 @@ from ..errors import UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
-from ..io.output import OutputFile, pwrite_all, temp_writes, writing
+from ..io.output import OutputFile, pwrite_all, temp_writes, write_all, writing
 from ..model import RANDOM, Archive, Checks, Disk
 from ..notices import notice
 from .damage import checks_for, report_path, summary, warn_elsewhere, write_report
 from .progress import Progress
 
-OUTPUT_FORMATS = ("raw", "qcow2", "vhd")
+OUTPUT_FORMATS = ("raw", "qcow2", "vhd", "vmdk")
 
 SUBFORMATS = ("dynamic", "fixed")
 
@@ -36,6 +36,11 @@ def _writer(out_format: str, out: OutputFile, size: int, opts: dict, allocated=N
         return RawWriter(out, size)
     if out_format == "qcow2":
         return Qcow2Writer(out, size)
+    if out_format == "vmdk":  # streamOptimized: written front to back, to a file or a pipe
+        from ..formats.vmdk import VmdkWriter
+
+        name = "disk.vmdk" if out.path == "-" else os.path.basename(out.path)
+        return VmdkWriter(lambda data: write_all(out.fd, data), size, name)
     sub = opts.get("subformat", "dynamic")
     if sub not in SUBFORMATS:
         raise UsageError(f"-o subformat={sub}: VHD subformats are {', '.join(SUBFORMATS)}")
@@ -46,7 +51,7 @@ def needs_order(out_format: str, opts: dict, to_stdout: bool) -> bool:
     """Writers that need each disk's pieces in ascending order."""
     if out_format == "vhd":
         return to_stdout or opts.get("subformat", "dynamic") == "dynamic"
-    return to_stdout
+    return to_stdout or out_format == "vmdk"
 
 
 def spooled(pieces, disk: Disk):

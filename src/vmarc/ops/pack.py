@@ -17,9 +17,9 @@ from ..errors import UsageError
 from ..io.codecs import compression_for
 from ..io.output import StreamOutput, writing
 
-ARCHIVE_FORMATS = ("vma", "xva")
-OPTIONS = {"xva": ("checksum", "header", "compress"), "vma": ("compress",)}
-COMPRESSIONS = {"xva": ("gzip", "zstd"), "vma": ("gzip", "zstd", "lzop")}
+ARCHIVE_FORMATS = ("vma", "xva", "ova")
+OPTIONS = {"xva": ("checksum", "header", "compress"), "vma": ("compress",), "ova": ()}
+COMPRESSIONS = {"xva": ("gzip", "zstd"), "vma": ("gzip", "zstd", "lzop"), "ova": ()}
 VZDUMP_NAME = re.compile(r"vzdump-qemu-(\d+)-")
 
 
@@ -37,14 +37,26 @@ class Target:
         self.options = options
 
     def writer(
-        self, out, disks, *, ova_xml: bytes = b"", configs=None, covered=None, ordered: bool = False
+        self,
+        out,
+        disks,
+        *,
+        ova_xml: bytes = b"",
+        configs=None,
+        covered=None,
+        ordered: bool = False,
+        ovf: tuple[str, bytes] | None = None,
     ):
-        """The format's writer into out. disks: (ref or device name, Disk) in the order
-        the archive stores them; XVA: ova_xml and covered (XvaWriter); VMA: configs and
-        ordered (VmaWriter)."""
+        """The format's writer into out. disks: (ref, device or file name, Disk) in the
+        order the archive stores them; XVA: ova_xml and covered (XvaWriter); VMA: configs
+        and ordered (VmaWriter); OVA: ovf (its name and text) and covered (OvaWriter)."""
         from ..formats.vma_writer import VmaWriter  # only when writing an archive
         from ..formats.xva_writer import XvaWriter
 
+        if self.out_format == "ova":
+            from ..formats.ova import OvaWriter
+
+            return OvaWriter(out, disks, ovf[1], ovf[0], covered=covered)
         if self.out_format == "xva":
             return XvaWriter(
                 out,
@@ -137,8 +149,12 @@ def output_name(
         ext = {"zstd": ".zst", "gzip": ".gz", "lzop": ".lzo", None: ""}[compression]
         stamp = time.strftime("%Y_%m_%d-%H_%M_%S")
         return os.path.join(output, f"vzdump-qemu-{vmid}-{stamp}.vma{ext}")
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", vm_name).strip(".-") or "vm"
-    return os.path.join(output, f"{stem}.xva")
+    return os.path.join(output, f"{file_stem(vm_name)}.{out_format}")
+
+
+def file_stem(vm_name: str) -> str:
+    """A VM's name made safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", vm_name).strip(".-") or "vm"
 
 
 def vma_name_rules(output: str, compression: str | None, vmid: int | None) -> int:

@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..model import SCAN, Archive, Checks
 from ..settings import proxmox
 from ..settings.xapi import disk_refs, ova_xml
-from .pack import Target, plan, write_archive
+from .pack import Target, file_stem, plan, write_archive
 from .progress import Progress
 
 READ_STEP = 4 << 20
@@ -49,6 +49,8 @@ def convert_vm(
     bar = Progress(archive.source, progress, label=os.path.basename(target.path))
     if out_format == "xva":
         make_writer, disks, pieces = _xva(archive, settings, target, verify)
+    elif out_format == "ova":
+        make_writer, disks, pieces = _ova(archive, settings, target, verify)
     else:
         make_writer, disks, pieces = _vma(archive, settings, target, storage, bus, bridge, verify)
     write_archive(target, make_writer, [(pieces, disks, bar)], sync=sync)
@@ -80,6 +82,30 @@ def _xva(archive: Archive, settings, target: Target, verify: bool):
 
     def make_writer(out):
         return target.writer(out, list(zip(refs, order)), ova_xml=xml, covered=covered)
+
+    return make_writer, order, pieces
+
+
+def _ova(archive: Archive, settings, target: Target, verify: bool):
+    """(make_writer, disks in write order, pieces) of the OVA of the archive's VM: the
+    disks as streamOptimized VMDKs named after the VM, in the order the source finishes
+    them; the OVF lists them in slot order."""
+    from ..settings.ovf import render
+
+    stem = file_stem(settings.name)
+    data_disks = [slot.disk for slot in settings.disks]
+    names = {d.id: f"{stem}-disk{i}.vmdk" for i, d in enumerate(data_disks, 1)}
+    ovf, lost = render(settings, [(names[d.id], d.size) for d in data_disks])
+    settings.lost.extend(lost)
+    rank = {d.id: i for i, d in enumerate(archive.stream_order())}
+    order = sorted(data_disks, key=lambda d: rank.get(d.id, 1 << 30))
+    pieces = archive.stream(order, Checks(), verify=verify)
+    covered = None if archive.ordered else archive.covered
+
+    def make_writer(out):
+        return target.writer(
+            out, [(names[d.id], d) for d in order], ovf=(f"{stem}.ovf", ovf), covered=covered
+        )
 
     return make_writer, order, pieces
 
