@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.support import vmagen
+from tests.support import ovagen, vmagen
 from tests.support import xvagen as g
 from tests.support.helpers import assert_clean_failure, need
 from tests.support.helpers import vmarc as run
@@ -69,8 +69,19 @@ def image_case(tmp_path, kind):
         top, merged = make_chain(tmp_path, 2)
         return top, {None: merged}
     out = tmp_path / f"img.{kind}"
-    opts = {"qcow2": ["-O", "qcow2", "-c"], "vhd": ["-O", "vpc", "-o", "force_size=on"]}[kind]
+    opts = {
+        "qcow2": ["-O", "qcow2", "-c"],
+        "vhd": ["-O", "vpc", "-o", "force_size=on"],
+        "vmdk": ["-O", "vmdk"],
+        "vmdk-stream": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+        "vhdx": ["-O", "vhdx", "-o", "block_size=1M"],
+        "ova": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+    }[kind]
     subprocess.run(["qemu-img", "convert", "-f", "raw", *opts, str(raw), str(out)], check=True)
+    if kind == "ova":  # its one disk, as VMware exports it
+        ova = tmp_path / "vm.ova"
+        ovagen.build_ova(ova, "t", [("t-disk1.vmdk", out.read_bytes(), len(data))])
+        return ova, {"vmdisk1": data}
     return out, {None: data}
 
 
@@ -86,6 +97,10 @@ CASES = {
     "qcow2": lambda p: image_case(p, "qcow2"),
     "vhd": lambda p: image_case(p, "vhd"),
     "vhd-chain": lambda p: image_case(p, "vhd-chain"),
+    "vmdk": lambda p: image_case(p, "vmdk"),
+    "vmdk-stream": lambda p: image_case(p, "vmdk-stream"),
+    "vhdx": lambda p: image_case(p, "vhdx"),
+    "ova": lambda p: image_case(p, "ova"),
 }
 
 
@@ -380,7 +395,7 @@ def test_fuse_mount_reads_byte_for_byte(case, extra, tmp_path, mounted):
     source, disks = CASES[case](tmp_path)
     mnt = mounted(source, *extra)
     names = sorted(os.listdir(mnt))
-    files = [n for n in names if n not in ("ova.xml", "qemu-server.conf")]
+    files = [n for n in names if n not in ("ova.xml", "qemu-server.conf", "t.ovf")]
     assert len(files) == len(disks), names
     rnd = random.Random(1)
     if case.startswith("xva"):

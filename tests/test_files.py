@@ -156,12 +156,17 @@ def _packed(tmp_path, disk: str, how: str) -> str:
         assert r.code == 0, r
         return out
     out = str(tmp_path / f"disk.{how}")
-    fmt = {"vhd": ["-O", "vpc", "-o", "subformat=dynamic"], "qcow2": ["-O", "qcow2"]}[how]
+    fmt = {
+        "vhd": ["-O", "vpc", "-o", "subformat=dynamic"],
+        "qcow2": ["-O", "qcow2"],
+        "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+        "vhdx": ["-O", "vhdx"],
+    }[how]
     subprocess.run(["qemu-img", "convert", "-f", "raw", *fmt, disk, out], check=True)
     return out
 
 
-@pytest.mark.parametrize("how", ["xva", "xva.gz", "vma.zst", "vhd", "qcow2"])
+@pytest.mark.parametrize("how", ["xva", "xva.gz", "vma.zst", "vhd", "qcow2", "vmdk", "vhdx"])
 def test_every_source_gives_the_same_files(tmp_path, how):
     need("sfdisk", "mke2fs", "qemu-img")
     disk, tree = _disk_with(tmp_path, table="gpt" if how == "vhd" else "dos")

@@ -39,11 +39,23 @@ def samples(work: str) -> dict[str, tuple[bytes, bytes | None]]:
     raw = os.path.join(work, "src.raw")
     with open(raw, "wb") as f:
         f.write(disk)
-    for name, opts in (("vhd", ["-O", "vpc", "-o", "force_size=on"]), ("qcow2", ["-O", "qcow2"])):
+    for name, opts in (
+        ("vhd", ["-O", "vpc", "-o", "force_size=on"]),
+        ("qcow2", ["-O", "qcow2"]),
+        ("vmdk", ["-O", "vmdk"]),
+        ("so.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+        ("vhdx", ["-O", "vhdx", "-o", "block_size=1M"]),
+    ):
         path = os.path.join(work, f"src.{name}")
         subprocess.run(["qemu-img", "convert", "-f", "raw", *opts, raw, path], check=True)
         with open(path, "rb") as f:
             out[name] = (f.read(), None)
+    from tests.support import ovagen
+
+    ova = os.path.join(work, "src.ova")
+    ovagen.build_ova(ova, "fz", [("fz-disk1.vmdk", out["so.vmdk"][0], len(disk))])
+    with open(ova, "rb") as f:
+        out["ova"] = (f.read(), disk)  # the manifest's digests cover the disk
     return out
 
 
