@@ -271,3 +271,31 @@ def test_vmdk_written_to_a_pipe(tmp_path):
     qemu_img("compare", "-f", "vmdk", "-F", "raw", out, raw)
     assert io.BytesIO(res.out).read(4) == b"KDMV"
     assert os.path.getsize(out) < os.path.getsize(raw)
+
+
+@pytest.mark.parametrize("order", ["seq", "shuffle", "backup"])
+def test_a_proxmox_backup_moves_to_an_ova(order, tmp_path):
+    """VMA -> OVA: a live backup interleaves its disks; the OVA writes them one after
+    the other, each a VMDK qemu-img reads back as the disk."""
+    from tests.test_vm_move import sample_vma
+
+    vma, disks = sample_vma(tmp_path, order=order)
+    out = tmp_path / "web01.ova"
+    res = run("convert", vma, out, "-O", "ova")
+    assert res.code == 0, res
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        assert names == ["web01.ovf", "web01.mf", "web01-disk1.vmdk", "web01-disk2.vmdk"]
+        for i, slot in enumerate(("scsi0", "scsi1"), 1):
+            vmdk = tmp_path / f"d{i}.vmdk"
+            vmdk.write_bytes(tar.extractfile(f"web01-disk{i}.vmdk").read())
+            back = tmp_path / f"d{i}.raw"
+            qemu_img("convert", "-f", "vmdk", "-O", "raw", vmdk, back)
+            assert back.read_bytes() == disks[slot]
+        _, items = _ovf_items(tar.extractfile("web01.ovf").read())
+    assert items[4][0].find("rasd:VirtualQuantity", NS).text == "3072"
+    assert [i.find("rasd:Address", NS).text for i in items[10]] == [
+        "bc:24:11:aa:bb:01",
+        "bc:24:11:aa:bb:02",
+    ]
+    assert "balloon" in res.errtext  # what OVF cannot hold is said

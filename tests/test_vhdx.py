@@ -63,7 +63,8 @@ def test_a_vhdx_past_2_tib(tmp_path):
     assert stored == [(0, 32 * MiB), (2 << 40, 32 * MiB), (size - 32 * MiB, 32 * MiB)]
 
 
-def test_a_differencing_vhdx_reads_through_its_parent(tmp_path):
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_a_differencing_vhdx_reads_through_its_parent(sector, tmp_path):
     need("vhdimount")
     src = tmp_path / "src.raw"
     write_source(src)
@@ -71,14 +72,14 @@ def test_a_differencing_vhdx_reads_through_its_parent(tmp_path):
     qemu_img("convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M", src, parent)
     rnd = random.Random(5)
     writes = [
-        (512, rnd.randbytes(512 * 3)),  # a few sectors of a block
+        (sector, rnd.randbytes(sector * 3)),  # a few sectors of a block
         (3 * MiB - 4096, rnd.randbytes(8192)),  # across two blocks
         (6 * MiB, rnd.randbytes(MiB)),  # a whole block
-        (8 * MiB + 512 * 7, bytes(512)),  # zeros written over parent data: present here
+        (8 * MiB + sector * 7, bytes(sector)),  # zeros written over parent data: here
     ]
     size = os.path.getsize(src)
     child = tmp_path / "child.vhdx"
-    vhdxgen.make_differencing(child, parent, size, writes, "parent.vhdx")
+    vhdxgen.make_differencing(child, parent, size, writes, "parent.vhdx", sector=sector)
     want = bytearray(src.read_bytes())
     for off, data in writes:
         want[off : off + len(data)] = data

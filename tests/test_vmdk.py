@@ -53,10 +53,12 @@ def write_source(path, size=9 * MiB + 3 * 4096, seed=3):
 
 
 def allocation(rows):
-    """(start, end, data) stretches, neighbours of one kind merged."""
+    """(start, end, reads as zero) stretches, neighbours of one kind merged. (qemu-img
+    calls a hole in a flat extent's file "data" that is "zero"; vmarc calls it zero, as
+    it does a raw file's hole: both say the stretch reads as zeros.)"""
     out = []
     for r in rows:
-        s, e, d = r["start"], r["start"] + r["length"], bool(r["data"])
+        s, e, d = r["start"], r["start"] + r["length"], bool(r["zero"])
         if out and out[-1][2] == d and out[-1][1] == s:
             out[-1] = (out[-1][0], e, d)
         else:
@@ -227,3 +229,24 @@ def test_a_stream_cut_at_a_grain_boundary_is_told_from_a_whole_one(images, tmp_p
     end = grains[-1] * 512 + -(-(12 + size) // 512) * 512
     whole = run("convert", "-", tmp_path / "w.raw", "-f", "vmdk", input=raw[:end])
     assert whole.code == 0, whole  # cut after the last grain: whole
+
+
+@pytest.mark.parametrize("sub", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
+def test_split_extents_across_their_boundaries(sub, tmp_path):
+    """5 GiB in 2 GiB extent files: writes straddling both boundaries."""
+    path = tmp_path / "split.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", f"subformat={sub}", path, "5G")
+    assert len(list(tmp_path.glob("split-*.vmdk"))) == 3
+    qemu_io(path, "vmdk", "write -P 0x61 2047M 2M", "write -P 0x62 4095M 1536k", "write -P 3 0 4k")
+    want = tmp_path / "want.raw"
+    qemu_img("convert", "-O", "raw", path, want)
+    out = tmp_path / "out.raw"
+    res = run("convert", path, out)
+    assert res.code == 0, res
+    qemu_img("compare", "-f", "raw", "-F", "raw", want, out)
+    assert_same_map(path)
+    info = json.loads(run("info", path, "--output", "json").out)
+    assert [e["file"] for e in info["details"]["extents"]] == [
+        f"split-{'s' if sub.endswith('Sparse') else 'f'}00{i}.vmdk" for i in (1, 2, 3)
+    ]
+    assert run("verify", path).code == 0

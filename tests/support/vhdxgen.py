@@ -68,17 +68,18 @@ def _utf16(s: str) -> bytes:
     return s.encode("utf-16-le")
 
 
-def make_differencing(path, parent_path, size, writes, parent_name, block_size=MiB):
-    """A differencing VHDX over parent_path: writes is [(offset, bytes)] in 512-byte
-    sectors; blocks wholly written are fully present, others partially present with the
-    chunk's sector bitmap (bit n of the bitmap, lowest bit of each byte first, is
-    sector n). Returns the bytes the child reads as, given the parent's."""
+def make_differencing(path, parent_path, size, writes, parent_name, block_size=MiB, sector=SECTOR):
+    """A differencing VHDX over parent_path: writes is [(offset, bytes)] in logical
+    sectors of `sector` bytes; blocks wholly written are fully present, others partially
+    present with the chunk's sector bitmap (bit n of the bitmap, lowest bit of each byte
+    first, is sector n). Returns the bytes the child reads as, given the parent's."""
+    SECTOR = sector  # noqa: N806 (the logical sector size of this disk)
     with open(parent_path, "rb") as f:
         parent = f.read()
     ph = max(
         (read_header(parent, 64 * KiB), read_header(parent, 128 * KiB)), key=lambda h: h["seq"]
     )
-    chunk_ratio = (1 << 23) * SECTOR // block_size
+    chunk_ratio = (1 << 23) * sector // block_size
     blocks = -(-size // block_size)
     chunks = -(-blocks // chunk_ratio)
     entries = chunks * (chunk_ratio + 1)
@@ -120,7 +121,7 @@ def make_differencing(path, parent_path, size, writes, parent_name, block_size=M
         ("file_parameters", struct.pack("<II", block_size, 2), 4),
         ("virtual_size", struct.pack("<Q", size), 6),
         ("disk_id", uuid.uuid4().bytes_le, 6),
-        ("logical_sector", struct.pack("<I", SECTOR), 6),
+        ("logical_sector", struct.pack("<I", sector), 6),
         ("physical_sector", struct.pack("<I", 4096), 6),
         ("parent_locator", locator, 4),
     ]

@@ -121,8 +121,10 @@ class MappedImage(Archive):
         end = min(end, self.size)
         for r in self._merged(start, end):
             a, b = r.start, r.start + r.length
-            if r.kind == DATA:
-                yield a, r.source.pread(b - a, r.at, f"data at disk offset {a}")
+            if r.kind == DATA:  # (a flat extent is one run: read it in steps)
+                for pos in range(a, b, MAX_READ):
+                    n = min(MAX_READ, b - pos)
+                    yield pos, r.source.pread(n, r.at + pos - a, f"data at disk offset {pos}")
             elif r.kind == CODED:
                 unit = (r.source or self).decode(r.at)  # the run's holder, or the image
                 yield a, memoryview(unit)[a - r.base : b - r.base]

@@ -302,6 +302,8 @@ class OvaArchive(Archive):
             disk = self.by_file.get(m.name)
             hashes = self._hashers(m.name, verify)
             reader = _MemberReader(self.tar, m, hashes, f"{self.source.name}: {m.name}")
+            if disk is not None and m.name in seen:
+                raise FormatError(f"{self.source.name}: {m.name} appears twice in the archive")
             if disk is not None and id(disk) in wanted:
                 seen.add(m.name)
                 yield from self._disk_member(disk, reader)

@@ -26,7 +26,7 @@ from ..errors import (
     TruncatedError,
     UnsupportedError,
 )
-from ..io.source import open_source
+from ..io.source import next_data, open_source
 from ..model import DATA, ZERO, Checks, Damage, Disk, is_zero
 from .clusters import ClusterAssembler
 from .mapped import CODED, PARENT, MappedImage, Run
@@ -338,6 +338,24 @@ class SparseExtent:
             )
 
 
+def _flat_runs(part, a: int, b: int, shift: int):
+    """A flat extent's [a, b) (disk offsets; file offset = disk offset + shift): its
+    file's holes (SEEK_HOLE) as ZERO, so a mostly empty -flat.vmdk is not read whole."""
+    fd = part._raw_file.fileno()
+    pos = a
+    while pos < b:
+        data_at, hole_at = next_data(fd, pos + shift)
+        if data_at is None or data_at - shift >= b:
+            yield Run(pos, b - pos, ZERO)
+            return
+        start = data_at - shift
+        if start > pos:
+            yield Run(pos, start - pos, ZERO)
+        stop = min(b, int(min(hole_at, 1 << 62)) - shift)
+        yield Run(start, stop - start, DATA, part, data_at)
+        pos = stop
+
+
 def _little(a: array) -> array:
     if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover - big-endian hosts
         a.byteswap()
@@ -516,7 +534,7 @@ class VmdkArchive(MappedImage):
             if kind == "SPARSE":
                 yield from holder.runs(pos, a - pos, b - pos)
             elif kind == DATA:
-                yield Run(a, b - a, DATA, holder, at + a - pos)
+                yield from _flat_runs(holder, a, b, at - pos)
             else:
                 yield Run(a, b - a, ZERO)
 
