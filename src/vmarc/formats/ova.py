@@ -30,6 +30,7 @@ from .vmdk import SparseHeader, VmdkWriter, stream_markers
 MANIFEST_LINE = re.compile(r"^\s*(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9A-Fa-f]+)\s*$")
 ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 SCRATCH = 1 << 20
+MAX_MANIFEST = 1 << 20  # a line per file: a few KiB
 
 
 def parse_manifest(text: str, where: str) -> dict[str, tuple[str, str]]:
@@ -164,7 +165,7 @@ class OvaArchive(Archive):
         mf = os.path.join(self.base, stem + ".mf")
         if os.path.isfile(mf):
             with open(mf, "rb") as f:
-                text = f.read(1 << 20).decode("utf-8", "replace")
+                text = f.read(MAX_MANIFEST).decode("utf-8", "replace")
             self.manifest = parse_manifest(text, f"{self.source.name}: {stem}.mf")
             self.manifest_name = stem + ".mf"
         for href, disk in self.by_file.items():
@@ -195,7 +196,7 @@ class OvaArchive(Archive):
             self.members[mname] = (pos + BLOCK, size)
             pos += BLOCK + size + (-size % BLOCK)
         for mname, (at, size) in self.members.items():
-            if mname.lower().endswith(".mf") and size < 1 << 20:
+            if mname.lower().endswith(".mf") and size <= MAX_MANIFEST:
                 text = src.pread(size, at, "manifest").decode("utf-8", "replace")
                 self.manifest = parse_manifest(text, f"{src.name}: {mname}")
                 self.manifest_name = mname
@@ -293,6 +294,10 @@ class OvaArchive(Archive):
         seen = set()
         while (m := self.tar.next()) is not None:
             if m.name.lower().endswith(".mf"):
+                if m.size > MAX_MANIFEST:
+                    raise FormatError(
+                        f"{self.source.name}: a {m.size}-byte manifest is implausible"
+                    )
                 text = self.tar.read(m).decode("utf-8", "replace")
                 self.manifest = parse_manifest(text, f"{self.source.name}: {m.name}")
                 self.manifest_name = m.name
