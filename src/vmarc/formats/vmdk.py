@@ -338,6 +338,12 @@ class SparseExtent:
             )
 
 
+def _embedded(raw: bytes, name: str) -> tuple[dict, list]:
+    """A sparse file's own descriptor (NUL-padded; none at all in some extent files)."""
+    text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return parse_descriptor(text, f"{name}: descriptor") if text.strip() else ({}, [])
+
+
 def _flat_runs(part, a: int, b: int, shift: int):
     """A flat extent's [a, b) (disk offsets; file offset = disk offset + shift): its
     file's holes (SEEK_HOLE) as ZERO, so a mostly empty -flat.vmdk is not read whole."""
@@ -391,10 +397,14 @@ class VmdkArchive(MappedImage):
         if head[:4] == COWD:
             raise UnsupportedError(f"{name}: ESX 2 'COWD' sparse VMDK is not read")
         self.header = None
-        if self.streaming:
-            self.header = SparseHeader(head, f"{name}: header")
-            self.fields, self.extent_lines = {}, []
-            self.size = self.header.capacity * SECTOR
+        if self.streaming:  # the descriptor sits right after the header: peeked
+            self.header = h = SparseHeader(head, f"{name}: header")
+            end = (h.descriptor_offset + h.descriptor_size) * SECTOR
+            text = b""
+            if h.descriptor_offset and end <= 1 << 16:
+                text = source.peek(end)[h.descriptor_offset * SECTOR :]
+            self.fields, self.extent_lines = _embedded(text, name)
+            self.size = h.capacity * SECTOR
         elif head[:4] == MAGIC:
             self._open_sparse_file()
         else:
@@ -424,16 +434,13 @@ class VmdkArchive(MappedImage):
         ext = SparseExtent(src, src.name)
         self.header = ext.header
         h = ext.header
-        text = ""
+        text = b""
         if h.descriptor_offset and h.descriptor_size:
             at, n = h.descriptor_offset * SECTOR, h.descriptor_size * SECTOR
             if at + n > src.file_size or n > 1 << 20:
                 raise FormatError(f"{src.name}: embedded descriptor at {at} lies outside the file")
-            text = src.pread(n, at, "VMDK descriptor").split(b"\0", 1)[0].decode("utf-8", "replace")
-        if text.strip():
-            self.fields, self.extent_lines = parse_descriptor(text, f"{src.name}: descriptor")
-        else:
-            self.fields, self.extent_lines = {}, []
+            text = src.pread(n, at, "VMDK descriptor")
+        self.fields, self.extent_lines = _embedded(text, src.name)
         self.size = h.capacity * SECTOR
         self.pieces = [(0, self.size, "SPARSE", ext, 0)]
 
