@@ -78,7 +78,8 @@ def open_disks(
         mode = os.stat(path).st_mode
     except OSError as e:
         raise SourceError(f"{path}: cannot open: {e.strerror}") from None
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):  # a FIFO would block, then not seek
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
+        # a FIFO would block, then not seek (a directory: Xen Orchestra's VHD directory)
         raise UsageError(f"{path}: random access needs a regular file or a block device")
     archive = open_archive(path, fmt, parent=parent, no_backing=no_backing)
     try:

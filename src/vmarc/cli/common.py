@@ -26,10 +26,19 @@ def add_layer_args(p) -> None:
         action="store_true",
         help="read a differencing VHD or qcow2 overlay alone, without what lies under it",
     )
+    p.add_argument(
+        "--key-file",
+        help="the key of an encrypted Xen Orchestra remote (32 bytes, or 64 hex digits)",
+    )
 
 
 def layers(args) -> dict:
-    """open()'s keywords for --parent and --no-backing."""
+    """open()'s keywords for --parent and --no-backing (and --key-file, which applies to
+    every file of an encrypted remote the source reaches, is registered here)."""
+    if args.key_file:
+        from ..formats.vhddir import set_key_file
+
+        set_key_file(args.key_file)
     return {"parent": args.parent, "no_backing": args.no_backing}
 
 

@@ -38,6 +38,8 @@ def run(args) -> int:
             print(f"  memory: {human_size(vm['memory'])}")
         if vm.get("vcpus"):
             print(f"  vcpus: {vm['vcpus']}")
+        if vm.get("backup_mode"):  # a Xen Orchestra backup
+            print(f"  backup: {vm['backup_mode']}, {vm.get('backup_time', 'time unknown')}")
         st = data.get("settings")
         if st:
             print(

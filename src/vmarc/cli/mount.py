@@ -112,6 +112,7 @@ def _background(args) -> int:
         ("-f", args.fmt),
         ("--index", args.index),
         ("--parent", args.parent),
+        ("--key-file", args.key_file and os.path.abspath(args.key_file)),
         ("-o", args.options or None),
     ):
         if value:

@@ -17,7 +17,7 @@ from ..io.source import as_file, open_source
 from ..model import Archive
 
 # detection tries the formats in this order; raw is never found by content
-MODULES = ("xva", "vma", "ova", "qcow2", "vhd", "vmdk", "vhdx", "raw")
+MODULES = ("xva", "vma", "ova", "qcow2", "vhd", "vmdk", "vhdx", "vhddir", "xo", "raw")
 
 RAW_SUFFIXES = (".raw", ".img")
 ALIASES = {"vpc": "vhd"}  # qemu-img's name for VHD
@@ -91,6 +91,13 @@ def open_archive(
     raw); no_backing reads the top layer alone. unsized: the caller (a raw output) takes a
     disk whose size is None until its stream ends (a fixed VHD from a pipe) rather than a
     copy of the input in a temporary file."""
+    if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):  # Xen Orchestra's VHD
+        if fmt not in (None, "vhd", "vhddir"):
+            raise UsageError(f"{src}: a directory is read only as a VHD directory")
+        layer = reader_for("vhddir")
+        return layer.open_path(os.fspath(src), parent=parent, no_backing=no_backing)
+    if fmt is None and isinstance(src, (str, os.PathLike)) and os.fspath(src).endswith(".json"):
+        fmt = "xo"  # the only JSON vmarc reads (and encrypted, it has no telling first bytes)
     source = open_source(src, name=name)
     try:
         if fmt is None:

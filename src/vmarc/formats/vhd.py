@@ -43,6 +43,7 @@ from ..model import (
     filled,
     is_zero,
 )
+from . import reader_for
 from .clusters import ClusterAssembler
 from .raw import RawWriter
 from .tar import TarReader, parse_header
@@ -60,6 +61,7 @@ MAX_GEOMETRY = 65535 * 16 * 255  # sectors
 MAX_SIZE = MAX_GEOMETRY * SECTOR * 2  # a little over 2 TiB: the format's own limit
 MAX_BLOCK = 1 << 28
 MAX_CHAIN = 32
+ALIAS_SUFFIX = ".alias.vhd"  # Xen Orchestra: a text file naming a VHD directory
 # Creators whose disks are current_size bytes; the others (Virtual PC, qemu without
 # force_size...) are read by qemu as cylinders * heads * sectors (block/vpc.c).
 SIZE_BY_CURRENT = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
@@ -434,8 +436,11 @@ class VhdArchive(Archive):
             else:
                 text = raw.decode("utf-16-le", "replace").rstrip("\0").replace("\\", "/")
             yield code.decode(), os.path.join(base, text) if code == b"W2ru" else text
-        if h.parent_name:
-            yield "parent name", os.path.join(base, os.path.basename(h.parent_name))
+        if h.parent_name:  # Xen Orchestra's chains name the parent relative to the child
+            rel = h.parent_name.replace("\\", "/")
+            if not os.path.isabs(rel) and "/" in rel:
+                yield "parent name", os.path.normpath(os.path.join(base, rel))
+            yield "parent name", os.path.join(base, os.path.basename(rel))
 
     def _open_parent(self):
         name = self.source.name
@@ -450,17 +455,21 @@ class VhdArchive(Archive):
             candidates = list(self._parent_candidates())
         want = uuidlib.UUID(bytes=self.header.parent_uuid)
         for how, path in candidates:
-            if not os.path.isfile(path):
+            xo = os.path.isdir(path) or path.endswith(ALIAS_SUFFIX)  # Xen Orchestra's
+            if not (xo or os.path.isfile(path)):
                 tried.append(f"{path} ({how}, missing or not a regular file)")
                 continue
             if os.path.realpath(path) in chain:
                 raise FormatError(f"{name}: parent chain loops back to {path}")
-            if not _looks_like_vhd(path):  # what it holds is none of our business
+            if not xo and not _looks_like_vhd(path):  # what it holds is none of our business
                 if how == "--parent":
                     raise FormatError(f"{name}: parent {path} is not a VHD")
                 tried.append(f"{path} ({how}, not a VHD)")
                 continue
-            parent = VhdArchive(open_source(path), _children=chain)
+            if xo:  # a VHD directory, or an alias naming one (formats/vhddir.py)
+                parent = reader_for("vhddir").open_path(path, _children=chain)
+            else:
+                parent = VhdArchive(open_source(path), _children=chain)
             got = uuidlib.UUID(bytes=parent.footer.uuid)
             if got != want:
                 parent.close()
@@ -534,7 +543,9 @@ class VhdArchive(Archive):
         for err in self.open_problems:
             checks.fail(type(err)(str(err), meta(self.footer_at)))
         for where, f, at in (("footer", self.footer, self.footer_at),) + (
-            (("footer copy", self.head_footer, 0),) if self.header is not None else ()
+            (("footer copy", self.head_footer, 0),)
+            if self.header is not None and self.head_footer is not self.footer
+            else ()
         ):
             if not f.checksum_ok:
                 checks.fail(
@@ -582,7 +593,13 @@ class VhdArchive(Archive):
                     meta(self.footer.data_offset),
                 )
             )
-        span = self.bitmap_size + bs
+        self.check_blocks(checks, block)
+
+    def check_blocks(self, checks: Checks, block) -> None:
+        """Where the BAT puts each block: outside the metadata, inside the data area, no
+        two overlapping. block(i, at) gives the Damage of block i."""
+        name = self.source.name
+        span = self.bitmap_size + self.header.block_size
         placed = []
         for i, entry in enumerate(self.bat):
             if entry == UNALLOCATED:
@@ -695,17 +712,24 @@ class VhdArchive(Archive):
                 base = index * bs
                 whole = [(base, min(bs, disk.size - base))]
                 pieces, lost = self._cut_block(index, buf) if checks.salvage else ([], whole)
-                at = self.bat[index] * SECTOR if self.bat[index] != UNALLOCATED else None
+                where = self.block_where(index)
                 checks.fail(
                     type(e)(
                         str(e),
-                        [
-                            Damage(disk, a, n, "missing", block=index, file_offset=at)
-                            for a, n in lost
-                        ],
+                        [Damage(disk, a, n, "missing", block=index, **where) for a, n in lost],
                     )
                 )
             yield from ((disk, off, data) for off, data in pieces)
+
+    def block_where(self, index: int) -> dict:
+        """Where block index lies, for a Damage: its offset in the file."""
+        at = self.bat[index] * SECTOR if self.bat[index] != UNALLOCATED else None
+        return {"file_offset": at}
+
+    def block_at(self, index: int, within: int) -> tuple[int | None, str]:
+        """(file offset, file) of byte `within` of block index's data, for extents."""
+        at = self.bat[index] * SECTOR + self.bitmap_size + within
+        return at, self.source.path or self.source.name
 
     def _cut_block(self, index: int, buf: bytearray):
         """Block index of a file cut short: (pieces still in the file, [(disk offset,
@@ -824,8 +848,8 @@ class VhdArchive(Archive):
                     yield Extent(a, b - a, DATA, a, p.source.path or p.source.name, depth + k)
                     break
                 if index < len(p.bat) and p.bat[index] != UNALLOCATED:
-                    at = p.bat[index] * SECTOR + p.bitmap_size + (a - index * bs)
-                    yield Extent(a, b - a, DATA, at, p.source.path or p.source.name, depth + k)
+                    at, file = p.block_at(index, a - index * bs)
+                    yield Extent(a, b - a, DATA, at, file, depth + k)
                     break
 
     def _stream_pipe(self, disk):
