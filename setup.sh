@@ -23,7 +23,8 @@ if [ -n "$missing" ]; then
 fi
 
 # Node.js runs the writers of other projects that the tests use as oracles (Xen
-# Orchestra's vhd-lib), installed from the npm registry into tests/oracles.
+# Orchestra's vhd-lib and @xen-orchestra/fs), installed from the npm registry into
+# tests/oracles (its package.json says why two stand-in packages sit in stubs/).
 if ! command -v npm >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing nodejs and npm" >&2
@@ -34,7 +35,7 @@ if ! command -v npm >/dev/null 2>&1; then
     echo "setup: npm is missing (the tests' oracles need it)" >&2
   fi
 fi
-if command -v npm >/dev/null 2>&1 && [ ! -d tests/oracles/node_modules/vhd-lib ]; then
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/oracles/node_modules/vhd-lib-4 ]; then
   (cd tests/oracles && npm ci --no-audit --no-fund --loglevel=error >&2)
 fi
 

@@ -46,15 +46,18 @@ async function main() {
   if (spec.encryptionKey) remote.encryptionKey = Buffer.from(spec.encryptionKey, "hex").toString("latin1");
   const handler = getHandler(remote);
   await handler.sync();
+  // a VHD file is parsed from plain storage (an encrypted remote cannot be read in parts)
+  const scratch = getHandler({ url: "file://" + spec.root + ".work" });
+  await scratch.sync();
   for (const backup of spec.backups) {
     for (const disk of backup.disks) {
       const stream = await vhdStream(disk.raw, disk.blocks);
       if (spec.directory) {
         // RemoteAdapter.writeVhd: the data in data/<uuid>.vhd beside, an alias in place
         const dataPath = `${path.dirname(disk.path)}/data/${disk.dataId}.vhd`;
-        const tmp = `${path.dirname(disk.path)}/.tmp-${disk.dataId}.vhd`;
-        await handler.outputStream(tmp, stream);
-        await Disposable.use(VhdFile.open(handler, tmp), async (src) => {
+        const tmp = `tmp-${disk.dataId}.vhd`;
+        await scratch.outputStream(tmp, stream, { checksum: false });
+        await Disposable.use(VhdFile.open(scratch, tmp), async (src) => {
           await src.readBlockAllocationTable();
           await Disposable.use(
             VhdDirectory.create(handler, dataPath, { compression: spec.compression || undefined }),
@@ -68,7 +71,7 @@ async function main() {
             }
           );
         });
-        await handler.unlink(tmp);
+        await scratch.unlink(tmp);
         await VhdAbstract.createAlias(handler, disk.path, dataPath);
       } else {
         await handler.outputStream(disk.path, stream);
@@ -78,6 +81,7 @@ async function main() {
     await handler.outputFile(`${backup.vmDir}/${backup.metadataName}`, JSON.stringify(backup.metadata));
   }
   await handler.forget();
+  await scratch.forget();
 }
 
 main().catch((e) => {

@@ -17,7 +17,7 @@ import os
 import time
 
 from ..errors import FormatError, UnsupportedError
-from ..model import STREAM, Archive, Checks, Disk
+from ..model import STREAM, Archive, Checks
 from . import open_archive
 from .vhd import ALIAS_SUFFIX
 from .vhddir import VhdDirectoryArchive, read_remote_file, remote_cipher
@@ -110,19 +110,17 @@ class XoBackupArchive(Archive):
                     raise UnsupportedError(f"{path}: an encrypted VHD file is not read yet")
                 else:
                     layer = open_archive(path, "vhd")
+                self.layers[ref] = layer
                 vdi = vdis.get(ref) if isinstance(vdis.get(ref), dict) else {}
-                uuid = vdi.get("uuid") or ref
-                device = _device(slots.get(ref))
-                disk = Disk(
-                    id=uuid,
-                    name=vdi.get("name_label") or os.path.basename(path),
-                    size=layer.disks[0].size,
-                    device=device,
-                    index=i,
-                    meta={"vhd": vhds[ref], "chain": _chain(layer)},
-                )
+                # the chain's own Disk, named as the backup names it: the damage its
+                # reading reports then falls on this backup's disk
+                disk = layer.disks[0]
+                disk.id = vdi.get("uuid") or ref
+                disk.name = vdi.get("name_label") or os.path.basename(path)
+                disk.device = _device(slots.get(ref))
+                disk.index = i
+                disk.meta.update({"vhd": vhds[ref], "chain": _chain(layer)})
                 self.disks.append(disk)
-                self.layers[disk.id] = layer
         except BaseException:
             self.close()
             raise
@@ -164,19 +162,19 @@ class XoBackupArchive(Archive):
         if self.inner is not None:
             yield from self.inner.stream(disks, checks, verify)
             return
-        for disk in self.disks:
-            if disks is not None and disk not in disks:
-                continue
-            for _d, offset, data in self.layers[disk.id].stream(checks=checks, verify=verify):
-                yield disk, offset, data
+        for layer in self.layers.values():
+            disk = layer.disks[0]
+            if disks is None or disk in disks:
+                yield from layer.stream(checks=checks, verify=verify)
 
     def checked(self):
         if self.inner is not None:
             return self.inner.checked()
         # each chain has one disk: its checks, under this backup's disk id
-        return {
-            disk.id: next(iter(self.layers[disk.id].checked().values())) for disk in self.disks
-        }
+        out = {}
+        for layer in self.layers.values():
+            out.update(layer.checked())
+        return out
 
     def stream_checks(self) -> list[str]:
         return self.inner.stream_checks() if self.inner is not None else []
