@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import CorruptError, FormatError, IntegrityError, TruncatedError
+from ..errors import CorruptError, FormatError, IntegrityError, TruncatedError, UsageError
 from ..formats import open_archive
 from ..ops.verify import verify
 from .common import add_progress_arg, add_source_args, layers, print_json
@@ -16,10 +16,31 @@ def add_parser(sub):
     add_source_args(p)
     p.add_argument("--output", choices=["human", "json"], default="human")
     add_progress_arg(p)
+    tree = p.add_argument_group("a whole tree of backups (-r)")
+    tree.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="SOURCE is a directory: verify every backup under it, a line each and a summary",
+    )
+    tree.add_argument("--jobs", type=int, default=1, help="backups verified at once (processes)")
+    tree.add_argument("--since", help="only backups modified since this date (2026-11-01[T12:00])")
+    tree.add_argument(
+        "--deep",
+        action="store_true",
+        help="also find each guest's root file system and what its /etc/fstab mounts "
+        "(or Windows' registry hive)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.recursive:
+        from .verify_tree import run_tree  # (the tree job's own module)
+
+        return run_tree(args)
+    if args.jobs != 1 or args.since or args.deep:
+        raise UsageError("--jobs, --since and --deep go with -r (a tree of backups)")
     try:
         archive = open_archive(args.source, args.fmt, **layers(args))
     except CorruptError as e:  # damaged before the disks could even be listed

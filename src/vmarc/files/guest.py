@@ -80,6 +80,37 @@ class Guest:
         except VmarcError:
             return None
 
+    def boot_check(self) -> tuple[bool, str]:
+        """Whether the guest would find what it boots from (verify -r --deep): one root
+        file system; Linux: every /etc/fstab file system on the disks; Windows: the
+        registry's SYSTEM hive. (ok, what was found or what is missing)."""
+        readable = self.readable()
+        if not readable:
+            return False, "no readable file system" + self._others()
+        roots = [(v, f, k) for v in readable if (k := _root_kind(f := self.filesystem(v)))]
+        if len(roots) != 1:
+            return False, ("no" if not roots else "more than one") + " guest root file system"
+        vol, fs, kind = roots[0]
+        if kind == "windows":
+            try:
+                Tree({"/": fs}).lookup("/Windows/System32/config/SYSTEM")
+            except NotFound:
+                return False, f"Windows on {vol.name}, but no /Windows/System32/config/SYSTEM"
+            return True, f"Windows on {vol.name}"
+        entries = list(_fstab(fs))
+        missing = [f"{spec} ({mp})" for spec, mp, _ in entries if self._device(spec) is None]
+        if missing:
+            return (
+                False,
+                f"Linux root on {vol.name}; /etc/fstab names {', '.join(missing)}, not on the disks",
+            )
+        others = (
+            f"the {len(entries)} other file systems /etc/fstab mounts are there"
+            if entries
+            else "/etc/fstab mounts nothing else"
+        )
+        return True, f"Linux root on {vol.name}; {others}"
+
     def split(self, spec: str, fs: str | None = None, subvol: str | None = None):
         """`xvda1:/etc/fstab` -> that volume's tree and /etc/fstab; else (tree(fs), spec)."""
         name, sep, path = spec.partition(":")
