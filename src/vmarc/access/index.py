@@ -22,8 +22,15 @@ def cache_dir() -> str:
     return os.path.join(base, "vmarc")
 
 
-def identity(path: str) -> dict:
-    """What makes an index valid: the file's size, mtime and a hash of its head."""
+def identity(path: str, remote=None) -> dict:
+    """What makes an index valid: the file's size, mtime and a hash of its head (an
+    object at a URL, remote: its URL, size and head)."""
+    if remote is not None:
+        return {
+            "url": path,
+            "size": remote.size,
+            "head_sha256": hashlib.sha256(remote.pread(1 << 20, 0)).hexdigest(),
+        }
     st = os.stat(path)
     with open(path, "rb") as f:
         head = f.read(1 << 20)

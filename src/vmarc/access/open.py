@@ -23,13 +23,14 @@ from ..formats import name_of, open_archive, reader_for
 from ..formats.raw import RawWriter
 from ..io.hashing import xxh64_text
 from ..io.output import OutputFile, writing
+from ..io.remote import is_url
 from ..io.source import BLOCK, next_data
 from ..model import DATA, RANDOM, SCAN, Checks, Disk, DiskView
 from ..notices import notice, warn
 from .chunks import ChunkChecks
 from .index import identity, index_path, load_index, save_index
 from .maps import BAD, DiskMap, merged_ranges, overlaps
-from .stores import FileStore, GzipStore
+from .stores import FileStore, GzipStore, open_store
 from .views import ImageView, MappedDisk
 
 
@@ -74,13 +75,14 @@ def open_disks(
     """Open a file for random reads of its disks (see the module docstring)."""
     if path in ("-", None):
         raise UsageError("random access needs a file, not a pipe")
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise SourceError(f"{path}: cannot open: {e.strerror}") from None
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
-        # a FIFO would block, then not seek (a directory: Xen Orchestra's VHD directory)
-        raise UsageError(f"{path}: random access needs a regular file or a block device")
+    if not is_url(path):  # (a URL is read in place by range requests)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
+            # a FIFO would block, then not seek (a directory: Xen Orchestra's VHD directory)
+            raise UsageError(f"{path}: random access needs a regular file or a block device")
     archive = open_archive(path, fmt, parent=parent, no_backing=no_backing)
     try:
         return _open_disks(archive, path, index, quiet, verify)
@@ -93,13 +95,13 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool, verify: bool
     fmt = archive.format
     comp = archive.compression
     if comp is None and fmt == "raw":
-        store = FileStore(path)
+        store = open_store(path)
         maps = {archive.disks[0].id: _data_map(store.fd, archive.disks[0].size)}
         return Opened(archive, _mapped(archive, store, maps, verify), [store], "file")
     if comp is None and archive.access == RANDOM and archive.source.seekable:
         return Opened(archive, [ImageView(d, archive) for d in archive.disks], [], "tables")
 
-    ident = identity(path)
+    ident = identity(path, archive.source.remote)
     idx = index_path(ident, index)
     gz = comp == "gzip" and archive.access == SCAN and _have_rapidgzip()
     found = load_index(idx, ident)
@@ -114,7 +116,7 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool, verify: bool
             )
 
     if comp is None and archive.access == SCAN:
-        store = FileStore(path)
+        store = open_store(path)
         scan_archive = archive  # its source seeks over the data
         how = "index"
     elif gz:
@@ -185,7 +187,7 @@ def _warn_damage(checks: Checks, quiet: bool) -> str | None:
 
 def _reuse_stores(path, idx, how):
     if how == "index":
-        return [FileStore(path)]
+        return [open_store(path)]
     if how == "gzip-index" and _have_rapidgzip():
         return [GzipStore(path, idx + ".gzidx")]
     if how == "spool":
@@ -199,7 +201,7 @@ def _mapped(archive, store, maps, verify: bool) -> list[DiskView]:
     # a spool is vmarc's own cache file, not the user's archive: say which is damaged
     damaged = (
         "the archive is damaged"
-        if store.path == archive.source.path
+        if store.path in (archive.source.path, archive.source.name)
         else f"the spool file {store.path} is damaged (delete it: it is built again)"
     )
     return [

@@ -36,6 +36,40 @@ class FileStore:
         os.close(self.fd)
 
 
+class RemoteStore:
+    """An object at a URL read by range requests (io/remote.py), its own connection and
+    cache; reads are serialised (one fetch at a time per store)."""
+
+    def __init__(self, url: str):
+        import threading
+
+        from ..io.remote import RemoteFile
+
+        self.path = url
+        self.file = RemoteFile(url)
+        self._lock = threading.Lock()
+
+    def pread(self, n: int, offset: int) -> bytes:
+        with self._lock:
+            data = self.file.pread(n, offset)
+        if len(data) < n:
+            raise SourceError(
+                f"{self.path}: ends at offset {offset + len(data)}, inside data the index "
+                "points at (changed since indexed?)"
+            )
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_store(path: str):
+    """The plain bytes of an archive, by path or URL."""
+    from ..io.remote import is_url
+
+    return RemoteStore(path) if is_url(path) else FileStore(path)
+
+
 class GzipStore:
     """The decompressed bytes of a gzip file, read through rapidgzip's seek checkpoints:
     a read decompresses from the nearest checkpoint only."""
@@ -43,15 +77,23 @@ class GzipStore:
     def __init__(self, path: str, gz_index: str | None):
         import rapidgzip
 
+        from ..io.remote import RemoteFile, is_url
+
         self.path = path
         self._lock = threading.Lock()
-        self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
+
+        def opened():  # an object at a URL: rapidgzip reads it through our range reads
+            return rapidgzip.RapidgzipFile(
+                RemoteFile(path) if is_url(path) else path, parallelization=os.cpu_count() or 1
+            )
+
+        self.file = opened()
         if gz_index and os.path.exists(gz_index):
             try:
                 self.file.import_index(gz_index)
             except Exception:  # stale or damaged: build it again
                 self.file.close()
-                self.file = rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
+                self.file = opened()
 
     def export_checkpoints(self, path: str) -> None:
         """gztool's format keeps each checkpoint's 32 KiB window sparse and compressed:

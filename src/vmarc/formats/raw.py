@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 from ..io.output import OutputFile, pwrite_all, write_all, write_zeros
-from ..io.source import next_data
 from ..model import DATA, HOLE, RANDOM, Archive, Disk, Extent, data_runs, filled
 
 READ_SIZE = 4 << 20
@@ -116,10 +115,9 @@ class RawArchive(Archive):
         return filled(self._stored(offset, end, name, depth), offset, end, name, depth)
 
     def _stored(self, start: int, end: int, name: str, depth: int):
-        fd = self.source._raw_file.fileno()
         pos = start
         while pos < end:
-            data_at, hole_at = next_data(fd, pos)
+            data_at, hole_at = self.source.next_data(pos)
             if data_at is None or data_at >= end:
                 return
             stop = min(hole_at, end)
@@ -129,8 +127,7 @@ class RawArchive(Archive):
     def read_at(self, offset: int, n: int) -> bytes:
         """n bytes of the disk at offset (zeros past the end of the file)."""
         n = max(0, min(n, self.disks[0].size - offset))
-        data = os.pread(self.source._raw_file.fileno(), n, offset)
-        return data + bytes(n - len(data))
+        return self.source.pread(n, offset, f"raw image at offset {offset}") if n else b""
 
 
 READERS = {"raw": RawArchive}

@@ -26,7 +26,7 @@ from ..errors import (
     TruncatedError,
     UnsupportedError,
 )
-from ..io.source import next_data, open_source
+from ..io.source import open_source
 from ..model import DATA, ZERO, Checks, Damage, Disk, is_zero
 from .clusters import ClusterAssembler
 from .mapped import CODED, PARENT, MappedImage, Run
@@ -347,10 +347,9 @@ def _embedded(raw: bytes, name: str) -> tuple[dict, list]:
 def _flat_runs(part, a: int, b: int, shift: int):
     """A flat extent's [a, b) (disk offsets; file offset = disk offset + shift): its
     file's holes (SEEK_HOLE) as ZERO, so a mostly empty -flat.vmdk is not read whole."""
-    fd = part._raw_file.fileno()
     pos = a
     while pos < b:
-        data_at, hole_at = next_data(fd, pos + shift)
+        data_at, hole_at = part.next_data(pos + shift)
         if data_at is None or data_at - shift >= b:
             yield Run(pos, b - pos, ZERO)
             return

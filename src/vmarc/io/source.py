@@ -17,9 +17,10 @@ import sys
 import tempfile
 import threading
 
-from ..errors import CorruptError, SourceError, TruncatedError, UnsupportedError
+from ..errors import CorruptError, SourceError, TruncatedError, UnsupportedError, VmarcError
 from ..notices import notice
 from .codecs import DECOMPRESSORS, MAGIC_LZOP, sniff_compression
+from .remote import NoRanges, RemoteFile, is_url, open_stream
 
 BLOCK = 1 << 20  # read size for decompressors and read-ahead
 
@@ -44,6 +45,8 @@ class Source:
         self._stream = stream  # has readinto(memoryview) -> int
         self._pending = b""  # bytes peeked but not consumed yet
         self._raw_file = raw_file  # the underlying file object (for close / seek)
+        # an object at a URL (io/remote.py): read at random by its own pread
+        self.remote = raw_file if isinstance(raw_file, RemoteFile) else None
         self.name = name
         self.compression = compression  # None, "gzip", "zstd", "lzop"
         self.path = path  # a filesystem path, or None for stdin / streams
@@ -90,7 +93,7 @@ class Source:
         """One read from the (decompressing) stream, its errors turned into ours."""
         try:
             return self._stream.readinto(view) or 0
-        except CorruptError:
+        except VmarcError:  # already ours: damage, or an input that failed (a URL)
             raise
         except EOFError as e:  # isal/gzip: stream ended before its end marker
             raise TruncatedError(
@@ -199,7 +202,10 @@ class Source:
                 "not a pipe or a compressed file"
             )
         try:
-            data = os.pread(self._raw_file.fileno(), n, offset)
+            if self.remote is not None:
+                data = self.remote.pread(n, offset)
+            else:
+                data = os.pread(self._raw_file.fileno(), n, offset)
         except OSError as e:
             raise SourceError(f"{self.name}: read error at offset {offset}: {e.strerror}") from None
         self.pread_bytes += len(data)
@@ -211,6 +217,9 @@ class Source:
         return data
 
     def preadinto(self, view: memoryview, offset: int, what: str) -> None:
+        if self.remote is not None:
+            view[:] = self.pread(len(view), offset, what)
+            return
         got = 0
         fd = self._raw_file.fileno()
         while got < len(view):
@@ -238,13 +247,20 @@ class Source:
             # drop the peeked bytes and seek back: reads then stay aligned to pos
             self._raw_file.seek(pos)
             self._pending = b""
-        if not self.seekable or self._pending or pos != self.offset:
+        if not self.seekable or self._pending or pos != self.offset or self.remote is not None:
             return pos, float("inf") if not self._pending else pos + len(self._pending)
         fd = self._raw_file.fileno()
         try:
             return next_data(fd, pos)
         finally:
             os.lseek(fd, pos, os.SEEK_SET)
+
+    def next_data(self, pos: int) -> tuple[int | None, float]:
+        """next_data() of the plain file at any position (the stream position is kept):
+        where the file's next data starts and ends; all data for an object at a URL."""
+        if self.remote is not None:
+            return pos, float("inf")
+        return next_data(self._raw_file.fileno(), pos)
 
     def drain(self) -> int:
         """Read to the end (lets a decompressor check its trailer); returns bytes read."""
@@ -423,6 +439,14 @@ def open_source(src, *, name: str | None = None) -> Source:
     if src == "-" or src is None:
         raw = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
         name = name or "stdin"
+    elif is_url(src):  # read in place by range requests
+        name = name or src
+        try:
+            raw = RemoteFile(src)
+            file_size = raw.size
+        except NoRanges:
+            notice(f"{src}: the server does not serve byte ranges; reading it as a stream")
+            raw = open_stream(src)
     elif isinstance(src, (str, bytes, os.PathLike)):
         path = os.fspath(src)
         name = name or describe(path)
@@ -462,7 +486,9 @@ def open_source(src, *, name: str | None = None) -> Source:
     else:
         stream = _Prefixed(head, raw)
     if compression:
-        stream = _Prefetch(DECOMPRESSORS[compression](stream, name, file_size is not None))
+        stream = DECOMPRESSORS[compression](stream, name, file_size is not None)
+        if not isinstance(raw, RemoteFile):  # (a URL's bytes are fetched ahead already;
+            stream = _Prefetch(stream)  # decompressing ahead would fetch what no one reads)
     elif file_size is None:  # a plain pipe: always read ahead (see Source.read_ahead)
         stream = _Prefetch(stream)
     return Source(
