@@ -122,3 +122,45 @@ def test_a_parent_missing_from_the_chain_is_named(tmp_path):
     res = run("info", backups[-1][0])
     assert res.code in (1, 2) and "Traceback" not in res.errtext, res
     assert os.path.basename(alias) in res.errtext or data_dir in res.errtext, res
+
+
+def test_a_full_backup_reads_as_its_xva(tmp_path):
+    """mode "full": the XVA beside the metadata (as XO's FullRemoteWriter leaves it)."""
+    from tests.support import xvagen as g
+
+    vm_dir = tmp_path / "xo-vm-backups" / xoremote.VM_UUID
+    vm_dir.mkdir(parents=True)
+    disk = g.pattern_disk(3 * MiB, seed=8)
+    g.write(vm_dir / "20260105T000000Z.xva", g.XvaSpec(disks=[g.XDisk("Ref:1", disk, "d", "0")]))
+    meta = {
+        "jobId": xoremote.JOB,
+        "mode": "full",
+        "scheduleId": "s",
+        "timestamp": 1767571200000,
+        "version": "2.0.0",
+        "vm": {"name_label": "full-vm", "uuid": xoremote.VM_UUID},
+        "vmSnapshot": {},
+        "xva": "./20260105T000000Z.xva",
+    }
+    path = vm_dir / "20260105T000000Z.json"
+    path.write_text(json.dumps(meta))
+    info = json.loads(run("info", path, "--output", "json").out)
+    assert info["format"] == "xo" and info["details"]["mode"] == "full"
+    assert disk_bytes(path, tmp_path, "xvda") == disk
+    assert run("verify", path).code == 0
+    meta["xva"] = "../../../../etc/passwd"
+    path.write_text(json.dumps(meta))
+    assert_clean_failure(run("info", path), 2, "leaves the VM's directory")
+
+
+def test_map_and_serve_a_delta_backup(tmp_path):
+    backups = xoremote.build(tmp_path / "remote", 3, True, "gzip")
+    meta, disks = backups[-1]
+    res = run("map", meta, "--disk", "xvdb", "--output", "json")
+    assert res.code == 0, res
+    rows = json.loads(res.out)
+    data = disks[1].ljust(sum(r["length"] for r in rows), b"\0")  # (CHS-rounded size)
+    assert any(r["data"] for r in rows)
+    for r in rows:
+        if not r["data"]:
+            assert data[r["start"] : r["start"] + r["length"]].count(0) == r["length"]

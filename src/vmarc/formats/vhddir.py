@@ -145,6 +145,7 @@ class _DirectorySource:
     offset = 0
     pread_bytes = 0
     _raw_file = None  # (progress: nothing to follow)
+    remote = None
 
     def __init__(self, path: str, name: str):
         self.path = path

@@ -12,7 +12,8 @@ class Progress:
         self.source = source
         self.enabled = enabled and sys.stderr.isatty()
         self._raw = source._raw_file
-        self._total = source.file_size if source.path else None
+        self._remote = source.remote  # an object at a URL: say what was fetched
+        self._total = source.file_size if source.path or self._remote else None
         if self._total is None and source.path:
             try:
                 self._total = os.path.getsize(source.path)
@@ -52,12 +53,16 @@ class Progress:
         self._last = now
         pos = self._position()
         if self._bar is not None:
+            if self._remote is not None:
+                self._bar.set_postfix_str(f"fetched {self._remote.fetched / 2**20:.1f} MiB")
             self._bar.update(pos - self._bar.n)
             return
         rate = pos / max(now - self._start, 1e-6)
         text = f"\r{pos / 2**20:10.1f} MiB  {rate / 2**20:8.1f} MiB/s"
         if self._total:
             text += f"  {100 * pos / self._total:5.1f}%  ETA {(self._total - pos) / max(rate, 1):6.0f} s"
+        if self._remote is not None:
+            text += f"  fetched {self._remote.fetched / 2**20:.1f} MiB"
         sys.stderr.write(text)
 
     def close(self) -> None:
