@@ -82,10 +82,10 @@ class GzipStore:
         self.path = path
         self._lock = threading.Lock()
 
-        def opened():  # an object at a URL: rapidgzip reads it through our range reads
-            return rapidgzip.RapidgzipFile(
-                RemoteFile(path) if is_url(path) else path, parallelization=os.cpu_count() or 1
-            )
+        def opened():
+            if is_url(path):  # through our range reads; one thread reads it once (several
+                return rapidgzip.RapidgzipFile(RemoteFile(path), parallelization=1)  # twice)
+            return rapidgzip.RapidgzipFile(path, parallelization=os.cpu_count() or 1)
 
         self.file = opened()
         if gz_index and os.path.exists(gz_index):
@@ -115,9 +115,16 @@ class GzipStore:
         return data
 
     def source(self, name: str) -> Source:
-        """A seekable Source over the decompressed bytes, for the header scan."""
-        size = self.file.seek(0, os.SEEK_END)
-        self.file.seek(0)
+        """A Source over the decompressed bytes, for the header scan: seekable for a local
+        file; front to back for one at a URL (its size is known only by decompressing
+        everything, which the scan does once anyway: seeking to the end first would
+        fetch the whole object twice)."""
+        from ..io.remote import is_url
+
+        size = None
+        if not is_url(self.path):
+            size = self.file.seek(0, os.SEEK_END)
+            self.file.seek(0)
         lent = _Unclosed(self.file)
         return Source(
             lent, name=name, compression=None, path=self.path, file_size=size, raw_file=lent

@@ -3,10 +3,10 @@ requests through fsspec (aiohttp for HTTP, s3fs for S3; the `remote` extra). Cre
 come from the usual places (AWS_* variables, ~/.aws, AWS_ENDPOINT_URL for an
 S3-compatible server).
 
-The object is read in blocks of 64 KiB kept in a bounded cache (64 MiB): a read fetches
+The object is read in blocks of 4 KiB kept in a bounded cache (64 MiB): a read fetches
 the blocks it misses in one request, a read that continues the previous one fetches
 ahead (doubling up to 8 MiB), and nothing is fetched twice while it stays cached. A
-header scan that seeks over data (an XVA's tar headers) so costs a block per header. A failed request is
+header scan that seeks over data (an XVA's tar headers) so costs 4 KiB a header. A failed request is
 retried with backoff; one that keeps failing is one clear error, never wrong bytes.
 """
 
@@ -19,9 +19,9 @@ from collections import OrderedDict
 from ..errors import SourceError, UnsupportedError
 
 SCHEMES = ("http://", "https://", "s3://")
-BLOCK = 64 << 10
-CACHE_BLOCKS = 1024  # 64 MiB at most
-AHEAD_MAX = 128  # blocks fetched ahead of a sequential reader (8 MiB)
+BLOCK = 4 << 10
+CACHE_BLOCKS = 16384  # 64 MiB at most
+AHEAD_MAX = 2048  # blocks fetched ahead of a sequential reader (8 MiB)
 RETRIES = (0.5, 1.0, 2.0, 4.0)
 
 
