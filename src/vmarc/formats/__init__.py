@@ -85,8 +85,10 @@ def open_archive(
     no_backing: bool = False,
     unsized: bool = False,
 ) -> Archive:
-    """Open a path, "-" (stdin) or a binary stream; the format is found by content
-    (raw only by fmt="raw" or a .raw/.img name), compression by magic. parent replaces a
+    """Open a path, a URL, "-" (stdin) or a binary stream; the format is found by content
+    (raw only by fmt="raw" or a .raw/.img name), compression by magic. Two things are
+    known by what they are instead: a directory is a Xen Orchestra VHD directory, and a
+    .json file is Xen Orchestra's backup metadata (encrypted, it has no telling bytes). parent replaces a
     differencing VHD's parent locators or a qcow2's backing file name (and may then be
     raw); no_backing reads the top layer alone. unsized: the caller (a raw output) takes a
     disk whose size is None until its stream ends (a fixed VHD from a pipe) rather than a
