@@ -164,3 +164,21 @@ def test_map_and_serve_a_delta_backup(tmp_path):
     for r in rows:
         if not r["data"]:
             assert data[r["start"] : r["start"] + r["length"]].count(0) == r["length"]
+
+
+def test_saved_records_of_the_wrong_shape_are_left_out(tmp_path):
+    """Reproducer: records that were not objects (vbds: 5) and a name that was not text
+    raised a traceback in info and convert."""
+    meta, _ = xoremote.build(tmp_path / "remote", 2, True, None)[-1]
+    doc = json.loads(open(meta).read())
+    doc["vifs"] = 5
+    doc["vbds"] = {"OpaqueRef:x": 7, **doc["vbds"]}
+    doc["vm"]["name_label"] = 5
+    doc["vm"]["VBDs"] = "not a list"
+    with open(meta, "w") as f:
+        json.dump(doc, f)
+    res = run("info", meta, "--output", "json")
+    assert res.code == 0, res
+    assert json.loads(res.out)["vm"]["name"] == "5"
+    res = run("convert", meta, tmp_path / "vzdump-qemu-150-2026_01_02-00_00_00.vma", "-O", "vma")
+    assert res.code == 0 and "Traceback" not in res.errtext, res

@@ -58,7 +58,7 @@ class XoBackupArchive(Archive):
         self.mode = meta["mode"]
         self.base = os.path.dirname(os.path.abspath(path))
         self.configs[os.path.basename(path)] = raw
-        vm = meta.get("vm") if isinstance(meta.get("vm"), dict) else {}
+        vm = _vm_record(meta.get("vm"))
         self.vm = {"name": vm.get("name_label", ""), "backup_mode": self.mode}
         for key, field in (("memory", "memory_static_max"), ("vcpus", "VCPUs_max")):
             if str(vm.get(field, "")).isdigit():
@@ -95,10 +95,10 @@ class XoBackupArchive(Archive):
         vhds = meta.get("vhds")
         if not isinstance(vhds, dict) or not vhds:
             raise FormatError(f"{self.source.name}: a delta backup without vhds")
-        vdis = meta.get("vdis") if isinstance(meta.get("vdis"), dict) else {}
+        vdis = _records(meta, "vdis")
         slots = {}
-        for vbd in (meta.get("vbds") or {}).values():
-            if isinstance(vbd, dict) and vbd.get("VDI") in vhds:
+        for vbd in _records(meta, "vbds").values():
+            if isinstance(vbd.get("VDI"), str) and vbd["VDI"] in vhds:
                 slots[vbd["VDI"]] = str(vbd.get("userdevice", ""))
         order = sorted(vhds, key=lambda ref: (_int(slots.get(ref)), ref))
         try:
@@ -111,7 +111,7 @@ class XoBackupArchive(Archive):
                 else:
                     layer = open_archive(path, "vhd")
                 self.layers[ref] = layer
-                vdi = vdis.get(ref) if isinstance(vdis.get(ref), dict) else {}
+                vdi = vdis.get(ref, {})
                 # the chain's own Disk, named as the backup names it: the damage its
                 # reading reports then falls on this backup's disk
                 disk = layer.disks[0]
@@ -144,18 +144,21 @@ class XoBackupArchive(Archive):
         from ..settings.xapi import read_settings
 
         meta = self.meta
-        objects = []
-        vm = meta.get("vm") if isinstance(meta.get("vm"), dict) else {}
+        vm = _vm_record(meta.get("vm"))
         vm_ref = vm.get("$ref") or "vm"
-        objects.append({"class": "VM", "id": vm_ref, "snapshot": vm})
+        objects = [{"class": "VM", "id": vm_ref, "snapshot": vm}]
         for cls, key in (("VBD", "vbds"), ("VDI", "vdis"), ("VIF", "vifs")):
-            for ref, rec in (meta.get(key) or {}).items():
-                if isinstance(rec, dict):
-                    rec = dict(rec)
-                    if cls in ("VBD", "VIF"):
-                        rec.setdefault("VM", vm_ref)
-                    objects.append({"class": cls, "id": ref, "snapshot": rec})
-        return read_settings({"objects": objects}, vm_ref, self.disks, self.source.name)
+            for ref, rec in _records(meta, key).items():
+                rec = dict(rec)
+                if cls in ("VBD", "VIF"):
+                    rec.setdefault("VM", vm_ref)
+                objects.append({"class": cls, "id": ref, "snapshot": rec})
+        try:
+            return read_settings({"objects": objects}, vm_ref, self.disks, self.source.name)
+        except (TypeError, AttributeError, ValueError) as e:  # a field of the wrong type
+            raise FormatError(
+                f"{self.source.name}: the saved VM records are malformed: {e}"
+            ) from None
 
     def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
         checks = checks or Checks()
@@ -185,6 +188,53 @@ class XoBackupArchive(Archive):
         for layer in self.layers.values():
             layer.close()
         super().close()
+
+
+TEXT_FIELDS = (
+    "$ref",
+    "name_label",
+    "name_description",
+    "uuid",
+    "domain_type",
+    "PV_bootloader",
+    "HVM_boot_policy",
+    "reference_label",
+    "suspend_VDI",
+)
+MAP_FIELDS = ("HVM_boot_params", "platform", "other_config")
+
+
+def _vm_record(vm) -> dict:
+    """The saved VM record with every field the settings read in the shape XAPI gives
+    it (text, maps, lists of refs); a field of another shape is left out."""
+    if not isinstance(vm, dict):
+        return {}
+    out = {}
+    for key, value in vm.items():
+        if key in TEXT_FIELDS:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out[key] = str(value)
+        elif key in MAP_FIELDS:
+            if isinstance(value, dict):
+                out[key] = {k: str(v) for k, v in value.items() if isinstance(v, (str, int, float))}
+        elif key in ("VBDs", "VIFs"):
+            if isinstance(value, list):
+                out[key] = [r for r in value if isinstance(r, str)]
+        elif isinstance(value, (str, int, float, bool)):
+            out[key] = value
+        elif value:  # NVRAM, VTPMs...: their presence is what the settings note
+            out[key] = value
+    return out
+
+
+def _records(meta: dict, key: str) -> dict[str, dict]:
+    """XAPI records saved under key (ref -> record), those of the right shape only."""
+    found = meta.get(key)
+    if not isinstance(found, dict):
+        return {}
+    return {
+        ref: rec for ref, rec in found.items() if isinstance(ref, str) and isinstance(rec, dict)
+    }
 
 
 def _chain(layer) -> list[str]:
