@@ -6,6 +6,7 @@ XO was given; damage is named with the block, the file and the disk offset."""
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -164,6 +165,17 @@ def test_map_and_serve_a_delta_backup(tmp_path):
     for r in rows:
         if not r["data"]:
             assert data[r["start"] : r["start"] + r["length"]].count(0) == r["length"]
+    human = run("map", meta, "--disk", "xvdb").text
+    assert "/blocks/" in human and "spool" not in human  # read in place, through the chain
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = run("mount", meta, mnt)
+    assert res.code == 0, res
+    try:
+        got = (mnt / "xvdb").read_bytes()
+        assert got[: len(disks[1])] == disks[1]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
 
 
 def test_saved_records_of_the_wrong_shape_are_left_out(tmp_path):

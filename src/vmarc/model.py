@@ -426,6 +426,12 @@ class Archive:
         """The image this one reads through (a backing file, a parent), if any."""
         return None
 
+    def disk_images(self) -> dict[str, Archive] | None:
+        """Disk id -> an image of access RANDOM holding that one disk, when each disk of
+        this archive is such an image in its own right (Xen Orchestra's delta backup:
+        a VHD chain per disk); random access then reads them directly."""
+        return None
+
     def select(self, selector: str | None) -> Disk:
         """One disk by id, name, device or index; required when there are several."""
         if selector is None:

@@ -100,6 +100,9 @@ def _open_disks(archive, path: str, index: str | None, quiet: bool, verify: bool
         return Opened(archive, _mapped(archive, store, maps, verify), [store], "file")
     if comp is None and archive.access == RANDOM and archive.source.seekable:
         return Opened(archive, [ImageView(d, archive) for d in archive.disks], [], "tables")
+    images = archive.disk_images()
+    if images is not None:  # each disk an image of its own, read through its tables
+        return Opened(archive, [ImageView(d, images[d.id]) for d in archive.disks], [], "tables")
 
     ident = identity(path, archive.source.remote)
     idx = index_path(ident, index)

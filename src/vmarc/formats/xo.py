@@ -125,6 +125,11 @@ class XoBackupArchive(Archive):
             self.close()
             raise
 
+    def disk_images(self):
+        if self.inner is not None:
+            return None  # a full backup: its XVA is indexed as any XVA
+        return {layer.disks[0].id: layer for layer in self.layers.values()}
+
     def details(self) -> dict:
         d = {
             "mode": self.mode,
