@@ -190,9 +190,14 @@ def test_deep_finds_the_root_and_what_fstab_mounts(tmp_path):
         gg.partition(disk, 32 * MiB, "dos", [(1, 26, "L")])
         gg.place(disk, fs, MiB)
         _qemu("convert", "-f", "raw", "-O", "qcow2", disk, root / f"{name}.qcow2")
+    # and a Xen Orchestra delta backup of the good guest, checked through its metadata
+    good = open(tmp_path / "good.raw", "rb").read()
+    ((meta, _),) = xoremote.build(root / "xo", 1, True, None, given=[[good, bytes(2 * MiB)]])
     res = run("verify", "-r", root, "--deep", "--output", "json")
     doc = valid(res, "verify-tree")
-    boot = {os.path.basename(r["path"]): r["boot"] for r in doc["backups"]}
+    boot = {os.path.basename(r["path"]): r["boot"] for r in doc["backups"] if "boot" in r}
+    assert boot[os.path.basename(meta)]["ok"], boot
+    assert len(boot) == 3  # the two images and the XO backup, not its VHD parts
     assert boot["good.qcow2"] == {
         "ok": True,
         "found": "Linux root on disk1; /etc/fstab mounts nothing else",

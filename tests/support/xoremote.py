@@ -108,15 +108,23 @@ def metadata(k: int, basename: str, vhds: dict, sizes) -> dict:
     }
 
 
-def build(root, count=3, directory=True, compression=None, key: bytes | None = None, seed=1):
+def build(
+    root,
+    count=3,
+    directory=True,
+    compression=None,
+    key: bytes | None = None,
+    seed=1,
+    given: list[list[bytes]] | None = None,
+):
     """A remote at root with `count` delta backups of a two-disk VM (the first holds every
-    block, the others the blocks changed since the one before, chained to it). Returns
-    [(metadata path, [disk states])] in time order."""
+    block, the others the blocks changed since the one before, chained to it), or of the
+    states given. Returns [(metadata path, [disk states])] in time order."""
     need("node")
     root = str(root)
     work = root + ".work"
     os.makedirs(work, exist_ok=True)
-    all_states = states(count, seed=seed)
+    all_states = given or states(count, seed=seed)
     sizes = [len(d) for d in all_states[0]]
     vm_dir = f"xo-vm-backups/{VM_UUID}"
     spec = {"root": root, "directory": directory, "compression": compression, "backups": []}

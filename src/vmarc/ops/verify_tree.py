@@ -89,8 +89,11 @@ def verify_one(path: str, deep: bool = False) -> dict:
                     rec["status"] = "damaged"
                     rec["problems"] = [str(p) for p in checks.problems[:5]]
                     rec["count"] = len(checks.problems)
-        if deep and rec["status"] == "ok" and rec["format"] not in ("xo",):
-            rec["boot"] = _boot(path, layered)
+        # the boot check is the VM's: an XO remote's VHDs are parts of the backups its
+        # metadata files describe (a data disk alone would have no root)
+        part = "xo-vm-backups" in path.split(os.sep) and rec["format"] != "xo"
+        if deep and rec["status"] == "ok" and not part:
+            rec["boot"] = _boot(path)
     except CorruptError as e:
         rec.update(status="damaged", problems=[str(e)], count=1)
     except VmarcError as e:
@@ -100,7 +103,7 @@ def verify_one(path: str, deep: bool = False) -> dict:
     return rec
 
 
-def _boot(path: str, layered: bool) -> dict:
+def _boot(path: str) -> dict:
     """The guest's root and what it mounts, read from the backup in place."""
     from ..access import open_disks
     from ..files.guest import Guest
