@@ -36,7 +36,7 @@ MAX_ALIAS = 1024  # an alias holds one relative path
 ENCRYPTION_FILE = "encryption.json"
 CIPHERS = {"chacha20-poly1305": 12, "aes-256-gcm": 12}  # IV length
 TAG = 16
-_KEYS: dict[str, bytes] = {}  # remote root -> key, from --key-file
+_KEYS: dict[str, bytes] = {}  # "*" -> the key --key-file gave (one remote a command)
 
 
 def set_key_file(path: str) -> None:

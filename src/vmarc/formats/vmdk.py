@@ -178,7 +178,6 @@ class SparseExtent:
                 f"{where}: footer at offset {size - 2 * SECTOR}",
             )
             h = self.footer
-        self.tables = h  # the header whose GD offsets are in use
         self.file_size = source.file_size
         self.gd = self._directory(h.gd_offset, "grain directory")
         self.rgd = None
