@@ -1,6 +1,8 @@
-"""Seeded mutations of a small XVA, VMA, dynamic VHD and qcow2 through verify and convert
-(tests/fuzz.py): exit codes 0-3 only and never a traceback, nothing left behind after a
-failure, an XVA output either refused or exact, and peak memory under 256 MiB."""
+"""Seeded mutations of a small XVA, VMA, dynamic VHD, qcow2, VMDK (sparse and
+streamOptimized), VHDX, OVA and a part of a Xen Orchestra remote through verify and
+convert (tests/support/fuzz.py): exit codes 0-3 only and never a traceback, nothing left
+behind after a failure, an XVA or OVA output either refused or exact, and peak memory
+under 256 MiB."""
 
 import json
 import subprocess

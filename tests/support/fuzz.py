@@ -59,6 +59,24 @@ def samples(work: str) -> dict[str, tuple[bytes, bytes | None]]:
     return out
 
 
+def xo_remote(work: str, disk: bytes) -> tuple[str, str, list[str]]:
+    """A Xen Orchestra remote (two delta backups of a one-disk VM, gzip VHD directories,
+    written by XO's code): (its root, the last backup's metadata, every part file)."""
+    from tests.support import xoremote
+
+    later = bytearray(disk)
+    later[5000:9000] = bytes(range(256)) * 15 + bytes(160)
+    root = os.path.join(work, "xo")
+    backups = xoremote.build(root, 2, True, "gzip", given=[[disk], [bytes(later)]])
+    parts = [
+        os.path.join(top, f)
+        for top, _, files in os.walk(root)
+        for f in files
+        if f.endswith(".alias.vhd") or os.sep + "data" + os.sep in os.path.join(top, f)
+    ] + [m for m, _ in backups]
+    return root, backups[-1][0], sorted(parts)
+
+
 def mutate(data: bytes, rnd: random.Random) -> bytes:
     """One seeded mutation: byte flips, a run of random bytes, or a cut."""
     b = bytearray(data)
@@ -101,17 +119,29 @@ def run_case(path: str, out_dir: str, cmd: str) -> tuple[int, str]:
 def fuzz(work: str, seed: int, cases: int | None, hours: float | None) -> dict:
     os.makedirs(work, exist_ok=True)
     base = samples(work)
+    xo_root, xo_meta, xo_parts = xo_remote(work, base["xva"][1])
     rnd = random.Random(seed)
     findings, ran = [], 0
     deadline = time.time() + hours * 3600 if hours else None
-    names = sorted(base)
+    names = sorted(base) + ["xo-remote"]
     while (cases is None or ran < cases) and (deadline is None or time.time() < deadline):
         name = names[ran % len(names)]
-        data, disk = base[name]
-        case = mutate(data, rnd)
-        path = os.path.join(work, f"case.{name}")
-        with open(path, "wb") as f:
-            f.write(case)
+        if name == "xo-remote":  # one part of a copy of the remote mutated (or removed)
+            copy = os.path.join(work, "case-xo")
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(xo_root, copy)
+            part = rnd.choice(xo_parts).replace(xo_root, copy, 1)
+            with open(part, "rb") as f:
+                mutated = mutate(f.read(), rnd)
+            with open(part, "wb") as f:
+                f.write(mutated)
+            path, disk = xo_meta.replace(xo_root, copy, 1), None
+        else:
+            data, disk = base[name]
+            case = mutate(data, rnd)
+            path = os.path.join(work, f"case.{name}")
+            with open(path, "wb") as f:
+                f.write(case)
         out_dir = os.path.join(work, "out")
         shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir)
