@@ -189,9 +189,74 @@ class XfsFileSystem(FileSystem):
         from dissect.xfs import XFS
 
         self.fs = XFS(volume.stream)
+        if xfs_log_dirty(volume.stream):
+            self.dirty = "its log was not replayed (a live backup): recent changes may be missing"
 
     def _root(self):
         return _XfsEntry(self.fs, self.fs.root, "/")
+
+
+XLOG_MAGIC = 0xFEEDBABE
+XLOG_UNMOUNT_TRANS = 0x20
+BB = 512
+
+
+def xfs_log_dirty(stream) -> bool:
+    """Whether an XFS internal log holds changes (xfs_logprint's DIRTY): the last log
+    record before the head is not an unmount record. XFS has no clean flag; the head is
+    where the cycle number stamped on each 512-byte log block drops (xlog_find_head, in
+    short). False when the log is external or cannot be made out."""
+    sb = _read(stream, 0, BB)
+    if sb[:4] != b"XFSB":
+        return False
+    blocksize, logstart, agblocks = (
+        struct.unpack_from(">I", sb, 4)[0],
+        struct.unpack_from(">Q", sb, 48)[0],
+        struct.unpack_from(">I", sb, 84)[0],
+    )
+    logblocks, agblklog = struct.unpack_from(">I", sb, 96)[0], sb[124]
+    if not logstart or not blocksize or agblklog > 31:
+        return False  # an external log: not on this disk
+    base = ((logstart >> agblklog) * agblocks + (logstart & ((1 << agblklog) - 1))) * blocksize
+    count = logblocks * blocksize // BB
+    if count < 2:
+        return False
+
+    def cycle(i: int) -> int:  # a record header keeps it after its magic
+        word, second = struct.unpack(">II", _read(stream, base + i * BB, 8))
+        return second if word == XLOG_MAGIC else word
+
+    first, last = cycle(0), cycle(count - 1)
+    head = 0
+    if first != last:  # [first ... first, last ... last]: the head is the first `last`
+        lo, hi = 0, count - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cycle(mid) == first:
+                lo = mid + 1
+            else:
+                hi = mid
+        head = lo
+    for back in range(1, min(count, 8192) + 1):  # the last record header before the head
+        at = base + ((head - back) % count) * BB
+        block = _read(stream, at, BB)
+        if struct.unpack_from(">I", block, 0)[0] != XLOG_MAGIC:
+            continue
+        version, logops = (
+            struct.unpack_from(">I", block, 8)[0],
+            struct.unpack_from(">I", block, 40)[0],
+        )
+        size = struct.unpack_from(">I", block, 320)[0] if version & 2 else 0
+        header_bbs = max(1, -(-size // 32768)) if size > 32768 else 1
+        op = _read(stream, base + ((head - back + header_bbs) % count) * BB, BB)
+        return not (logops == 1 and op[9] & XLOG_UNMOUNT_TRANS)
+    return False
+
+
+def _read(stream, offset: int, n: int) -> bytes:
+    stream.seek(offset)
+    data = stream.read(n)
+    return data + bytes(n - len(data))
 
 
 # btrfs ----------------------------------------------------------------------------------
