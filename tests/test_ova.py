@@ -299,3 +299,27 @@ def test_a_proxmox_backup_moves_to_an_ova(order, tmp_path):
         "bc:24:11:aa:bb:02",
     ]
     assert "balloon" in res.errtext  # what OVF cannot hold is said
+
+
+def test_vmdk_into_a_block_device(tmp_path):
+    """On a device larger than the image, the footer is also written in the device's last
+    1.5 KiB, where qemu looks for it; vmarc reads the device back as well."""
+    raw = tmp_path / "src.raw"
+    write_source(raw)
+    backing = tmp_path / "dev.img"
+    with open(backing, "wb") as f:
+        f.truncate(32 * MiB)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", backing], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        res = run("convert", "-f", "raw", raw, loop, "-O", "vmdk")
+        assert res.code == 0, res
+        check = subprocess.run(["qemu-img", "check", "-f", "vmdk", loop], capture_output=True)
+        assert check.returncode == 0, check
+        qemu_img("compare", "-f", "vmdk", "-F", "raw", loop, raw)
+        back = tmp_path / "back.raw"
+        assert run("convert", "-f", "vmdk", loop, back).code == 0
+        assert back.read_bytes() == raw.read_bytes()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)

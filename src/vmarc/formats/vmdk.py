@@ -723,8 +723,16 @@ class VmdkWriter:
 
     emit(bytes) takes the output; size is the disk's size in bytes."""
 
-    def __init__(self, emit, size: int, extent_name: str = "disk.vmdk", adapter: str = "lsilogic"):
+    def __init__(
+        self,
+        emit,
+        size: int,
+        extent_name: str = "disk.vmdk",
+        adapter: str = "lsilogic",
+        at_end=None,
+    ):
         self.emit = emit
+        self.at_end = at_end  # a device: writes its last bytes (readers seek the footer there)
         self.size = size
         self.capacity = -(-size // SECTOR)
         text = descriptor(self.capacity, extent_name, int.from_bytes(os.urandom(4), "big"), adapter)
@@ -798,9 +806,15 @@ class VmdkWriter:
         self._marker(gd_sectors, MARKER_GD)
         gd_at = self.pos // SECTOR
         self._out(gd_bytes + bytes(gd_sectors * SECTOR - len(gd_bytes)))
-        self._marker(1, MARKER_FOOTER)
-        self._out(self._header(gd_at, self.overhead - 1))
-        self._out(bytes(SECTOR))  # end of stream
+        tail = (
+            MARKER.pack(1, 0, MARKER_FOOTER)
+            + bytes(SECTOR - MARKER.size)
+            + self._header(gd_at, self.overhead - 1)
+            + bytes(SECTOR)  # end of stream
+        )
+        self._out(tail)
+        if self.at_end is not None:  # a device larger than the image: the footer again
+            self.at_end(tail, self.pos)  # where a reader looks for it, its last 1.5 KiB
 
 
 READERS = {"vmdk": VmdkArchive}

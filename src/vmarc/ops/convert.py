@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from ..formats.qcow2 import Qcow2Writer
 from ..formats.raw import READ_SIZE, RawWriter
 from ..formats.vhd import SECTOR, VhdWriter, allocated_blocks
@@ -40,7 +40,21 @@ def _writer(out_format: str, out: OutputFile, size: int, opts: dict, allocated=N
         from ..formats.vmdk import VmdkWriter
 
         name = "disk.vmdk" if out.path == "-" else os.path.basename(out.path)
-        return VmdkWriter(lambda data: write_all(out.fd, data), size, name)
+        at_end = None
+        if out.device_size is not None:
+
+            def at_end(tail, written):
+                at = out.device_size - len(tail)
+                if at == written - len(tail):
+                    return  # the image fills the device: its footer is already there
+                if at < written:  # the copy would land on the image's own end
+                    raise OutputError(
+                        f"{out.path}: the device holds {out.device_size} bytes; the VMDK "
+                        f"needs {written} and 1.5 KiB more for its footer copy at the end"
+                    )
+                pwrite_all(out.fd, tail, at)
+
+        return VmdkWriter(lambda data: write_all(out.fd, data), size, name, at_end=at_end)
     sub = opts.get("subformat", "dynamic")
     if sub not in SUBFORMATS:
         raise UsageError(f"-o subformat={sub}: VHD subformats are {', '.join(SUBFORMATS)}")
