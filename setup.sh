@@ -6,7 +6,8 @@ cd "$(dirname "$0")"
 
 # the file systems' own tools build the guest disks of the file tests, and read them back
 PKGS="qemu-utils libnbd-bin nbdkit fuse3 zstd lzop gzip libvhdi-utils
-      e2fsprogs xfsprogs btrfs-progs ntfs-3g dosfstools mtools fdisk lvm2 nginx-light"
+      e2fsprogs xfsprogs btrfs-progs ntfs-3g dosfstools mtools fdisk lvm2 nginx-light
+      exfatprogs exfat-fuse"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -463,3 +463,39 @@ def test_an_xfs_log_left_dirty_is_said_and_a_clean_one_is_not(tmp_path):
     r = vmarc("ls", "-f", "raw", images["dirty"])
     assert r.code == 0 and r.errtext.count("its log was not replayed") == 1, r
     assert "only-in-the-log.txt" not in r.text  # what the warning is about
+
+
+def test_exfat_reads_as_exfat_fuse_wrote_it(tmp_path):
+    """exFAT made by mkfs.exfat and filled through exfat-fuse (on a loop device, which it
+    needs): names (non-ASCII too), sizes, bytes and a modification time."""
+    need("mkfs.exfat", "mount.exfat-fuse", "losetup")
+    img = tmp_path / "ex.img"
+    with open(img, "wb") as f:
+        f.truncate(48 * MiB)
+    subprocess.run(["mkfs.exfat", "-L", "USBX", str(img)], check=True, capture_output=True)
+    big = os.urandom(700_000)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount.exfat-fuse", loop, str(mnt)], check=True, capture_output=True)
+        try:
+            (mnt / "docs" / "sous-répertoire").mkdir(parents=True)
+            (mnt / "docs" / "sous-répertoire" / "note.txt").write_bytes(b"exfat note\n")
+            (mnt / "big.bin").write_bytes(big)
+            (mnt / "empty").write_bytes(b"")
+            os.utime(mnt / "big.bin", (1700000000, 1700000000))
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    entries = ls_json("-f", "raw", img)
+    assert entries["/docs/sous-répertoire/note.txt"]["size"] == 11
+    assert entries["/big.bin"]["size"] == len(big) and entries["/empty"]["size"] == 0
+    assert entries["/big.bin"]["mtime_ns"] // 10**9 == 1700000000
+    r = vmarc("cat", "-f", "raw", img, "/big.bin")
+    assert r.code == 0 and r.out == big
+    r = vmarc("cat", "-f", "raw", img, "/DOCS/Sous-Répertoire/NOTE.TXT")  # case-blind, as exFAT
+    assert r.code == 0 and r.out == b"exfat note\n"

@@ -461,6 +461,96 @@ class FatFileSystem(FileSystem):
         return _FatEntry(self.fs.root, "/")
 
 
+# exFAT ----------------------------------------------------------------------------------
+
+
+class _ExfatEntry(Entry):
+    """A node of the tree dissect.fat's ExFAT parses at open: (FILE record, children)."""
+
+    def __init__(self, fs, node, name: str):
+        self.fs, self.name = fs, name
+        self.file, self.kids = node
+        directory = self.kids is not None
+        meta = self.file.metadata if self.file is not None else None
+        perm = 0o555 if meta is not None and meta.attributes.read_only else 0o755
+        self.mode = stat.S_IFDIR | perm if directory else stat.S_IFREG | (perm & 0o666)
+        self.size = 0 if directory else self.file.stream.data_length
+        self.mtime_ns = _exfat_time(meta) if meta is not None else 0
+
+    def children(self):
+        for name, node in (self.kids or {}).items():
+            yield _ExfatEntry(self.fs, node, name.rstrip("/"))
+
+    def open(self):
+        if not self.size:
+            return io.BytesIO(b"")
+        from dissect.util.stream import RunlistStream
+
+        stream = self.file.stream
+        whole = bool(stream.flags.not_fragmented)
+        runs = self.fs.runlist(stream.location, whole, self.size if whole else None)
+        return RunlistStream(self.fs.filesystem, runs, self.size, self.fs.sector_size)
+
+
+def _exfat_time(meta) -> int:
+    """Modified time in ns since the epoch: a DOS date and time, 10 ms units, and the
+    offset from UTC in 15-minute steps when its top bit says it is set."""
+    import calendar
+
+    stamp, tz = meta.modified_time, meta.modified_timezone
+    date, clock = stamp >> 16, stamp & 0xFFFF
+    try:
+        seconds = calendar.timegm(
+            (
+                1980 + (date >> 9),
+                (date >> 5) & 15,
+                date & 31,
+                clock >> 11,
+                (clock >> 5) & 63,
+                (clock & 31) * 2,
+                0,
+                0,
+                0,
+            )
+        )
+    except (ValueError, OverflowError):
+        return 0
+    if tz & 0x80:  # the offset is valid: local time = UTC + offset
+        offset = tz & 0x7F
+        seconds -= (offset - 128 if offset & 0x40 else offset) * 15 * 60
+    return (seconds * 100 + meta.modified_offset) * 10_000_000
+
+
+class ExfatFileSystem(FileSystem):
+    def __init__(self, volume: Volume):
+        super().__init__(volume)
+        from dissect.fat.exfat import ExFAT
+
+        limit = volume.size // 512 + 2
+
+        class _Bounded(ExFAT):  # a looping cluster chain would be followed for ever
+            def get_cluster_chain(self, starting_cluster: int) -> list[int]:
+                chain = []
+                for c in _chain(self.fat, starting_cluster):
+                    chain.append(c)
+                    if len(chain) > min(limit, self.cluster_count + 2):
+                        raise FileSystemError(f"{volume.name}: an exFAT cluster chain loops")
+                return chain
+
+        self.fs = _Bounded(volume.stream)
+
+    def _root(self):
+        return _ExfatEntry(self.fs, self.fs.files["/"], "/")
+
+
+def _chain(fat, cluster: int):
+    """exFAT's FAT from cluster on: 32-bit entries, 0xFFFFFFFF ends a chain."""
+    while 2 <= cluster < 0xFFFFFFF7:
+        yield cluster
+        fat.seek(cluster * 4)
+        cluster = struct.unpack("<I", fat.read(4).ljust(4, b"\xff"))[0]
+
+
 OPENERS = {
     "ext2": ExtFileSystem,
     "ext3": ExtFileSystem,
@@ -469,4 +559,5 @@ OPENERS = {
     "btrfs": BtrfsFileSystem,
     "ntfs": NtfsFileSystem,
     "vfat": FatFileSystem,
+    "exfat": ExfatFileSystem,
 }

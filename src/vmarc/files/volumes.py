@@ -20,7 +20,7 @@ from ..model import Archive, DiskView
 from .stream import ViewStream
 
 HEAD = 0x10000 + 0x1000  # btrfs keeps its superblock at 64 KiB
-READABLE = {"ext2", "ext3", "ext4", "xfs", "btrfs", "ntfs", "vfat"}  # filesystems.OPENERS
+READABLE = {"ext2", "ext3", "ext4", "xfs", "btrfs", "ntfs", "vfat", "exfat"}  # filesystems.OPENERS
 ENCRYPTED = {"luks1", "luks2", "bitlocker"}
 
 
@@ -230,7 +230,7 @@ def identify(vol: Volume) -> None:
         vol.fstype = "ntfs"
         vol.uuid = "%016X" % struct.unpack_from("<Q", head, 0x48)[0]
     elif head[3:11] == b"EXFAT   ":
-        vol.fstype, vol.note = "exfat", "no reader for exFAT here"
+        vol.fstype = "exfat"
         serial = struct.unpack_from("<I", head, 0x64)[0]
         vol.uuid = f"{serial >> 16:04X}-{serial & 0xFFFF:04X}"
     elif head[3:11] == b"-FVE-FS-":
