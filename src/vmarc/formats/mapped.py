@@ -1,4 +1,5 @@
-"""What VMDK and VHDX share: an image read through its own tables, layered over a parent.
+"""What qcow2, VMDK and VHDX share: an image read through its own tables, layered over a
+parent.
 
 A subclass says what each stretch of its disk holds, in guest order (`runs`):
 
@@ -14,14 +15,17 @@ is written once here.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
+from ..errors import FormatError, SourceError
 from ..model import DATA, RANDOM, ZERO, Archive, Checks, Extent, is_zero
 from ..notices import notice
 
 CODED = "coded"
 PARENT = "parent"
 MAX_READ = 4 << 20  # largest merged read
+MAX_CHAIN = 32
 
 
 class Run(NamedTuple):
@@ -43,8 +47,9 @@ class MappedImage(Archive):
         """Runs covering at least [start, end), in disk order (subclasses)."""
         raise NotImplementedError
 
-    def decode(self, key: int) -> bytes:
-        """The bytes of a CODED unit whose run names no holder of its own."""
+    def decode(self, key: int, base: int) -> bytes:
+        """The bytes of a CODED unit whose run names no holder of its own (base: the disk
+        offset it starts at)."""
         raise NotImplementedError
 
     def lower(self):
@@ -62,6 +67,23 @@ class MappedImage(Archive):
         if self.parent is not None:
             self.parent.close()
         super().close()
+
+    def beside(self, fname: str, what: str, chain: tuple, hint: str = "") -> str:
+        """A file the image names (a backing file or parent, a data file): relative to
+        the image's own directory (from a pipe: the current one), a regular file, not one
+        already in the chain (chain: the real paths of the images above this one)."""
+        name = self.source.name
+        me = os.path.realpath(self.source.path or "-")
+        if len(chain) >= MAX_CHAIN:
+            raise FormatError(f"{name}: backing chain deeper than {MAX_CHAIN}")
+        path = fname if os.path.isabs(fname) else os.path.join(os.path.dirname(me), fname)
+        if os.path.realpath(path) in chain + (me,):
+            raise FormatError(f"{name}: backing chain loops back to {path}")
+        if not os.path.isfile(path):
+            raise SourceError(
+                f"{name}: {what} {fname} not found or not a regular file ({path}){hint}"
+            )
+        return path
 
     def _merged(self, start: int, end: int):
         """The runs clipped to [start, end), neighbouring DATA runs of one file merged
@@ -126,7 +148,7 @@ class MappedImage(Archive):
                     n = min(MAX_READ, b - pos)
                     yield pos, r.source.pread(n, r.at + pos - a, f"data at disk offset {pos}")
             elif r.kind == CODED:
-                unit = (r.source or self).decode(r.at)  # the run's holder, or the image
+                unit = (r.source or self).decode(r.at, r.base)  # its holder, or the image
                 yield a, memoryview(unit)[a - r.base : b - r.base]
             elif r.kind == PARENT and self.parent is not None:
                 b = min(b, self.parent.disks[0].size)
@@ -146,7 +168,10 @@ class MappedImage(Archive):
         if disks is not None and disk not in disks:
             return
         if self.parent is not None:
-            notice(f"{self.source.name}: reading through its parents: " + " -> ".join(self.chain()))
+            notice(
+                f"{self.source.name}: reading through its backing chain: "
+                + " -> ".join(self.chain())
+            )
         for at, data in self._pieces(0, self.size):
             view = memoryview(data)
             if not is_zero(view):

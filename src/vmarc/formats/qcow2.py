@@ -14,13 +14,13 @@ import zlib
 from array import array
 from collections import OrderedDict
 
-from ..errors import FormatError, SourceError, UnknownFormatError, UnsupportedError, UsageError
+from ..errors import FormatError, UnknownFormatError, UnsupportedError, UsageError
 from ..io.output import pwrite_all
 from ..io.source import open_source
-from ..model import DATA, RANDOM, ZERO, Archive, Checks, Disk, Extent, is_zero
-from ..notices import notice
+from ..model import DATA, RANDOM, ZERO, Checks, Disk, is_zero
 from . import detect, open_archive
 from .clusters import ClusterAssembler
+from .mapped import CODED, PARENT, MappedImage, Run
 from .qcow2_layout import (
     COMPRESSED,
     COPIED,
@@ -41,10 +41,8 @@ MAX_READ = 4 << 20  # largest coalesced read
 BACKING_FORMATS = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd"}
 
 
-class Qcow2Archive(Archive):
+class Qcow2Archive(MappedImage):
     format = "qcow2"
-    access = RANDOM
-    layered = True
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
@@ -134,7 +132,7 @@ class Qcow2Archive(Archive):
         )
         exts = self._extensions(head, hdr_len)
         backing_format = exts.get(EXT_BACKING_FORMAT)
-        self.backing = None
+        self.parent = None  # the backing file (MappedImage reads through it)
         self.data = source  # where data clusters lie: this file, or an external data file
         if self.version == 3 and incompat & 4:
             if EXT_DATA_FILE not in exts:
@@ -176,22 +174,8 @@ class Qcow2Archive(Archive):
             pos += 8 + (length + 7) // 8 * 8
         return found
 
-    def _beside(self, fname: str, what: str, chain: tuple) -> str:
-        """A file the image names (backing file, data file): relative to the image's own
-        directory, a regular file, not one already in the chain."""
-        name = self.source.name
-        me = os.path.realpath(self.source.path or "-")  # from a pipe: the current directory
-        if len(chain) >= MAX_CHAIN:
-            raise FormatError(f"{name}: backing chain deeper than {MAX_CHAIN}")
-        path = fname if os.path.isabs(fname) else os.path.join(os.path.dirname(me), fname)
-        if os.path.realpath(path) in chain + (me,):
-            raise FormatError(f"{name}: backing chain loops back to {path}")
-        if not os.path.isfile(path):
-            raise SourceError(f"{name}: {what} {fname} not found or not a regular file ({path})")
-        return path
-
     def _open_data_file(self, fname: str, chain: tuple):
-        source = open_source(self._beside(fname, "data file", chain))
+        source = open_source(self.beside(fname, "data file", chain))
         if not source.seekable:
             source.close()
             raise UnsupportedError(f"{self.source.name}: data file {fname} is compressed")
@@ -203,7 +187,7 @@ class Qcow2Archive(Archive):
         user's --parent (given), or any file the name points at would be read."""
         name = self.source.name
         me = os.path.realpath(self.source.path or "-")
-        path = self._beside(bname, "backing file", chain)
+        path = self.beside(bname, "backing file", chain)
         fmt = BACKING_FORMATS.get(bformat or "", None)
         if fmt is None:
             with open_source(path) as probe:
@@ -218,24 +202,19 @@ class Qcow2Archive(Archive):
                         ) from None
                     fmt = "raw"
         if fmt == "qcow2":
-            self.backing = Qcow2Archive(open_source(path), _chain=chain + (me,))
+            self.parent = Qcow2Archive(open_source(path), _chain=chain + (me,))
         else:
-            self.backing = open_archive(path, fmt)
-        if self.backing.access != RANDOM:
+            self.parent = open_archive(path, fmt)
+        if self.parent.access != RANDOM:
             raise UnsupportedError(
                 f"{name}: backing file {bname} in format "
-                f"{self.backing.format} cannot be read at random"
+                f"{self.parent.format} cannot be read at random"
             )
 
-    def lower(self):
-        return self.backing
-
     def close(self):
-        if self.backing is not None:
-            self.backing.close()
         if self.data is not self.source:
             self.data.close()
-        super().close()
+        super().close()  # (and the backing chain)
 
     def details(self) -> dict:
         d = {"cluster_size": self.cluster_size, "compat": self.disks[0].meta["compat"]}
@@ -244,14 +223,6 @@ class Qcow2Archive(Archive):
             d["backing_chain"] = self.chain()
         return d
 
-    def chain(self) -> list[str]:
-        """The files read under this one, nearest first (empty with --no-backing)."""
-        out, layer = [], self.backing
-        while layer is not None:
-            out.append(layer.source.path or layer.source.name)
-            layer = layer.lower()
-        return out
-
     def checked(self):
         items = [
             "header fields; L1 and L2 tables and data clusters inside the file",
@@ -259,7 +230,7 @@ class Qcow2Archive(Archive):
             "every cluster's refcount against its references (as qemu-img check: "
             "tables, snapshots, data; COPIED flags; leaks)",
         ]
-        if self.backing is not None:
+        if self.parent is not None:
             items.append("the backing chain opens (each layer read the same way)")
         return self.every_disk(items, ["the disk's data: qcow2 keeps no checksum of it"])
 
@@ -343,34 +314,20 @@ class Qcow2Archive(Archive):
         if run:
             yield tuple(run)
 
-    def extents(self, offset: int = 0, length: int | None = None, depth: int = 0):
-        """Extents covering the range through the chain: data clusters here (in the data
-        file, if any), compressed ones (DATA with no plain offset), zero clusters, and
-        what falls through to the backing file as that file has it (qemu-img map)."""
-        end = self.size if length is None else min(self.size, offset + length)
-        here = self.source.path or self.source.name
-        for guest, n, kind, host in self._l2_runs(offset):
+    def runs(self, start: int, end: int):
+        kinds = {"data": DATA, "zero": ZERO, "backing": PARENT, "compressed": CODED}
+        for guest, n, kind, host in self._l2_runs(start):
             if guest >= end:
                 return
-            a, b = max(guest, offset), min(guest + n, end)
-            if a >= b:
-                continue
             if kind == "data":
-                yield Extent(
-                    a, b - a, DATA, host + (a - guest), self.data.path or self.data.name, depth
-                )
-            elif kind == "compressed":
-                yield Extent(a, b - a, DATA, None, here, depth)
-            elif kind == "backing" and self.backing is not None:
-                bsize = self.backing.disks[0].size
-                if a < bsize:
-                    yield from self.backing.extents(a, min(b, bsize) - a, depth + 1)
-                if b > bsize:
-                    yield Extent(max(a, bsize), b - max(a, bsize), ZERO, None, here, depth + 1)
+                yield Run(guest, n, DATA, self.data, host)
+            elif kind == "compressed":  # host: the L2 entry, which says where and how long
+                yield Run(guest, n, CODED, None, host, guest)
             else:
-                yield Extent(a, b - a, ZERO, None, here, depth)
+                yield Run(guest, n, kinds[kind])
 
-    def _decompress(self, entry: int, guest: int) -> bytes:
+    def decode(self, entry: int, guest: int) -> bytes:
+        """A compressed cluster (its L2 entry) that starts at disk offset guest."""
         cs, bits = self.cluster_size, self.cluster_bits
         x = 62 - (bits - 8)
         off = entry & ((1 << x) - 1)
@@ -415,54 +372,6 @@ class Qcow2Archive(Archive):
                 f"decompresses to {len(out)} of {cs} bytes"
             )
         return out[:cs]
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        """n bytes of the disk at offset (zeros past the end)."""
-        out = bytearray(n)
-        end = offset + n
-        for guest, length, data in self._pieces(offset, end):
-            out[guest - offset : guest - offset + len(data)] = data
-        return bytes(out)
-
-    def _pieces(self, start: int = 0, end: int | None = None):
-        """(guest offset, length, bytes) for every non-zero stretch, in guest order."""
-        end = self.size if end is None else min(end, self.size)
-        for guest, length, kind, host in self._l2_runs(start):
-            if guest + length <= start or kind == "zero":
-                continue
-            if guest >= end:
-                return
-            a, b = max(guest, start), min(guest + length, end)
-            if kind == "data":
-                yield a, b - a, self.data.pread(b - a, host + (a - guest), "qcow2 data")
-            elif kind == "compressed":
-                data = self._decompress(host, guest)
-                yield a, b - a, memoryview(data)[a - guest : b - guest]
-            elif self.backing is not None:
-                bsize = self.backing.disks[0].size
-                if a < bsize:
-                    b2 = min(b, bsize)
-                    yield from self._backing_pieces(a, b2)
-
-    def _backing_pieces(self, a: int, b: int):
-        while a < b:
-            step = min(MAX_READ, b - a)
-            data = self.backing.read_at(a, step)
-            if not is_zero(memoryview(data)):
-                yield a, step, data
-            a += step
-
-    def stream(self, disks=None, checks: Checks | None = None, verify: bool = True):
-        disk = self.disks[0]
-        if disks is not None and disk not in disks:
-            return
-        if self.backing is not None:  # say which other files this reads
-            notice(
-                f"{self.source.name}: reading through its backing chain: "
-                + " -> ".join(self.chain())
-            )
-        for guest, _length, data in self._pieces():
-            yield disk, guest, memoryview(data)
 
 
 # -- writing ------------------------------------------------------------------------------

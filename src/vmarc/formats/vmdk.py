@@ -55,7 +55,6 @@ GTE_ZERO = 1  # a zeroed grain, when FLAG_ZERO_GRAIN is set
 MAX_CAPACITY = 1 << 47  # sectors: 64 PiB, far past any real disk
 MAX_GRAIN = 1 << 18  # sectors (128 MiB)
 MAX_GTES = 4096
-MAX_CHAIN = 32
 GT_CACHE = 64
 FLAT_KINDS = ("FLAT", "VMFS")
 UNREAD_KINDS = ("VMFSSPARSE", "SESPARSE", "VMFSRDM", "VMFSRAW")
@@ -256,7 +255,7 @@ class SparseExtent:
                 yield Run(base + pos, n, DATA, self.source, at)
             pos += n
 
-    def decode(self, sector: int) -> bytes:
+    def decode(self, sector: int, base: int = 0) -> bytes:
         """The compressed grain whose marker is at this sector."""
         if self._last[0] == sector:
             return self._last[1]
@@ -492,13 +491,7 @@ class VmdkArchive(MappedImage):
         me = os.path.realpath(self.source.path or "-")
         if not hint:
             raise FormatError(f"{name}: a parent CID but no parentFileNameHint; give --parent")
-        if len(chain) >= MAX_CHAIN:
-            raise FormatError(f"{name}: parent chain deeper than {MAX_CHAIN}")
-        path = hint if os.path.isabs(hint) else os.path.join(os.path.dirname(me), hint)
-        if os.path.realpath(path) in chain + (me,):
-            raise FormatError(f"{name}: parent chain loops back to {path}")
-        if not os.path.isfile(path):
-            raise SourceError(f"{name}: parent {hint} not found ({path}); give it with --parent")
+        path = self.beside(hint, "parent", chain, "; give it with --parent")
         parent = VmdkArchive(open_source(path), _chain=chain + (me,))
         want = self.fields["parentCID"].lower()
         got = parent.fields.get("CID", "").lower()
