@@ -32,7 +32,7 @@ def run_tree(args) -> int:
     if args.jobs < 1:
         raise UsageError("--jobs: at least 1")
     layers(args)  # --key-file, for every backup of an encrypted remote
-    paths, records, pool, start = verify_tree(tree, args.jobs, _since(args.since), args.deep)
+    records, pool, start = verify_tree(tree, args.jobs, _since(args.since), args.deep)
     done = []
     try:
         for rec in records:

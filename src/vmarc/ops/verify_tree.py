@@ -117,7 +117,9 @@ def _boot(path: str) -> dict:
 
 
 def verify_tree(tree: str, jobs: int = 1, since: float | None = None, deep: bool = False):
-    """(records in path order, as each completes in that order; summary at the end)."""
+    """(records, pool, start): the backups' records in path order, each as soon as it and
+    those before it are done; the process pool to shut down (None with one job); when
+    the work started (time.monotonic, for the summary)."""
     paths = find_backups(tree, since)
     start = time.monotonic()
     if jobs <= 1 or len(paths) <= 1:
@@ -127,7 +129,7 @@ def verify_tree(tree: str, jobs: int = 1, since: float | None = None, deep: bool
         # fork: the workers inherit what the command set up (the remote's key)
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
         records = pool.map(verify_one, paths, [deep] * len(paths))
-    return paths, records, pool, start
+    return records, pool, start
 
 
 def summary(records: list[dict], seconds: float) -> dict:
