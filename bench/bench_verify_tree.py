@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def build(tree: str, size_mib: int, count: int) -> None:
     sys.path.insert(0, os.path.dirname(HERE))
-    from tests.support import vmagen
+    from tests.support import ovagen, vmagen
     from tests.support import xvagen as g
 
     os.makedirs(tree, exist_ok=True)
@@ -37,21 +37,7 @@ def build(tree: str, size_mib: int, count: int) -> None:
         with open(raw, "wb") as f:
             f.write(data)
         if kind == "vmdk":
-            subprocess.run(
-                [
-                    "qemu-img",
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "vmdk",
-                    "-o",
-                    "subformat=streamOptimized",
-                    raw,
-                    path,
-                ],
-                check=True,
-            )
+            ovagen.stream_optimized(raw, path)  # qemu-img's, as the tests make them
         else:
             subprocess.run(
                 [
