@@ -21,7 +21,6 @@ from ..errors import FormatError, IntegrityError, TruncatedError, UsageError
 from ..io.output import pwrite_all, temp_writes
 from ..model import STREAM, ZERO_CHUNK, Archive, Checks, Damage, Disk, is_zero
 from ..notices import notice, warn
-from ..settings import ovf as ovf_settings
 from .disk_order import DiskSequencer
 from .tar import BLOCK, TarReader, make_header, parse_header
 from .vmdk import MAGIC as VMDK_MAGIC
@@ -106,6 +105,8 @@ class OvaArchive(Archive):
         return name.lower().endswith(".ovf")
 
     def __init__(self, source):
+        from ..settings import ovf as ovf_settings  # (when an OVA is opened, not at start)
+
         super().__init__(source)
         name = source.name
         self.manifest: dict[str, tuple[str, str]] = {}

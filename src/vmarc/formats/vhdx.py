@@ -14,8 +14,6 @@ import struct
 import uuid as uuidlib
 from array import array
 
-import google_crc32c
-
 from ..errors import FormatError, IntegrityError, SourceError, UnsupportedError
 from ..io.source import open_source
 from ..model import DATA, ZERO, Checks, Damage, Disk
@@ -61,6 +59,8 @@ ZERO_SECTOR = bytes(LOG_SECTOR)
 
 def crc32c(data: bytes, at: int = 4) -> int:
     """CRC-32C of a structure with its 4-byte checksum field (at `at`) taken as zero."""
+    import google_crc32c  # (when a VHDX is opened, not at every start)
+
     return google_crc32c.value(bytes(data[:at]) + b"\0\0\0\0" + bytes(data[at + 4 :]))
 
 
