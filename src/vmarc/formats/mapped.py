@@ -139,7 +139,8 @@ class MappedImage(Archive):
                 yield Extent(a, b - a, ZERO, None, here, depth)
 
     def _pieces(self, start: int, end: int):
-        """(disk offset, bytes) of every stretch that may hold data, in disk order."""
+        """(disk offset, bytes) of every stretch that may hold data, in disk order (a
+        parent's all-zero stretches left out)."""
         end = min(end, self.size)
         for r in self._merged(start, end):
             a, b = r.start, r.start + r.length
@@ -154,7 +155,9 @@ class MappedImage(Archive):
                 b = min(b, self.parent.disks[0].size)
                 while a < b:
                     step = min(MAX_READ, b - a)
-                    yield a, self.parent.read_at(a, step)
+                    data = self.parent.read_at(a, step)
+                    if not is_zero(memoryview(data)):  # (what no layer stores reads as zeros)
+                        yield a, data
                     a += step
 
     def read_at(self, offset: int, n: int) -> bytes:
@@ -173,6 +176,4 @@ class MappedImage(Archive):
                 + " -> ".join(self.chain())
             )
         for at, data in self._pieces(0, self.size):
-            view = memoryview(data)
-            if not is_zero(view):
-                yield disk, at, view
+            yield disk, at, memoryview(data)
